@@ -158,6 +158,7 @@ class EvaluationConfig:
 class SweepConfig:
     """Tune grid over selector x budget x seed."""
 
+    enabled: bool = False  # `edsft run`: sweep + report instead of a single select/train/evaluate
     selectors: tuple = ("random", "facility_location", "uncertainty")
     budgets: tuple = (50, 200)
     seeds: tuple = (0,)
