@@ -412,22 +412,20 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         raw = data.get(sname) or {}
         if not isinstance(raw, Mapping):
             problems.append(f"{sname}={raw!r} must be a mapping of keys")
-            continue
+            raw = {}
         kwargs = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for k, v in raw.items():
             if k not in fields:
                 problems.append(_unknown(f"{sname}.{k}", [f"{sname}.{n}" for n in fields], "key"))
                 continue
-            kwargs[k] = _coerce(v, fields[k].type, f"{sname}.{k}", problems)
-        try:
-            sections[sname] = cls(**kwargs)
-        except TypeError as e:  # pragma: no cover - guarded by the loop above
-            problems.append(f"{sname}: {e}")
-    if problems:
-        raise ConfigError(problems)
-    cfg = Config(**sections)
-    problems = validate(cfg)
+            before = len(problems)
+            value = _coerce(v, fields[k].type, f"{sname}.{k}", problems)
+            if len(problems) == before:  # a badly typed value keeps its default so checks below still run
+                kwargs[k] = value
+        sections[sname] = cls(**kwargs)
+    cfg = Config(**{k: v for k, v in sections.items()})
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

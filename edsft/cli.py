@@ -1,0 +1,108 @@
+"""``edsft`` (also ``python -m edsft``): one verb per stage, plus ``run``, ``report`` and ``config show``.
+
+    edsft run                                   # the embedded quickstart, end to end
+    edsft run --config jobs/configs/smoke.yaml output.dir=runs/smoke
+    edsft select selection.name=k_center selection.budget=500
+    edsft report runs/quickstart
+
+Exit codes: 0 ok, 2 bad config or input, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .config import ConfigError, load_config, to_yaml
+
+STAGE_VERBS = ("ingest", "score", "select", "annotate", "train", "evaluate", "sweep")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edsft",
+        description="Label-efficient SFT through experimental design: pick the prompts most worth annotating.",
+    )
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", help="YAML config (default: the embedded quickstart)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. selection.budget=200")
+
+    for verb in STAGE_VERBS:
+        sp = sub.add_parser(verb, help=f"run the {verb} stage")
+        common(sp)
+    sp = sub.add_parser("run", help="all stages in order, skipping those already done with the same config")
+    common(sp)
+    sp.add_argument("--force", action="store_true", help="recompute every stage")
+    sp = sub.add_parser("report", help="label-efficiency report of a run folder's sweep")
+    sp.add_argument("run_dir", nargs="?", help="run folder (default: output.dir of the config)")
+    common(sp)
+    sp = sub.add_parser("config", help="config tools")
+    csub = sp.add_subparsers(dest="config_verb", metavar="show")
+    show = csub.add_parser("show", help="print the resolved config")
+    common(show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb is None:
+        _parser().print_help()
+        return EXIT_BAD_INPUT
+    from .annotation import AnnotationError
+
+    try:
+        overrides = list(args.overrides)
+        if args.verb == "report" and args.run_dir:
+            if "=" in args.run_dir:  # `edsft report key=value` without a folder
+                overrides.insert(0, args.run_dir)
+            else:
+                overrides.append(f"output.dir={args.run_dir}")
+        cfg = load_config(args.config, overrides)
+        if args.verb == "config":
+            sys.stdout.write(to_yaml(cfg))
+            return EXIT_OK
+        from . import pipeline
+
+        if args.verb == "run":
+            pipeline.run_pipeline(cfg, force=args.force)
+        elif args.verb == "report":
+            entry = pipeline.run_stage(cfg, "report")
+            print(json.dumps(entry["summary"], indent=2, default=str))
+        else:
+            pipeline.run_stage(cfg, args.verb)
+        return EXIT_OK
+    except ConfigError as e:
+        print(f"edsft: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AnnotationError as e:
+        print(f"edsft: annotation: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as e:
+        print(f"edsft: missing input: {e}. Run the earlier stages first (or `edsft run`).", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:
+        # Stages raise ValueError (PoolError, selector parameters, ...) for bad input, with the fix in it.
+        print(f"edsft: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("edsft: interrupted; re-run the same command to continue", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - the CLI boundary turns any failure into exit 1
+        from .pipeline import StageNotBuilt
+
+        if isinstance(e, StageNotBuilt):
+            print(f"edsft: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        traceback.print_exc()
+        print(f"edsft: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from edsft.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_config_show_prints_resolved_config(capsys):
+    assert main(["config", "show", "selection.budget=9"]) == 0
+    out = capsys.readouterr().out
+    assert "budget: 9" in out and "pool:" in out
+
+
+def test_bad_config_exits_2_with_readable_message(capsys):
+    assert main(["select", "selection.budget=0"]) == 2
+    err = capsys.readouterr().err
+    assert "selection.budget=0 must be >= 1" in err
+
+
+def test_python_dash_m_and_jobs_shim_work():
+    r = subprocess.run([sys.executable, "-m", "edsft", "config", "show", "-c", "jobs/configs/smoke.yaml"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "builtin:tiny-llama" in r.stdout
+    r = subprocess.run([sys.executable, "jobs/run_pipeline.py", "--config", "jobs/configs/smoke.yaml", "pool.size=-1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "pool.size=-1 must be >= 1" in r.stderr
+
+
+def test_no_verb_prints_help(capsys):
+    assert main([]) == 2
+    assert "VERB" in capsys.readouterr().out
