@@ -166,6 +166,7 @@ class SweepConfig:
     metric: str = "exact_match"
     max_concurrent_trials: int | None = None  # None: from the cluster's CPUs/GPUs
     cpus_per_trial: float = 0.001  # the trial itself only drives its TorchTrainer
+    max_failures: int = 0  # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ _AT_LEAST: dict[str, float] = {
     "evaluation.batch_size": 1,
     "evaluation.num_actors": 1,
     "sweep.cpus_per_trial": 0,
+    "sweep.max_failures": 0,
 }
 _AT_MOST: dict[str, float] = {
     "pool.max_bad_fraction": 1,
