@@ -140,6 +140,9 @@ class TrainingConfig:
     max_failures: int = 1
     merge_weights: bool = False
     log_every: int = 10
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    run_name: str | None = None  # Ray Train run name; None: derived from the training config + data
+    checkpoints_to_keep: int | None = 2  # newest checkpoints kept in storage; None keeps all
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,10 @@ class EvaluationConfig:
     base_model: bool = True  # also evaluate the base model
     generate: bool = True  # exact match / ROUGE-L need generation; loss does not
     num_actors: int = 1
+    mode: str = "auto"  # auto | local | distributed (Ray Data actors)
+    local_max_rows: int = 300  # auto: evaluate in-process up to this many rows
+    cpus_per_actor: float = 0.5  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
+    num_gpus_per_actor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,7 @@ _CHOICES: dict[str, tuple] = {
     "annotation.mode": ("oracle", "export", "import"),
     "training.backend": ("deepspeed", "ddp"),
     "training.schedule": ("cosine", "linear", "constant"),
+    "evaluation.mode": ("auto", "local", "distributed"),
     "training.precision": ("auto", "bf16", "fp32"),
 }
 _AT_LEAST: dict[str, float] = {
@@ -266,6 +274,9 @@ _AT_LEAST: dict[str, float] = {
     "evaluation.max_new_tokens": 1,
     "evaluation.batch_size": 1,
     "evaluation.num_actors": 1,
+    "evaluation.local_max_rows": 0,
+    "evaluation.cpus_per_actor": 0,
+    "evaluation.num_gpus_per_actor": 0,
     "sweep.cpus_per_trial": 0,
     "sweep.max_failures": 0,
 }
