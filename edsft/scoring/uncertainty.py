@@ -1,0 +1,86 @@
+"""Uncertainty of a model on its own response, from the next-token distributions of generation.
+
+Pure torch over ``logits [B, T, V]`` (the distribution at each generated position), the chosen
+``tokens [B, T]`` and a ``mask [B, T]`` (1 for positions that belong to the response, the
+end-of-turn token included; 0 for padding after the turn ended). No model here: the numbers are
+checked against hand-computed values in tests/scoring/test_uncertainty.py.
+
+Per response (length n = mask.sum()):
+
+- ``mean_entropy`` / ``max_entropy``: Shannon entropy (nats) of each next-token distribution,
+  averaged / maximised over the response;
+- ``least_confidence`` = 1 - p(response), p = prod_t p(token_t); long responses drift to 1;
+- ``least_confidence_norm`` = 1 - p^(1/n): the same on the per-token geometric mean, length-fair;
+- ``mean_margin`` / ``min_margin``: top-1 minus top-2 probability; the min is the single most
+  uncertain token (a small margin = a close call);
+- ``response_tokens`` = n.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SCORE_COLUMNS", "token_stats", "response_scores", "response_mask"]
+
+SCORE_COLUMNS = (
+    "mean_entropy",
+    "max_entropy",
+    "least_confidence",
+    "least_confidence_norm",
+    "mean_margin",
+    "min_margin",
+)
+
+
+def response_mask(tokens: torch.Tensor, end_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions up to and including the first end-of-turn token of each row.
+
+    Rows that never end (hit max_new_tokens) keep every position.
+    """
+    end_ids = torch.as_tensor(list(end_ids) if not torch.is_tensor(end_ids) else end_ids, device=tokens.device)
+    is_end = torch.isin(tokens, end_ids).to(torch.int64)
+    ended_before = torch.cumsum(is_end, dim=1) - is_end  # ends strictly before position t
+    return ended_before == 0
+
+
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position entropy, log-prob of the chosen token and top-1 minus top-2 margin, [B, T] each."""
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"vocabulary size {logits.shape[-1]} is too small: a margin needs at least 2 tokens")
+    logp = torch.log_softmax(logits.float(), dim=-1)  # float32 even for bf16 logits
+    p = logp.exp()
+    # p * logp is 0 * -inf = nan where a logit is -inf (masked vocabulary): those terms are 0
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    chosen = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    top2 = p.topk(2, dim=-1).values
+    return {"entropy": entropy, "chosen_logprob": chosen, "margin": top2[..., 0] - top2[..., 1]}
+
+
+def response_scores(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The score columns (float32 [B]) plus ``response_tokens`` (int64 [B]); see the module doc.
+
+    A row with an empty mask has no response to be uncertain about: its scores are NaN (the scorer
+    never produces one, since generation emits at least one token).
+    """
+    stats = token_stats(logits, tokens)
+    m = mask.to(torch.bool)
+    n = m.sum(1)
+    nf = n.clamp(min=1).float()
+    ent, lp, margin = stats["entropy"], stats["chosen_logprob"], stats["margin"]
+    zero = torch.zeros_like(ent)
+    logp_resp = torch.where(m, lp, zero).sum(1)
+    out = {
+        "mean_entropy": torch.where(m, ent, zero).sum(1) / nf,
+        "max_entropy": torch.where(m, ent, torch.full_like(ent, -torch.inf)).amax(1),
+        # 1 - exp(x) computed as -expm1(x): exact for p(response) close to 1
+        "least_confidence": -torch.expm1(logp_resp),
+        "least_confidence_norm": -torch.expm1(logp_resp / nf),
+        "mean_margin": torch.where(m, margin, zero).sum(1) / nf,
+        "min_margin": torch.where(m, margin, torch.full_like(margin, torch.inf)).amin(1),
+    }
+    empty = n == 0
+    out = {k: torch.where(empty, torch.full_like(v, torch.nan), v).float() for k, v in out.items()}
+    out["response_tokens"] = n.to(torch.int64)
+    return out
