@@ -1,0 +1,113 @@
+"""output.report_to: the training logger and the Tune callbacks write real MLflow runs and TB events."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+
+from edsft.config import Config
+from edsft.distributed.tracking import (
+    experiment_name,
+    make_train_logger,
+    make_tune_callbacks,
+    mlflow_tracking_uri,
+    tensorboard_dir,
+)
+
+
+def _cfg(tmp_path: Path, report_to=("mlflow", "tensorboard"), **more) -> Config:
+    return Config().replace(**{"output.dir": str(tmp_path / "run"), "output.report_to": list(report_to), **more})
+
+
+def _tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Read back every scalar of the event files under ``logdir`` with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _mlflow_client(cfg: Config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
+
+
+def test_train_logger_writes_mlflow_and_tensorboard(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert mlflow_tracking_uri(cfg) == (tmp_path / "run" / "mlruns").as_uri()
+    with make_train_logger(cfg, "train/sft 0", params={"budget": 32}) as log:
+        for step, loss in enumerate([2.5, 2.0, 1.25], start=1):
+            log.log({"loss": loss, "lr": 1e-4 * step, "note": "dropped", "nan": float("nan")}, step)
+        run_id = log.mlflow_run_id
+
+    client = _mlflow_client(cfg)
+    exp = client.get_experiment_by_name(experiment_name(cfg))
+    assert exp is not None and exp.name == "edsft-run"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "train_sft_0"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 2.5), (2, 2.0), (3, 1.25)]
+    assert set(run.data.metrics) == {"loss", "lr"}  # strings and NaN are not metrics
+    assert run.data.params["budget"] == "32" and run.data.params["training.lr"] == "0.0002"
+
+    logdir = tensorboard_dir(cfg) / "train_sft_0"
+    assert glob.glob(str(logdir / "events.out.tfevents.*"))
+    scalars = _tb_scalars(logdir)
+    assert scalars["loss"] == [(1, 2.5), (2, 2.0), (3, 1.25)]
+
+
+def test_report_to_empty_writes_nothing(tmp_path):
+    cfg = _cfg(tmp_path, report_to=())
+    log = make_train_logger(cfg, "quiet")
+    log.log({"loss": 1.0}, 1)
+    log.close()
+    log.close()  # idempotent
+    assert not (tmp_path / "run").exists()
+    assert make_tune_callbacks(cfg) == []
+
+
+def test_only_tensorboard(tmp_path):
+    cfg = _cfg(tmp_path, report_to=("tensorboard",))
+    with make_train_logger(cfg, "tb-only") as log:
+        log.log({"loss": 3.0}, 7)
+    assert not (tmp_path / "run" / "mlruns").exists()
+    assert _tb_scalars(tensorboard_dir(cfg) / "tb-only")["loss"] == [(7, 3.0)]
+
+
+def test_tune_callbacks_log_each_trial(tmp_path, ray_cluster):
+    """A real two-trial Tune run with our callbacks: one MLflow run and one TB folder per trial."""
+    from ray import tune
+
+    cfg = _cfg(tmp_path)
+
+    def trainable(config):
+        for i in range(3):
+            tune.report({"score": config["x"] * (i + 1)})
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([1.0, 2.0])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="cb", storage_path=str(tmp_path / "tune"), callbacks=make_tune_callbacks(cfg),
+                                  verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+
+    client = _mlflow_client(cfg)
+    exp = client.get_experiment_by_name(experiment_name(cfg) + "-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    finals = sorted(r.data.metrics["score"] for r in runs)
+    assert finals == [3.0, 6.0]
+    assert sorted(r.data.params["x"] for r in runs) == ["1.0", "2.0"]
+
+    trial_dirs = sorted(p for p in (tensorboard_dir(cfg) / "sweep").iterdir() if p.is_dir())
+    assert len(trial_dirs) == 2
+    for d in trial_dirs:
+        values = [v for _, v in _tb_scalars(d)["ray/tune/score"]]
+        assert len(values) == 3 and values[2] == 3 * values[0]
