@@ -1,0 +1,499 @@
+"""The label-efficiency report: learning curves over budgets and the random-equivalent budget.
+
+Reads a sweep's ``results.parquet`` (one row per trial: selector, params, budget, seed, metrics)
+and answers the paper's question: how many labels does random selection need to match what a
+selector reaches with B labels? The ratio ``B / B_random`` is the headline (0.5: the same
+generalisation as random at half the annotation cost).
+
+Everything here is pandas/numpy/matplotlib (no torch, no ray) and the math is in small pure
+functions (:func:`t_critical`, :func:`summarize`, :func:`random_equivalent_budget`,
+:func:`label_efficiency`, :func:`headline`) so it can be tested on hand-made curves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "METRICS",
+    "higher_is_better",
+    "metric_label",
+    "t_critical",
+    "load_results",
+    "summarize",
+    "random_equivalent_budget",
+    "label_efficiency",
+    "headline",
+    "plot_learning_curves",
+    "plot_label_efficiency",
+    "markdown_table",
+    "build_report",
+]
+
+# The metrics a sweep reports for the finetuned model; base-model columns carry a `base_` prefix.
+METRICS = ("exact_match", "rouge_l", "loss")
+_LOWER_IS_BETTER = {"loss"}
+_LABELS = {
+    "exact_match": "exact match (fraction of eval prompts)",
+    "rouge_l": "ROUGE-L F1 (0-1)",
+    "loss": "eval loss (nats / response token)",
+}
+_GROUP_COLS = ["selector", "params", "budget"]
+
+
+def higher_is_better(metric: str) -> bool:
+    """Loss-like metrics go down when the model gets better; everything else goes up."""
+    base = metric.removeprefix("base_")
+    return not (base in _LOWER_IS_BETTER or base.endswith("loss") or base.endswith("perplexity"))
+
+
+def metric_label(metric: str) -> str:
+    """Axis label with units."""
+    return _LABELS.get(metric.removeprefix("base_"), metric)
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals
+# --------------------------------------------------------------------------------------------
+
+# Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30 (standard tables).
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)
+
+
+def t_critical(df: int, confidence: float = 0.95) -> float:
+    """Two-sided Student-t critical value. Exact table for 95% and df <= 30; beyond, the
+    Cornish-Fisher expansion around the normal quantile (error < 1e-4 for df > 30)."""
+    if df < 1:
+        raise ValueError(f"df={df} must be >= 1: a t-interval needs at least 2 seeds")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    if abs(confidence - 0.95) < 1e-12 and df <= len(_T975):
+        return _T975[df - 1]
+    z = _normal_quantile(0.5 + confidence / 2)
+    # Cornish-Fisher terms (Abramowitz & Stegun 26.7.5).
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def _normal_quantile(p: float) -> float:
+    """Inverse standard normal CDF (Acklam's rational approximation, refined by one Newton step)."""
+    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01, -1.328068155288572e01)
+    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
+    lo, hi = 0.02425, 1 - 0.02425
+    if p < lo:
+        q = math.sqrt(-2 * math.log(p))
+        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+    elif p <= hi:
+        q = p - 0.5
+        r = q * q
+        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+    else:
+        q = math.sqrt(-2 * math.log(1 - p))
+        x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+    e = 0.5 * math.erfc(-x / math.sqrt(2)) - p
+    return x - e * math.sqrt(2 * math.pi) * math.exp(x * x / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+
+
+def load_results(source: Any) -> pd.DataFrame:
+    """A sweep's results as a DataFrame, from a Store, a path, or a DataFrame.
+
+    Only finished trials count (``status`` TERMINATED when the column exists); ``params`` is
+    kept as its JSON string so that hybrid(lambda_=0.3) and hybrid(lambda_=0.7) stay apart."""
+    if isinstance(source, pd.DataFrame):
+        df = source.copy()
+    elif hasattr(source, "read_table"):
+        df = source.read_table().to_pandas()
+    else:
+        df = pd.read_parquet(source)
+    missing = [c for c in ("selector", "budget", "seed") if c not in df.columns]
+    if missing:
+        raise ValueError(f"results are missing columns {missing}: pass a sweep's results.parquet (run/sweep/results.parquet)")
+    if "status" in df.columns:
+        df = df[df["status"].isin(["TERMINATED", "DONE", "OK"])]
+    if "params" not in df.columns:
+        df["params"] = "{}"
+    df["params"] = df["params"].fillna("{}").astype(str)
+    df["budget"] = df["budget"].astype(int)
+    return df.reset_index(drop=True)
+
+
+def _label(selector: str, params: str) -> str:
+    """Display name: the selector, plus its hyperparameters when any were swept."""
+    p = json.loads(params) if params else {}
+    if not p:
+        return selector
+    return f"{selector}(" + ", ".join(f"{k}={v}" for k, v in sorted(p.items())) + ")"
+
+
+def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean and t-interval over seeds of ``metric`` per (selector, params, budget).
+
+    Columns: selector, params, label, budget, n, mean, std, lo, hi. With one seed std/lo/hi are
+    NaN (no interval can be drawn from one sample) - the plots then draw no band and say so."""
+    if metric not in results.columns:
+        raise ValueError(f"metric={metric!r} is not a column of the results: pick one of {sorted(c for c in results.columns if c in METRICS or c.startswith('base_'))}")
+    rows = []
+    data = results.dropna(subset=[metric])
+    for (selector, params, budget), g in data.groupby(_GROUP_COLS, sort=True):
+        x = g[metric].to_numpy(dtype=float)
+        n = len(x)
+        mean = float(x.mean())
+        if n >= 2:
+            std = float(x.std(ddof=1))
+            half = t_critical(n - 1, confidence) * std / math.sqrt(n)
+            lo, hi = mean - half, mean + half
+        else:
+            std = lo = hi = float("nan")
+        rows.append(dict(selector=selector, params=params, label=_label(selector, params), budget=int(budget), n=n, mean=mean, std=std, lo=lo, hi=hi))
+    cols = ["selector", "params", "label", "budget", "n", "mean", "std", "lo", "hi"]
+    return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Label efficiency
+# --------------------------------------------------------------------------------------------
+
+
+def random_equivalent_budget(budgets: Iterable[float], values: Iterable[float], target: float, higher_better: bool = True) -> tuple[float, str]:
+    """The budget random needs to reach ``target``, from random's mean curve.
+
+    Piecewise-linear interpolation in log-budget on the running best of the curve (random's
+    curve can dip between budgets from seed noise; the running best asks "the smallest budget at
+    which random has reached this", which is monotone and so invertible). Returns
+    ``(budget, bound)``: bound is "" for an interpolated value, ">" when the target is above
+    random's best (budget = random's largest budget: random needs more than that) and "<" when
+    the target is below random's smallest-budget value (budget = random's smallest budget).
+    """
+    b = np.asarray(list(budgets), dtype=float)
+    v = np.asarray(list(values), dtype=float)
+    if b.size == 0 or b.size != v.size:
+        raise ValueError(f"budgets ({b.size}) and values ({v.size}) must be non-empty and of equal length")
+    if np.any(b <= 0):
+        raise ValueError(f"budgets={b.tolist()} must all be > 0 (the interpolation is in log-budget)")
+    if np.any(~np.isfinite(v)) or not math.isfinite(target):
+        raise ValueError(f"values={v.tolist()} and target={target} must be finite")
+    order = np.argsort(b)
+    b, v = b[order], v[order]
+    if not higher_better:  # one code path: turn "lower is better" into "higher is better"
+        v, target = -v, -target
+    best = np.maximum.accumulate(v)
+    reached = np.nonzero(best >= target)[0]
+    if reached.size == 0:
+        return float(b[-1]), ">"
+    i = int(reached[0])
+    if i == 0:
+        return (float(b[0]), "") if v[0] == target else (float(b[0]), "<")
+    # best[i-1] < target <= best[i] = v[i], so the segment rises and the inverse is unique.
+    frac = (target - best[i - 1]) / (best[i] - best[i - 1])
+    logb = math.log(b[i - 1]) + frac * (math.log(b[i]) - math.log(b[i - 1]))
+    return float(math.exp(logb)), ""
+
+
+def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "random") -> pd.DataFrame:
+    """For each (non-random) selector and budget B: random's equivalent budget and B / B_random.
+
+    Columns: label, selector, params, budget, mean, random_budget, bound, ratio, ratio_bound.
+    ``bound`` qualifies random_budget (">": random needs more than its largest budget, so the
+    ratio is an upper bound, ratio_bound "<"; "<": random needs less than its smallest budget,
+    ratio_bound ">")."""
+    ref = summary[(summary["selector"] == reference) & (summary["params"].isin(["{}", ""]))]
+    if ref.empty:
+        ref = summary[summary["selector"] == reference]
+    if ref.empty:
+        raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
+    ref = ref.sort_values("budget")
+    hib = higher_is_better(metric)
+    rows = []
+    for _, r in summary[summary["label"] != ref["label"].iloc[0]].iterrows():
+        rb, bound = random_equivalent_budget(ref["budget"], ref["mean"], float(r["mean"]), hib)
+        ratio = r["budget"] / rb
+        ratio_bound = {"": "", ">": "<", "<": ">"}[bound]
+        rows.append(dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"], random_budget=rb, bound=bound, ratio=ratio, ratio_bound=ratio_bound))
+    cols = ["label", "selector", "params", "budget", "mean", "random_budget", "bound", "ratio", "ratio_bound"]
+    return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
+
+
+def headline(eff: pd.DataFrame, metric: str) -> dict:
+    """The best selector's label-efficiency ratio.
+
+    Per selector: the geometric mean of B / B_random over the budgets where it is interpolated
+    (censored budgets - beyond random's range - give only bounds and are counted, not averaged).
+    The best selector has the smallest such ratio; a selector with only censored budgets is
+    ranked by its bounds after all the others."""
+    if eff.empty:
+        return {"selector": None, "ratio": None, "text": f"no selector besides random: no label-efficiency ratio for {metric}"}
+    per = []
+    for label, g in eff.groupby("label"):
+        exact = g[g["bound"] == ""]
+        if len(exact):
+            gm = float(np.exp(np.log(exact["ratio"].to_numpy(dtype=float)).mean()))
+            per.append((0, gm, label, gm, len(exact), len(g), ""))
+        else:  # only bounds: all "ratio < x" (better than random everywhere) beats all "ratio > x"
+            lt = g[g["ratio_bound"] == "<"]
+            if len(lt):
+                per.append((0, float(lt["ratio"].max()), label, float(lt["ratio"].max()), 0, len(g), "<"))
+            else:
+                per.append((1, float(g["ratio"].min()), label, float(g["ratio"].min()), 0, len(g), ">"))
+    per.sort()
+    _, _, label, ratio, n_exact, n, bound = per[0]
+    budgets = sorted(eff[eff["label"] == label]["budget"].unique().tolist())
+    if bound:
+        text = (f"{label} is the best selector on {metric}: random never reaches the same value inside the swept "
+                f"budgets, so the ratio B / B_random is {bound} {ratio:.2f} (a bound, budgets {budgets}).")
+    else:
+        cost = "less" if ratio < 1 else "more"
+        text = (f"{label} reaches random's {metric} with {ratio:.2f}x the labels (geometric mean of B / B_random over "
+                f"{n_exact} of {n} budgets in {budgets}; {abs(1 - ratio) * 100:.0f}% {cost} annotation than random).")
+    return {"selector": label, "ratio": ratio, "bound": bound, "budgets_interpolated": n_exact, "budgets": budgets, "metric": metric, "text": text}
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # headless; a notebook's inline backend stays if already set
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random"):
+    """Metric vs budget per selector: mean over seeds with a 95% t-band (none for one seed).
+    ``random`` is drawn black dashed with markers; log-scale x when budgets span more than 10x."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    else:
+        fig = ax.figure
+    if summary.empty:
+        raise ValueError(f"no finished trials with {metric!r}: nothing to plot")
+    colors = plt.get_cmap("tab10").colors
+    labels = sorted(summary["label"].unique(), key=lambda s: (not s.startswith(reference), s))
+    single_seed = int(summary["n"].max()) < 2
+    k = 0
+    for label in labels:
+        g = summary[summary["label"] == label].sort_values("budget")
+        is_ref = g["selector"].iloc[0] == reference
+        style = dict(color="black", linestyle="--", marker="o", linewidth=2.0, zorder=3) if is_ref else dict(color=colors[k % 10], linestyle="-", marker="s", linewidth=1.6)
+        k += 0 if is_ref else 1
+        ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
+        if g["n"].min() >= 2:
+            ax.fill_between(g["budget"], g["lo"], g["hi"], color=style["color"], alpha=0.12 if is_ref else 0.18, linewidth=0)
+    _budget_axis(ax, summary["budget"])
+    ax.set_ylabel(metric_label(metric))
+    seeds = int(summary["n"].max())
+    band = "one seed: no interval" if single_seed else f"mean over {seeds} seeds, 95% t-interval"
+    arrow = "higher is better" if higher_is_better(metric) else "lower is better"
+    ax.set_title(f"{metric} vs annotation budget ({band}; {arrow})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _budget_axis(ax, budgets: pd.Series) -> None:
+    """x axis in labelled examples; log scale when the budgets span more than 10x, ticks at the
+    swept budgets in plain numbers (not 10^2)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    b = sorted(set(int(x) for x in budgets))
+    if b[-1] / max(b[0], 1) > 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(FixedLocator(b))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("annotation budget B (labelled examples)")
+
+
+def plot_label_efficiency(eff: pd.DataFrame, metric: str, ax=None):
+    """B / B_random per selector vs budget; 1 is parity with random, below 1 saves labels.
+    Censored points (beyond random's swept range) are drawn hollow."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    else:
+        fig = ax.figure
+    colors = plt.get_cmap("tab10").colors
+    for k, (label, g) in enumerate(eff.groupby("label", sort=True)):
+        g = g.sort_values("budget")
+        c = colors[k % 10]
+        exact = g[g["bound"] == ""]
+        cens = g[g["bound"] != ""]
+        # Lines join interpolated points only: a bound is not a value and must not look like one.
+        ax.plot(exact["budget"], exact["ratio"], color=c, linestyle="-", marker="s", markersize=5, label=label)
+        ax.scatter(cens["budget"], cens["ratio"], facecolors="none", edgecolors=c, marker="s", s=36, zorder=3)
+        for _, r in cens.iterrows():  # the arrow points where the true ratio lies
+            ax.annotate(r["ratio_bound"], (r["budget"], r["ratio"]), textcoords="offset points", xytext=(6, -3), color=c, fontsize=8)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="random (parity)")
+    if not eff.empty:
+        _budget_axis(ax, eff["budget"])
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("B / B_random (label-cost ratio)")
+    ax.set_title(f"labels needed relative to random to reach the same {metric} (hollow: bound)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> str:
+    """Rows: selector; columns: budgets; cells: mean [lo, hi] (n), plus B/B_random when given."""
+    budgets = sorted(summary["budget"].unique())
+    lines = ["| selector | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    ratio = {}
+    if eff is not None:
+        for _, r in eff.iterrows():
+            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x"
+    labels = sorted(summary["label"].unique(), key=lambda s: (s != "random", s))
+    for label in labels:
+        g = summary[summary["label"] == label].set_index("budget")
+        cells = []
+        for b in budgets:
+            if b not in g.index:
+                cells.append("-")
+                continue
+            r = g.loc[b]
+            cell = _fmt(r["mean"])
+            if r["n"] >= 2:
+                cell += f" [{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
+            cell += f" (n={int(r['n'])})"
+            if (label, b) in ratio:
+                cell += f"; {ratio[(label, b)]}"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _efficiency_table(eff: pd.DataFrame) -> str:
+    lines = ["| selector | B | mean | random needs | B / B_random |", "|---|---|---|---|---|"]
+    for _, r in eff.iterrows():
+        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)"}[r["bound"]]
+        lines.append(f"| {r['label']} | {r['budget']} | {_fmt(r['mean'])} | {need} | {r['ratio_bound']}{r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The report of a run folder
+# --------------------------------------------------------------------------------------------
+
+
+def build_report(run, metric: str | None = None, metrics: Iterable[str] | None = None) -> dict:
+    """Write ``run/report/`` (report.md, one learning-curve PNG per metric, the label-efficiency
+    plot and CSV) from ``run/sweep/results.parquet``; ``metric`` (default: the sweep's
+    ``sweep.metric`` from the run manifest, else exact_match) drives the headline.
+    Returns {"report": uri, "headline": {...}, "plots": [...], "trials": n}."""
+    results_store = run.child("sweep", "results.parquet")
+    if not results_store.exists():
+        raise ValueError(f"{results_store.uri} does not exist: run `edsft sweep` on this run folder first")
+    raw = results_store.read_table().to_pandas()
+    results = load_results(raw)
+    if results.empty:
+        raise ValueError(f"{results_store.uri} has no finished trials (statuses: {sorted(raw.get('status', pd.Series()).unique())}): re-run the sweep")
+    manifest = {}
+    if run.child("manifest.json").exists():
+        manifest = run.child("manifest.json").read_json()
+    config = manifest.get("config", {}) if isinstance(manifest, dict) else {}
+    versions = manifest.get("versions", {}) if isinstance(manifest, dict) else {}
+    metric = metric or config.get("sweep", {}).get("metric") or "exact_match"
+    if metric not in results.columns:
+        raise ValueError(f"metric={metric!r} is not in {results_store.uri}: pick one of {[m for m in METRICS if m in results.columns]}")
+    metrics = [m for m in (metrics or METRICS) if m in results.columns and results[m].notna().any()]
+    if metric not in metrics:
+        metrics = [metric] + metrics
+
+    out = run.child("report")
+    plots = []
+    sections = []
+    head = None
+    for m in metrics:
+        summ = summarize(results, m)
+        has_random = (summ["selector"] == "random").any()
+        eff = label_efficiency(summ, m) if has_random else None
+        fig = plot_learning_curves(summ, m)
+        name = f"learning_curve_{m}.png"
+        out.child(name).write_bytes(_png_bytes(fig))
+        plots.append(out.child(name).uri)
+        block = [f"### {m}", "", f"![{m} vs budget]({name})", "", markdown_table(summ, eff), ""]
+        if eff is not None and not eff.empty:
+            eff_name = f"label_efficiency_{m}.png"
+            out.child(eff_name).write_bytes(_png_bytes(plot_label_efficiency(eff, m)))
+            plots.append(out.child(eff_name).uri)
+            out.child(f"label_efficiency_{m}.csv").write_text(eff.to_csv(index=False))
+            block += [f"Label efficiency on {m} (random's curve interpolated piecewise-linearly in log-budget, running best):", "",
+                      _efficiency_table(eff), "", f"![B / B_random]({eff_name})", ""]
+        if m == metric:
+            head = headline(eff, m) if eff is not None else {"selector": None, "ratio": None, "text": "random is not in the sweep: no ratio"}
+            out.child(f"summary_{m}.csv").write_text(summ.to_csv(index=False))
+        sections += block
+
+    seeds = sorted(results["seed"].unique().tolist())
+    budgets = sorted(results["budget"].unique().tolist())
+    selectors = sorted({_label(s, p) for s, p in zip(results["selector"], results["params"])})
+    pool = config.get("pool", {})
+    model = (config.get("training", {}) or {}).get("model") or (config.get("scoring", {}) or {}).get("model")
+    statuses = raw["status"].value_counts().to_dict() if "status" in raw.columns else {}
+    interval = "95% t-interval over seeds" if len(seeds) >= 2 else "a single seed: no interval is drawn (one sample has no spread)"
+    lines = [
+        "# Label-efficiency report",
+        "",
+        f"**Headline ({metric}).** {head['text']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| run | `{run.uri}` |",
+        f"| pool | `{pool.get('path', '?')}` (size {pool.get('size', '?')}) |",
+        f"| model | `{model or '?'}` (LoRA: {config.get('training', {}).get('lora', '?')}) |",
+        f"| selectors | {', '.join(selectors)} |",
+        f"| budgets | {', '.join(str(b) for b in budgets)} |",
+        f"| seeds | {', '.join(str(s) for s in seeds)} |",
+        f"| metric | {metric} ({metric_label(metric)}; {'higher' if higher_is_better(metric) else 'lower'} is better) |",
+        f"| intervals | {interval} |",
+        f"| trials | {len(results)} finished of {len(raw)} ({', '.join(f'{k}: {v}' for k, v in statuses.items())}) |",
+        f"| versions | {', '.join(f'{k} {v}' for k, v in versions.items()) or 'not recorded (no manifest.json)'} |",
+        "",
+        "## Results",
+        "",
+    ] + sections
+    out.child("report.md").write_text("\n".join(lines) + "\n")
+    return {"report": out.child("report.md").uri, "headline": head, "plots": plots, "trials": int(len(results)), "metric": metric}

@@ -1,0 +1,212 @@
+"""Report math on hand-made curves, plots checked through matplotlib's objects, report.md contents."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from edsft import report as R
+from edsft.storage import get_store
+
+
+# ---- intervals --------------------------------------------------------------------------------
+
+
+def test_t_critical_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 29, 30, 31, 45, 100, 1000):
+        assert R.t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4), df
+    for conf in (0.8, 0.9, 0.99):
+        assert R.t_critical(60, conf) == pytest.approx(stats.t.ppf(0.5 + conf / 2, 60), abs=2e-4)
+    with pytest.raises(ValueError, match="df=0"):
+        R.t_critical(0)
+
+
+def _results(rows):
+    return pd.DataFrame(rows, columns=["selector", "params", "budget", "seed", "exact_match"])
+
+
+def test_summarize_mean_and_t_interval_by_hand():
+    df = _results([("random", "{}", 10, s, v) for s, v in enumerate([0.1, 0.2, 0.3])] + [("random", "{}", 20, 0, 0.5)])
+    s = R.summarize(df, "exact_match")
+    r10 = s[s.budget == 10].iloc[0]
+    assert r10["n"] == 3 and r10["mean"] == pytest.approx(0.2)
+    half = 4.3027 * 0.1 / math.sqrt(3)  # std of (0.1, 0.2, 0.3) is 0.1; t_{0.975,2} = 4.3027
+    assert (r10["lo"], r10["hi"]) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    r20 = s[s.budget == 20].iloc[0]  # one seed: no interval
+    assert r20["n"] == 1 and math.isnan(r20["lo"]) and math.isnan(r20["hi"])
+    with pytest.raises(ValueError, match="metric='bleu'"):
+        R.summarize(df, "bleu")
+
+
+def test_load_results_keeps_finished_trials_only():
+    df = pd.DataFrame({"selector": ["random", "random"], "budget": [1, 2], "seed": [0, 0], "exact_match": [0.1, None],
+                       "status": ["TERMINATED", "ERROR"]})
+    out = R.load_results(df)
+    assert len(out) == 1 and out["params"].tolist() == ["{}"]
+    with pytest.raises(ValueError, match="missing columns"):
+        R.load_results(pd.DataFrame({"x": [1]}))
+
+
+# ---- random-equivalent budget -------------------------------------------------------------
+
+
+def test_interpolation_is_linear_in_log_budget():
+    b, v = [10, 100, 1000], [0.1, 0.3, 0.5]
+    assert R.random_equivalent_budget(b, v, 0.3) == (pytest.approx(100.0), "")
+    # halfway between 0.1 and 0.3 in value is halfway in log-budget: sqrt(10 * 100)
+    assert R.random_equivalent_budget(b, v, 0.2) == (pytest.approx(math.sqrt(1000)), "")
+    assert R.random_equivalent_budget(b, v, 0.45)[0] == pytest.approx(10 ** (2 + 0.75))
+    assert R.random_equivalent_budget(b, v, 0.1) == (10.0, "")  # exactly the first point
+
+
+def test_interpolation_censored_ends():
+    b, v = [10, 100, 1000], [0.1, 0.3, 0.5]
+    assert R.random_equivalent_budget(b, v, 0.6) == (1000.0, ">")  # above random's best
+    assert R.random_equivalent_budget(b, v, 0.05) == (10.0, "<")  # below random's smallest budget
+
+
+def test_interpolation_uses_running_max_on_non_monotone_curve():
+    # random dips at 100 (seed noise): the running max is 0.1, 0.3, 0.3, 0.5
+    b, v = [10, 50, 100, 1000], [0.1, 0.3, 0.2, 0.5]
+    # 0.25 is first reached between 10 and 50, not in the dip between 50 and 100
+    got, bound = R.random_equivalent_budget(b, v, 0.25)
+    assert bound == "" and got == pytest.approx(math.exp(math.log(10) + 0.75 * (math.log(50) - math.log(10))))
+    # 0.4 lies on the rise from the running max 0.3 (at 100) to 0.5 (at 1000)
+    assert R.random_equivalent_budget(b, v, 0.4)[0] == pytest.approx(math.sqrt(100 * 1000))
+    # unsorted input gives the same answer
+    assert R.random_equivalent_budget(b[::-1], v[::-1], 0.4)[0] == pytest.approx(math.sqrt(100 * 1000))
+
+
+def test_interpolation_lower_is_better_for_loss():
+    b, v = [10, 100], [2.0, 1.0]
+    assert R.random_equivalent_budget(b, v, 1.5, higher_better=False)[0] == pytest.approx(math.sqrt(1000))
+    assert R.random_equivalent_budget(b, v, 0.5, higher_better=False) == (100.0, ">")
+    assert R.higher_is_better("exact_match") and not R.higher_is_better("loss") and not R.higher_is_better("base_loss")
+
+
+def test_interpolation_rejects_bad_input():
+    with pytest.raises(ValueError, match="budgets"):
+        R.random_equivalent_budget([0, 10], [0.1, 0.2], 0.15)
+    with pytest.raises(ValueError, match="equal length"):
+        R.random_equivalent_budget([10], [0.1, 0.2], 0.15)
+
+
+def _curves(sel_eff: dict[str, float], budgets=(25, 50, 100, 200, 400), seeds=(0, 1, 2), noise=0.0):
+    """metric = 0.1 log2(efficiency * B / 25): a selector with efficiency 2 matches random at half the budget."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for sel, eff in sel_eff.items():
+        for b in budgets:
+            for s in seeds:
+                rows.append(dict(trial_id=f"{sel}-b{b}-s{s}", selector=sel, params="{}", budget=b, seed=s,
+                                 exact_match=0.1 * math.log2(eff * b / 25) + noise * rng.normal(), status="TERMINATED"))
+    return pd.DataFrame(rows)
+
+
+def test_label_efficiency_recovers_known_ratio_and_headline():
+    df = _curves({"random": 1.0, "fl": 2.0, "unc": 1.25})
+    s = R.summarize(df, "exact_match")
+    eff = R.label_efficiency(s, "exact_match")
+    fl = eff[eff.label == "fl"].set_index("budget")
+    # fl at B equals random at 2B: ratio 0.5 wherever 2B <= 400 (random's largest budget)
+    for b in (25, 50, 100, 200):
+        assert fl.loc[b, "ratio"] == pytest.approx(0.5) and fl.loc[b, "bound"] == ""
+    assert fl.loc[400, "bound"] == ">" and fl.loc[400, "ratio_bound"] == "<" and fl.loc[400, "ratio"] == pytest.approx(1.0)
+    unc = eff[eff.label == "unc"].set_index("budget")
+    assert unc.loc[100, "ratio"] == pytest.approx(0.8)
+    h = R.headline(eff, "exact_match")
+    assert h["selector"] == "fl" and h["ratio"] == pytest.approx(0.5) and h["budgets_interpolated"] == 4
+    assert "0.50x the labels" in h["text"]
+    assert "random" not in set(eff.label)
+
+
+def test_label_efficiency_worse_than_random_and_below_min():
+    df = _curves({"random": 1.0, "bad": 0.5, "great": 64.0})
+    eff = R.label_efficiency(R.summarize(df, "exact_match"), "exact_match")
+    bad = eff[eff.label == "bad"].set_index("budget")
+    assert bad.loc[25, "bound"] == "<" and bad.loc[25, "ratio_bound"] == ">"  # below random's smallest
+    assert bad.loc[100, "ratio"] == pytest.approx(2.0)  # needs twice the labels
+    h = R.headline(eff, "exact_match")
+    assert h["selector"] == "great" and h["bound"] == "<"  # censored everywhere: a bound, said so
+    assert "bound" in h["text"]
+    with pytest.raises(ValueError, match="random"):
+        R.label_efficiency(R.summarize(df[df.selector != "random"], "exact_match"), "exact_match")
+
+
+def test_params_keep_hybrid_variants_apart():
+    df = _curves({"random": 1.0, "hybrid": 2.0}, seeds=(0,))
+    h2 = df[df.selector == "hybrid"].copy()
+    h2["params"] = json.dumps({"lambda_": 0.7})
+    df.loc[df.selector == "hybrid", "params"] = json.dumps({"lambda_": 0.3})
+    s = R.summarize(pd.concat([df, h2]), "exact_match")
+    assert {"hybrid(lambda_=0.3)", "hybrid(lambda_=0.7)", "random"} == set(s.label)
+
+
+# ---- plots --------------------------------------------------------------------------------
+
+
+def test_learning_curve_plot_axes_and_random_style():
+    s = R.summarize(_curves({"random": 1.0, "fl": 2.0}, budgets=(10, 50, 200), noise=0.01), "exact_match")
+    fig = R.plot_learning_curves(s, "exact_match")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() and "budget" in ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    assert ax.get_xscale() == "log"  # 10 -> 200 spans more than 10x
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    rnd = lines["random"]
+    assert rnd.get_linestyle() == "--" and rnd.get_marker() == "o" and matplotlib.colors.to_hex(rnd.get_color()) == "#000000"
+    assert lines["fl"].get_linestyle() == "-" and matplotlib.colors.to_hex(lines["fl"].get_color()) != "#000000"
+    assert len(ax.collections) == 2  # one band per selector (3 seeds)
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"random", "fl"}
+    matplotlib.pyplot.close(fig)
+
+
+def test_single_seed_draws_no_band_and_says_so():
+    s = R.summarize(_curves({"random": 1.0, "fl": 2.0}, budgets=(10, 20, 40), seeds=(0,)), "exact_match")
+    fig = R.plot_learning_curves(s, "exact_match")
+    ax = fig.axes[0]
+    assert len(ax.collections) == 0 and "no interval" in ax.get_title()
+    assert ax.get_xscale() == "linear"  # 10 -> 40 is within 10x
+    matplotlib.pyplot.close(fig)
+    fig = R.plot_label_efficiency(R.label_efficiency(s, "exact_match"), "exact_match")
+    assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel()
+    matplotlib.pyplot.close(fig)
+
+
+# ---- report.md ----------------------------------------------------------------------------
+
+
+def test_build_report_writes_markdown_and_pngs(tmp_path):
+    df = _curves({"random": 1.0, "facility_location": 2.0, "uncertainty": 1.25}, noise=0.005)
+    df["loss"] = 3.0 - df["exact_match"]
+    df = pd.concat([df, pd.DataFrame([dict(trial_id="x", selector="uncertainty", params="{}", budget=25, seed=9, status="ERROR")])])
+    run = get_store(tmp_path / "run")
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(df, preserve_index=False))
+    run.child("manifest.json").write_json({"config": {"pool": {"path": "builtin:tasks", "size": 20000},
+                                                      "scoring": {"model": "builtin:smollm2-135m"}, "training": {"lora": True},
+                                                      "sweep": {"metric": "exact_match"}},
+                                           "versions": {"edsft": "0.1.0", "ray": "2.60.0"}})
+    out = R.build_report(run)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert out["headline"]["selector"] == "facility_location" and out["headline"]["ratio"] == pytest.approx(0.5, abs=0.05)
+    for needle in ("builtin:tasks", "20000", "builtin:smollm2-135m", "25, 50, 100, 200, 400", "0, 1, 2",
+                   "exact_match", "ray 2.60.0", "learning_curve_exact_match.png", "learning_curve_loss.png",
+                   "facility_location reaches random's exact_match", "45 finished of 46", "ERROR: 1", "95% t-interval"):
+        assert needle in md, needle
+    for p in out["plots"]:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "report" / "label_efficiency_exact_match.csv").exists()
+
+
+def test_build_report_without_sweep_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="edsft sweep"):
+        R.build_report(get_store(tmp_path))
