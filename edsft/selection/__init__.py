@@ -1,0 +1,113 @@
+"""Selection core: pick `budget` pool rows by uncertainty and/or diversity. numpy/scipy only.
+
+Entry points
+------------
+``select(name, budget, embeddings=X, scores=S, tasks=T, seed=0, allow_budget_over_pool=False, **params)``
+    -> ``SelectionResult(indices, gains, objective)``: `indices` int64 pool positions in pick order
+    (unique), `gains` float64 marginal gain of each pick (NaN where none), `objective` float (NaN if none).
+    X: float32 (n, d) or None; S: mapping score name -> (n,) array, or None; T: (n,) task labels or None.
+``SELECTORS[name]``: frozen dataclass of the selector's hyperparameters (what Tune sweeps), e.g.
+    ``SELECTORS["facility_location"](metric="cosine", optimizer="lazy").select(budget, X, S, T, seed)``.
+    ``SELECTORS[name].from_params(**params)`` raises a ValueError listing the valid parameters.
+``objective(name, indices, embeddings=X, scores=S, tasks=T, **params)``: the selector's objective on any set.
+
+Registry
+--------
+- ``random``: seeded uniform.
+- ``uncertainty``: top-B by `score` (mean_entropy, max_entropy, least_confidence, least_confidence_norm:
+  large = uncertain; mean_margin, min_margin: small = uncertain; other columns: large = uncertain unless
+  higher_is_uncertain=False). gains = oriented uncertainty, objective = their sum.
+- ``k_center`` (metric euclidean|cosine, initial, top_q, score): farthest-first; gains = covering radius
+  before each pick (NaN for the seeded first center); objective = final covering radius (minimised).
+- ``uncertain_k_center``: k_center with top_q=0.5 (candidates = the most uncertain half).
+- ``facility_location`` (metric cosine|euclidean|rbf, gamma, optimizer naive|lazy|stochastic, epsilon,
+  dense_max_n, n_neighbors, lambda_, score): greedy FL; objective = sum_i max_{j in S} sim(i, j)
+  (+ lambda_ * sum of normalised uncertainty of the picks).
+- ``fl_uncertainty``: facility_location with lambda_=1.0, score="mean_entropy" (the hybrid).
+- ``task_balanced`` (score, inner, inner_params, size_aware): per-task quotas ~ 1 / mean confidence.
+- ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference.
+
+Pieces for the distributed stage
+--------------------------------
+- ``shard_of(row_keys, m, seed) -> int64 (n,)``: GreeDi's partition (seeded SplitMix64 / blake2b hash).
+- ``best_similarity(X_pool, X_sel, metric, gamma) -> float64 (n,)``: per-row max similarity to a chosen
+  set, chunked; the FL objective of a set is the SUM of this over all shards.
+- ``facility_location_gains(X_pool, X_cand, current, metric, gamma) -> float64 (len(X_cand),)``: marginal
+  gains of candidates given per-row current best similarity; sums over shards.
+- ``min_distance(X_pool, X_sel, metric) -> float64 (n,)``: per-row distance to the nearest center; the
+  k-center objective is the MAX of this over all shards.
+- ``default_gamma(X)``: the rbf/euclidean gamma facility location uses when none is given
+  (1 / mean squared distance). A sharded run must compute it once on the whole pool and pass it on.
+- ``allocate_budget(budget, sizes, mean_confidence, size_aware)``: task_balanced's quotas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .base import HIGHER_IS_UNCERTAIN, SELECTORS, SelectionResult, Selector, uncertainty
+from .basic import RandomSelector, UncertaintySelector
+from .composite import GreeDi, TaskBalanced, allocate_budget, row_confidence, shard_of
+from .facility import FacilityLocation, FacilityLocationUncertainty, facility_location_gains, facility_location_greedy
+from .kcenter import KCenter, UncertainKCenter, k_center_greedy
+from .similarity import best_similarity, default_gamma, dense_similarity, knn_graph, min_distance
+
+
+def get_selector(name: str, **params) -> Selector:
+    """Build a registered selector from its name and hyperparameters (clear ValueError on typos)."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}: valid names are {sorted(SELECTORS)}")
+    return SELECTORS[name].from_params(**params)
+
+
+def select(
+    name: str,
+    budget: int,
+    embeddings=None,
+    scores: Mapping[str, Any] | None = None,
+    tasks=None,
+    seed: int = 0,
+    *,
+    allow_budget_over_pool: bool = False,
+    **params,
+) -> SelectionResult:
+    """Pick `budget` pool positions with selector `name` (see the module docstring)."""
+    return get_selector(name, **params).select(
+        budget, embeddings, scores, tasks, seed, allow_budget_over_pool=allow_budget_over_pool
+    )
+
+
+def objective(name: str, indices, embeddings=None, scores=None, tasks=None, **params) -> float:
+    """Selector `name`'s objective on an arbitrary set of pool positions."""
+    return get_selector(name, **params).objective(indices, embeddings, scores, tasks)
+
+
+__all__ = [
+    "HIGHER_IS_UNCERTAIN",
+    "SELECTORS",
+    "GreeDi",
+    "FacilityLocation",
+    "FacilityLocationUncertainty",
+    "KCenter",
+    "RandomSelector",
+    "SelectionResult",
+    "Selector",
+    "TaskBalanced",
+    "UncertainKCenter",
+    "UncertaintySelector",
+    "allocate_budget",
+    "best_similarity",
+    "default_gamma",
+    "dense_similarity",
+    "facility_location_gains",
+    "facility_location_greedy",
+    "get_selector",
+    "k_center_greedy",
+    "knn_graph",
+    "min_distance",
+    "objective",
+    "row_confidence",
+    "select",
+    "shard_of",
+    "uncertainty",
+]

@@ -1,0 +1,70 @@
+"""The two baselines: seeded random and top-B uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import SelectionResult, Selector, register, uncertainty
+
+
+@register("random")
+@dataclass(frozen=True)
+class RandomSelector(Selector):
+    """B distinct pool positions drawn uniformly with np.random.default_rng(seed)."""
+
+    @property
+    def randomized(self) -> bool:
+        return True
+
+    def _select(self, budget, X, S, T, seed):
+        n = _pool_size(X, S, T)
+        idx = np.random.default_rng(seed).choice(n, size=budget, replace=False)
+        return SelectionResult(idx, np.full(budget, np.nan), float("nan"))
+
+
+@register("uncertainty")
+@dataclass(frozen=True)
+class UncertaintySelector(Selector):
+    """Top-B most uncertain rows by one score column.
+
+    Orientation per column (see base.HIGHER_IS_UNCERTAIN): margins are uncertain when SMALL, entropy and
+    least confidence when LARGE; unknown columns count as "larger = more uncertain" unless
+    higher_is_uncertain=False. Ties go to the lowest pool position (stable sort) unless jitter=True, which
+    breaks them with seeded random keys. gains = oriented uncertainty of each pick, objective = their sum.
+    """
+
+    score: str = "mean_entropy"
+    higher_is_uncertain: bool | None = None
+    jitter: bool = False
+
+    @property
+    def randomized(self) -> bool:
+        return self.jitter
+
+    def score_names(self):
+        return (self.score,)
+
+    def _oriented(self, S):
+        return uncertainty(S[self.score], self.score, self.higher_is_uncertain)
+
+    def _select(self, budget, X, S, T, seed):
+        u = self._oriented(S)
+        if self.jitter:
+            order = np.lexsort((np.random.default_rng(seed).random(len(u)), -u))
+        else:
+            order = np.argsort(-u, kind="stable")
+        idx = order[:budget]
+        return SelectionResult(idx, u[idx], float(u[idx].sum()))
+
+    def _objective(self, idx, X, S, T):
+        return float(self._oriented(S)[idx].sum())
+
+
+def _pool_size(X, S, T) -> int:
+    if X is not None:
+        return len(X)
+    if S:
+        return len(next(iter(S.values())))
+    return len(T)
