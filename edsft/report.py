@@ -275,7 +275,9 @@ def headline(eff: pd.DataFrame, metric: str) -> dict:
 def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg", force=False)  # headless; a notebook's inline backend stays if already set
+    # Headless Agg unless a backend was chosen explicitly (a notebook's inline backend stays).
+    if matplotlib.rcParams._get_backend_or_none() is None:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
