@@ -1,0 +1,412 @@
+"""Ray Tune sweep over selector x budget x seed (x selector hyperparameters).
+
+The pool is scored once (``run/scores.parquet``); every trial then runs
+
+    select -> annotate -> train (Ray Train, launched from inside the trial) -> evaluate
+
+into ``run/sweep/trials/<selector>[-params]-b<budget>-s<seed>/`` and reports the eval metrics
+to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
+*function* trainable that only drives its TorchTrainer, so it asks for a sliver of a CPU
+(``sweep.cpus_per_trial``) and the trainer's workers hold the real resources. Concurrency is
+capped by ``max_concurrent_trials`` (from the cluster when null) so that trials do not start
+trainers the cluster cannot place.
+
+Restarts: the Tune experiment lives in ``run/sweep/tune/<name>`` (name from the grid's config
+hash); re-running the same sweep restores it and runs only the trials that did not finish.
+A trial also writes ``result.json`` in its folder, keyed by the trial's config hash, so a trial
+that finished under a different grid (one more budget, say) is not recomputed either.
+Results: ``run/sweep/results.parquet``, one row per trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import Config, config_from_dict, config_hash, config_to_dict
+from ..storage import Store, get_store
+
+__all__ = ["run_sweep", "expand_grid", "trial_name", "default_max_concurrent_trials", "RESULT_COLUMNS"]
+
+METRIC_NAMES = ("exact_match", "rouge_l", "loss")
+RESULT_COLUMNS = (
+    ["trial_id", "selector", "params", "budget", "seed"]
+    + list(METRIC_NAMES)
+    + [f"base_{m}" for m in METRIC_NAMES]
+    + ["objective", "train_steps", "wall_s", "status", "error", "metrics"]
+)
+# Config sections that decide a trial's result (sweep itself only decides which trials exist).
+_TRIAL_SECTIONS = ("pool", "scoring", "selection", "annotation", "training", "evaluation")
+
+
+def _log(msg: str) -> None:
+    print(f"[edsft.sweep] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+
+
+def _param_grid(selector: str, spec: Any) -> list[dict]:
+    """{param: value or [values]} -> every combination, as a list of dicts (one empty dict
+    when the selector has no swept parameters)."""
+    if spec is None:
+        return [{}]
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"sweep.params.{selector}={spec!r} must map parameter names to a value or a list of values, "
+            f"e.g. sweep.params={{{selector}: {{lambda_: [0.3, 0.7]}}}}"
+        )
+    keys = sorted(spec)
+    values = []
+    for k in keys:
+        v = spec[k]
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not v:
+            raise ValueError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
+        values.append(v)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def trial_name(selector: str, params: dict, budget: int, seed: int) -> str:
+    """``<selector>[-k=v,...]-b<budget>-s<seed>``, safe as a folder name locally and on S3."""
+    name = selector
+    if params:
+        name += "-" + ",".join(f"{k}={params[k]}" for k in sorted(params))
+    name += f"-b{budget}-s{seed}"
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+
+
+def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
+    """Every trial of the sweep, in a stable order, and notes for the log.
+
+    ``random`` is always part of the grid: the label-efficiency ratio is measured against it."""
+    notes = []
+    selectors = list(dict.fromkeys(cfg.sweep.selectors))  # drop duplicates, keep order
+    if not selectors:
+        raise ValueError("sweep.selectors=[] is empty: name at least one selector, e.g. [random, facility_location]")
+    if "random" not in selectors:
+        selectors.insert(0, "random")
+        notes.append("sweep.selectors has no 'random': added it (the label-efficiency ratio is measured against random)")
+    unknown = [s for s in cfg.sweep.params if s not in selectors]
+    if unknown:
+        raise ValueError(f"sweep.params names selectors {unknown} that are not in sweep.selectors={selectors}: add them or remove their params")
+    specs = []
+    for selector in selectors:
+        base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
+        for params in _param_grid(selector, cfg.sweep.params.get(selector)):
+            params = {**base, **params}
+            for budget in cfg.sweep.budgets:
+                for seed in cfg.sweep.seeds:
+                    specs.append({"name": trial_name(selector, params, int(budget), int(seed)), "selector": selector,
+                                  "params": params, "budget": int(budget), "seed": int(seed)})
+    names = [s["name"] for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
+    return specs, notes
+
+
+def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
+    """The config one trial runs with: its selector/params/budget/seed, its own output folder
+    (Ray Train checkpoints go to the trial's train/ unless training.storage_path is set; run names
+    hash the data, so concurrent trials never collide) and the seed also for training (LoRA init
+    and data order are part of what a seed replicates)."""
+    return cfg.replace(**{
+        "selection.name": spec["selector"],
+        "selection.params": dict(spec["params"]),
+        "selection.budget": spec["budget"],
+        "selection.seed": spec["seed"],
+        "training.seed": spec["seed"],
+        "evaluation.base_model": False,  # the base model is evaluated once for the whole sweep
+        "output.dir": trial.uri,
+        "output.progress": False,
+    })
+
+
+def _trial_hash(cfg: Config) -> str:
+    data = config_to_dict(cfg)
+    # Where a trial writes and how it retries do not change what it computes.
+    data["training"] = {k: v for k, v in data["training"].items() if k not in ("storage_path", "max_failures", "log_every")}
+    return config_hash({s: data[s] for s in _TRIAL_SECTIONS})
+
+
+def _experiment_name(cfg: Config, specs: list[dict]) -> str:
+    """Same trials and trial configs -> same name -> restore; anything else -> a new experiment."""
+    data = config_to_dict(cfg)
+    return "sweep-" + config_hash({s: data[s] for s in _TRIAL_SECTIONS}, extra=[s["name"] for s in specs])
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency
+# --------------------------------------------------------------------------------------------
+
+
+def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_trials: int) -> int:
+    """How many trainers fit on the cluster at once: floor(cluster resource / (num_workers x
+    per-worker resource)) over the resources one trainer asks for (GPU when training.use_gpu,
+    CPU always), at least 1 and at most the number of trials."""
+    if cfg.sweep.max_concurrent_trials is not None:
+        return max(1, min(cfg.sweep.max_concurrent_trials, n_trials))
+    per = dict(cfg.training.resources_per_worker)
+    per.setdefault("CPU", 1.0)  # Ray Train's default worker asks for one CPU
+    if cfg.training.use_gpu:
+        per.setdefault("GPU", 1.0)
+    fits = []
+    for res, amount in per.items():
+        need = amount * cfg.training.num_workers
+        if need <= 0:
+            continue
+        fits.append(math.floor(cluster.get(res, 0.0) / need + 1e-9))
+    limit = min(fits) if fits else n_trials
+    return max(1, min(limit, n_trials))
+
+
+# --------------------------------------------------------------------------------------------
+# One trial
+# --------------------------------------------------------------------------------------------
+
+
+def _flat_metrics(metrics: dict) -> dict:
+    """Pull the headline numbers out of evaluate_models' metrics.json.
+
+    Accepts {"finetuned": {"exact_match": .., "macro": {...}}, "base": {...}} and flat forms;
+    macro averages win over micro ones when both are present (the eval split is task-balanced)."""
+
+    def pick(block: Any) -> dict:
+        if not isinstance(block, dict):
+            return {}
+        out = {}
+        src = block.get("macro") if isinstance(block.get("macro"), dict) else block
+        for m in METRIC_NAMES:
+            for cand in (src.get(m), block.get(m), block.get(f"macro_{m}")):
+                if isinstance(cand, (int, float)) and not isinstance(cand, bool):
+                    out[m] = float(cand)
+                    break
+        return out
+
+    ft = pick(metrics.get("finetuned", metrics.get("model", metrics)))
+    base = pick(metrics.get("base", {}))
+    return {**ft, **{f"base_{k}": v for k, v in base.items()}}
+
+
+def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, fail_once: dict | None = None) -> None:
+    """Tune function trainable: select -> annotate -> train -> evaluate, then tune.report."""
+    from ray import tune
+
+    from ..annotation import annotate
+    from .coresets import select_subset
+    from .evaluate import evaluate_models
+    from .train import train_sft
+
+    os.chdir(cwd)  # Tune moves trials into a scratch dir; relative paths in the config mean the driver's cwd
+    spec = config["trial"]
+    cfg = config_from_dict(cfg_dict)
+    run = get_store(run_uri, cfg.storage.endpoint_url, cfg.storage.region)
+    trial = run.child("sweep", "trials", spec["name"])
+    tcfg = trial_config(cfg, spec, trial)
+    thash = _trial_hash(tcfg)
+    log = trial.child("events.jsonl")
+
+    done = trial.child("result.json")
+    if done.exists():
+        prev = done.read_json()
+        if prev.get("trial_hash") == thash:  # finished before (maybe under another grid): reuse
+            _append(log, {"event": "reused", "time": time.time()})
+            tune.report(prev["report"])
+            return
+    _append(log, {"event": "start", "time": time.time(), "trial_hash": thash})
+    if fail_once and spec["name"] in fail_once:  # fault injection for restore tests
+        lock = fail_once[spec["name"]]
+        if not os.path.exists(lock):
+            open(lock, "w").close()
+            raise RuntimeError(f"injected failure of trial {spec['name']} (lock file {lock} now exists)")
+
+    t0 = time.time()
+    sel = select_subset(tcfg, run.child("scores.parquet"), trial.child("selection.parquet"), progress=False) or {}
+    ann = annotate(tcfg, trial.child("selection.parquet"), run.child("pool.parquet"), trial.child("annotated.parquet"), trial)
+    tr = train_sft(tcfg, trial.child("annotated.parquet"), trial.child("train"), progress=False) or {}
+    adapter = trial.child("train", "adapter")
+    ev = evaluate_models(tcfg, run.child("eval.parquet"), adapter if adapter.exists() else None, trial.child("metrics.json"), progress=False) or {}
+    metrics = trial.child("metrics.json").read_json() if trial.child("metrics.json").exists() else ev
+    flat = _flat_metrics(metrics)
+    base_file = run.child("sweep", "base_metrics.json")
+    if base_file.exists():
+        flat.update({k: v for k, v in _flat_metrics({"base": base_file.read_json().get("base", {})}).items() if k.startswith("base_")})
+    objective = sel.get("objective")
+    report = {
+        **{k: v for k, v in flat.items() if v is not None},
+        "objective": float(objective) if isinstance(objective, (int, float)) else float("nan"),
+        "train_steps": int(tr.get("steps", -1)) if isinstance(tr.get("steps"), (int, float)) else -1,
+        "annotated": int(ann.get("rows", spec["budget"])) if isinstance(ann, dict) else spec["budget"],
+        "trial_wall_s": time.time() - t0,
+    }
+    done.write_json({"trial_hash": thash, "spec": spec, "report": report, "metrics": metrics})
+    _append(log, {"event": "end", "time": time.time()})
+    tune.report(report)
+
+
+def _append(store: Store, record: dict) -> None:
+    """Append one JSON line (read-modify-write: object stores have no append)."""
+    rows = store.read_jsonl()
+    rows.append(record)
+    store.write_jsonl(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _base_metrics(cfg: Config, run: Store, progress: bool) -> dict | None:
+    """The base model's eval metrics, once for the sweep (every trial shares them)."""
+    if not cfg.evaluation.base_model:
+        return None
+    out = run.child("sweep", "base_metrics.json")
+    key = config_hash(cfg, ("pool", "scoring", "evaluation"), extra=cfg.training_model)
+    if out.exists():
+        prev = out.read_json()
+        if prev.get("config_hash") == key:
+            return prev
+    from .evaluate import evaluate_models
+
+    scratch = run.child("sweep", "base_eval.json")
+    evaluate_models(cfg, run.child("eval.parquet"), None, scratch, progress=progress)
+    metrics = scratch.read_json()
+    block = metrics.get("base", metrics)
+    rec = {"config_hash": key, "base": block}
+    out.write_json(rec)
+    return rec
+
+
+def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dict[str, str] | None = None) -> dict:
+    """Run (or resume) the Tune sweep of ``cfg.sweep`` on the run folder ``run``.
+
+    Needs ``run/pool.parquet``, ``run/eval.parquet`` and ``run/scores.parquet``. Writes
+    ``run/sweep/results.parquet`` and returns {"trials", "finished", "errored", "executed",
+    "results", "experiment", "max_concurrent_trials"}. ``_fail_once`` (tests only) maps trial
+    names to lock files: the trial fails once, while its lock file does not exist yet."""
+    import ray
+    from ray import tune
+
+    from .session import init_ray
+    from .tracking import make_tune_callbacks
+
+    for need in ("pool.parquet", "eval.parquet", "scores.parquet"):
+        if not run.child(need).exists():
+            raise FileNotFoundError(f"{run.child(need).uri} (the sweep reuses the run's {need}: run `edsft ingest` and `edsft score` first)")
+    if cfg.annotation.mode == "export":
+        raise ValueError("annotation.mode='export' cannot run a sweep (it stops for human annotators): set annotation.mode=oracle or import")
+    specs, notes = expand_grid(cfg)
+    for n in notes:
+        _log(n)
+    init_ray(cfg)
+    limit = default_max_concurrent_trials(cfg, ray.cluster_resources(), len(specs))
+    name = _experiment_name(cfg, specs)
+    _log(f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
+         f"{len(cfg.sweep.seeds)} seeds), up to {limit} at once; experiment {name}")
+
+    base = _base_metrics(cfg, run, progress)
+
+    # Count trials that actually run their stages (vs reuse a finished result): for the summary.
+    starts_before = _count_events(run, specs, "start")
+
+    tune_root = run.child("sweep", "tune")
+    remote = tune_root.uri.startswith("s3://")
+    fs = tune_root.fs if remote else None
+    storage_path = tune_root.path if remote else tune_root.uri
+    exp_path = tune_root.child(name).path if remote else tune_root.child(name).uri
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, cfg_dict=config_to_dict(cfg), run_uri=run.uri, cwd=os.getcwd(), fail_once=_fail_once),
+        {"CPU": cfg.sweep.cpus_per_trial},
+    )
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        _log(f"restoring {tune_root.child(name).uri}: finished trials are kept, the rest run now")
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=limit,
+                trial_name_creator=lambda t: t.config["trial"]["name"],
+                trial_dirname_creator=lambda t: t.config["trial"]["name"],
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                verbose=1 if progress else 0,
+                callbacks=make_tune_callbacks(cfg),  # MLflow / TensorBoard per trial (output.report_to)
+            ),
+        )
+    t0 = time.time()
+    grid = tuner.fit()
+    wall = time.time() - t0
+
+    errors = {}
+    for r in grid:
+        spec = (r.config or {}).get("trial", {})
+        if r.error is not None and spec:
+            errors[spec["name"]] = f"{type(r.error).__name__}: {r.error}"[:2000]
+    table = _collect(run, cfg, specs, errors, base)
+    out = run.child("sweep", "results.parquet")
+    out.write_table(table)
+    statuses = table.column("status").to_pylist()
+    executed = _count_events(run, specs, "start") - starts_before
+    summary = {
+        "trials": len(specs), "finished": statuses.count("TERMINATED"), "errored": statuses.count("ERROR"),
+        "executed": executed, "results": out.uri, "experiment": tune_root.child(name).uri,
+        "max_concurrent_trials": limit, "wall_s": round(wall, 3), "notes": notes,
+    }
+    for n, e in errors.items():
+        _log(f"trial {n} failed: {e.splitlines()[0] if e else e} (re-run the sweep to retry only the failed trials)")
+    _log(f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now) in {wall:.1f} s -> {out.uri}")
+    return summary
+
+
+def _count_events(run: Store, specs: list[dict], event: str) -> int:
+    n = 0
+    for s in specs:
+        n += sum(1 for r in run.child("sweep", "trials", s["name"], "events.jsonl").read_jsonl() if r.get("event") == event)
+    return n
+
+
+def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str], base: dict | None) -> pa.Table:
+    """One row per trial from the trials' result.json (the source of truth, also across
+    restores); trials without a result are ERROR (with Tune's error) or PENDING."""
+    base_flat = _flat_metrics({"base": base.get("base", {})}) if base else {}
+    rows = []
+    for s in specs:
+        trial = run.child("sweep", "trials", s["name"])
+        row: dict[str, Any] = {c: None for c in RESULT_COLUMNS}
+        row.update(trial_id=s["name"], selector=s["selector"], params=json.dumps(s["params"], sort_keys=True), budget=s["budget"], seed=s["seed"])
+        done = trial.child("result.json")
+        rec = done.read_json() if done.exists() else None
+        if rec is not None and rec.get("trial_hash") == _trial_hash(trial_config(cfg, s, trial)):
+            rep = rec["report"]
+            for m in METRIC_NAMES:
+                row[m] = rep.get(m)
+                row[f"base_{m}"] = rep.get(f"base_{m}", base_flat.get(f"base_{m}"))
+            row.update(objective=rep.get("objective"), train_steps=rep.get("train_steps"), wall_s=rep.get("trial_wall_s"),
+                       status="TERMINATED", metrics=json.dumps(rec.get("metrics", {}), default=str))
+        else:
+            row.update(status="ERROR" if s["name"] in errors else "PENDING", error=errors.get(s["name"]))
+        rows.append(row)
+    schema = pa.schema(
+        [("trial_id", pa.string()), ("selector", pa.string()), ("params", pa.string()), ("budget", pa.int64()), ("seed", pa.int64())]
+        + [(m, pa.float64()) for m in METRIC_NAMES] + [(f"base_{m}", pa.float64()) for m in METRIC_NAMES]
+        + [("objective", pa.float64()), ("train_steps", pa.int64()), ("wall_s", pa.float64()), ("status", pa.string()),
+           ("error", pa.string()), ("metrics", pa.string())]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)

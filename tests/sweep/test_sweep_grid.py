@@ -1,0 +1,82 @@
+"""The sweep's grid, concurrency and metric extraction (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edsft.config import Config, config_from_dict
+from edsft.distributed import sweep as S
+
+
+def _cfg(**sweep) -> Config:
+    return config_from_dict({"sweep": sweep})
+
+
+def test_grid_adds_random_and_expands_params():
+    cfg = _cfg(selectors=["fl_uncertainty", "uncertainty"], budgets=[10, 40], seeds=[0, 1],
+               params={"fl_uncertainty": {"lambda_": [0.3, 0.7], "metric": "cosine"}, "uncertainty": {"score": "min_margin"}})
+    specs, notes = S.expand_grid(cfg)
+    assert any("added it" in n for n in notes)
+    names = [s["name"] for s in specs]
+    assert len(specs) == (1 + 2 + 1) * 2 * 2 and len(set(names)) == len(names)
+    assert names[0] == "random-b10-s0" and specs[0]["params"] == {}
+    assert "fl_uncertainty-lambda_=0.3,metric=cosine-b40-s1" in names
+    assert "uncertainty-score=min_margin-b10-s0" in names
+    hy = [s for s in specs if s["selector"] == "fl_uncertainty"]
+    assert sorted({s["params"]["lambda_"] for s in hy}) == [0.3, 0.7] and all(s["params"]["metric"] == "cosine" for s in hy)
+
+
+def test_grid_keeps_random_once_and_rejects_bad_params():
+    specs, notes = S.expand_grid(_cfg(selectors=["random", "k_center", "random"], budgets=[5], seeds=[3]))
+    assert [s["name"] for s in specs] == ["random-b5-s3", "k_center-b5-s3"] and notes == []
+    with pytest.raises(ValueError, match="sweep.params names selectors"):
+        S.expand_grid(_cfg(selectors=["random"], params={"k_center": {"metric": "cosine"}}))
+    with pytest.raises(ValueError, match=r"sweep.params.k_center=.*must map"):
+        S.expand_grid(_cfg(selectors=["k_center"], params={"k_center": 3}))
+    with pytest.raises(ValueError, match="is empty"):
+        S.expand_grid(_cfg(selectors=["k_center"], params={"k_center": {"metric": []}}))
+
+
+def test_trial_name_is_path_safe():
+    assert S.trial_name("x", {"inner_params": {"a": 1}}, 5, 0) == "x-inner_params=__a___1_-b5-s0"
+
+
+def test_trial_config_sets_selection_training_seed_and_output(tmp_path):
+    from edsft.storage import get_store
+
+    cfg = _cfg(selectors=["k_center"], budgets=[7], seeds=[2])
+    spec = S.expand_grid(cfg)[0][1]
+    t = S.trial_config(cfg, spec, get_store(tmp_path / "t"))
+    assert (t.selection.name, t.selection.budget, t.selection.seed, t.training.seed) == ("k_center", 7, 2, 2)
+    assert t.output.dir == str(tmp_path / "t") and t.evaluation.base_model is False
+    # the trial hash ignores where the trial writes but not what it computes
+    assert S._trial_hash(t) == S._trial_hash(t.replace(**{"training.storage_path": "/elsewhere"}))
+    assert S._trial_hash(t) != S._trial_hash(t.replace(**{"training.lr": 1e-3}))
+
+
+@pytest.mark.parametrize(
+    "training, cluster, n, want",
+    [
+        ({"num_workers": 2, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),
+        ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 2.0}, 8, 2),
+        ({"num_workers": 1, "resources_per_worker": {"CPU": 1}}, {"CPU": 16.0}, 3, 3),  # capped by the trials
+        ({"num_workers": 4, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),  # at least 1
+        ({"num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 2}}, {"CPU": 64.0, "GPU": 8.0}, 20, 8),
+        ({"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1}}, {"CPU": 32.0, "GPU": 8.0}, 20, 2),
+    ],
+)
+def test_default_max_concurrent_trials(training, cluster, n, want):
+    cfg = config_from_dict({"training": training})
+    assert S.default_max_concurrent_trials(cfg, cluster, n) == want
+
+
+def test_explicit_max_concurrent_trials_wins():
+    cfg = config_from_dict({"sweep": {"max_concurrent_trials": 3}})
+    assert S.default_max_concurrent_trials(cfg, {"CPU": 1.0}, 10) == 3
+    assert S.default_max_concurrent_trials(cfg, {"CPU": 1.0}, 2) == 2
+
+
+def test_flat_metrics_prefers_macro_and_prefixes_base():
+    m = {"finetuned": {"exact_match": 0.2, "rouge_l": 0.5, "loss": 1.5, "macro": {"exact_match": 0.25, "rouge_l": 0.55}},
+         "base": {"exact_match": 0.1, "loss": 2.0}}
+    assert S._flat_metrics(m) == {"exact_match": 0.25, "rouge_l": 0.55, "loss": 1.5, "base_exact_match": 0.1, "base_loss": 2.0}
