@@ -449,7 +449,8 @@ def _block_rows(seed: int, split: str, block: int, n: int) -> list[dict]:
         start = block * _BLOCK
         fams = [(start + i) % len(_GENERATORS) for i in range(n)]
     else:
-        fams = rng.choices(range(len(_GENERATORS)), cum_weights=_CUM, k=n)
+        # Always draw a whole block of families, so a shorter last block is a prefix of the full one.
+        fams = rng.choices(range(len(_GENERATORS)), cum_weights=_CUM, k=_BLOCK)[:n]
     want_eval = split == "eval"
     return [_make_row(rng, f, want_eval) for f in fams]
 
