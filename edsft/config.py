@@ -97,6 +97,7 @@ class SelectionConfig:
     shards: int = 4  # m in RandGreeDi / two-round k-center
     local_max_rows: int = 200_000  # auto: in-process below this many rows
     allow_budget_over_pool: bool = False  # True: cap budget at the pool size instead of failing
+    cpus_per_task: float = 0.25  # Ray CPUs of each distributed selection task (fractional: no deadlock in Tune)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ _AT_LEAST: dict[str, float] = {
     "selection.budget": 1,
     "selection.shards": 1,
     "selection.local_max_rows": 1,
+    "selection.cpus_per_task": 0,
     "training.zero_stage": 0,
     "training.num_workers": 1,
     "training.max_seq_len": 8,
