@@ -16,15 +16,7 @@ from edsft.pools.builtin_pydocs import pydocs_rows
 from edsft.pools.builtin_tasks import TASK_FAMILIES
 from edsft.pools.ingest import SCHEMA, PoolError, content_row_id, ingest_pool
 from edsft.storage import get_store
-
-
-def _rows(n, start=0):
-    return [{"instruction": f"Question number {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"answer {i}", "task": f"t{i % 4}"} for i in range(start, start + n)]
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 
 def _cfg(path, **kw):
@@ -38,11 +30,6 @@ def _ingest(cfg, folder):
 
 def _pool(run):
     return run.child("pool.parquet").read_table()
-
-
-def _invariant(s):
-    assert s["rows_read"] == s["rows_kept"] + s["rows_held_out"] + s["rows_quarantined"]
-    assert s["rows_quarantined"] == sum(s["quarantine_by_reason"].values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,27 +134,6 @@ def test_rows_per_shard_and_stable_ids(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Quarantine
 # ---------------------------------------------------------------------------------------------
-
-
-def _broken_jsonl(path):
-    good = _rows(10)
-    lines = [json.dumps(r).encode() for r in good[:5]]
-    lines += [
-        b'{"instruction": "half a row", ',  # 6 malformed_json
-        b"",  # 7 blank: not a row
-        b'{"instruction": "caf\xe9 latte", "output": "x"}',  # 8 not_utf8 (latin-1 byte)
-        json.dumps({"instruction": "", "output": "x"}).encode(),  # 9 empty_prompt
-        json.dumps({"output": "no prompt"}).encode(),  # 10 empty_prompt (missing)
-        json.dumps({"instruction": 5, "output": "x"}).encode(),  # 11 wrong_type
-        b"[1, 2, 3]",  # 12 wrong_type (not an object)
-        json.dumps(good[0]).encode(),  # 13 duplicate_id (exact duplicate of line 1)
-        json.dumps({"instruction": "x" * 5000, "output": "long"}).encode(),  # 14 prompt_too_long
-        b"not json at all",  # 15 malformed_json
-        b"   ",  # 16 blank
-    ]
-    lines += [json.dumps(r).encode() for r in good[5:]]  # 17-21
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
 
 
 def test_broken_jsonl_exact_quarantine(tmp_path):
