@@ -34,5 +34,8 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from edsft.distributed.session import pin_address
+
+        pin_address()
     yield ray
     # left running for other modules; ray shuts down at interpreter exit

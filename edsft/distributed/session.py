@@ -24,3 +24,13 @@ def init_ray(cfg: Config) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
+        pin_address()
+
+
+def pin_address() -> None:
+    """Point helper processes (Ray Train's placement-group cleaner, Tune) at *this* cluster.
+
+    With several Ray clusters on one machine, a bare ``ray.init()`` in a helper process fails
+    with "Found multiple active Ray instances"; RAY_ADDRESS removes the ambiguity.
+    """
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
