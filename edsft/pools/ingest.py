@@ -656,6 +656,8 @@ def finalize(cfg: Config, run: Store, pool_results: list[dict], eval_result: dic
     if summary["rows_read"] != summary["rows_kept"] + summary["rows_held_out"] + quarantined:
         raise RuntimeError(f"ingest lost rows: {summary}")
     _check_bad_fraction(cfg, summary)
+    if eval_rows == 0:
+        log.warning("ingest: no eval rows; set pool.eval_path or pool.eval_fraction to evaluate on held-out prompts")
     return summary
 
 
