@@ -1,6 +1,6 @@
 """Facility location: f(S) = sum_i max_{j in S} sim(i, j), greedy maximisation (1 - 1/e guarantee).
 
-Similarity is dense (n x n int32, below `dense_max_n`) or a sparse k-nearest-neighbour graph (CSR,
+Similarity is dense (n x n int16, below `dense_max_n`) or a sparse k-nearest-neighbour graph (CSR,
 `n_neighbors` per row). Either way it is quantised to integers (see similarity.quantize), so every gain
 is an exact integer and the three optimisers agree on the numbers:
 
@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from .base import SelectionResult, Selector, check_choice, minmax, register, uncertainty
 from .similarity import (
+    QDTYPE,
     QUANT_SCALE,
     SIM_METRICS,
     best_similarity,
@@ -44,11 +45,13 @@ _TAKEN = np.iinfo(np.int64).min // 4  # gain of an already chosen row: never the
 
 
 class DenseGraph:
-    """Exactly symmetric int32 similarity, so row j doubles as column j (rows are contiguous)."""
+    """Exactly symmetric int16 similarity, so row j doubles as column j (rows are contiguous)."""
 
     def __init__(self, K: np.ndarray):
         self.K = K
         self.n = len(K)
+        # a row sum of n values <= 32767 fits int32 below 65536 rows; int32 reductions are faster
+        self.acc = np.int32 if self.n < 65536 else np.int64
 
     def initial_gains(self) -> np.ndarray:
         return np.add.reduce(self.K, axis=1, dtype=np.int64)
@@ -56,9 +59,9 @@ class DenseGraph:
     def fresh_gains(self, cands: np.ndarray, c: np.ndarray) -> np.ndarray:
         out = np.empty(len(cands), dtype=np.int64)
         for s in range(0, len(cands), 64):
-            blk = self.K[cands[s : s + 64]] - c  # int32: |values| < 2**21
+            blk = self.K[cands[s : s + 64]] - c  # int16: both sides in [0, 32767], no overflow
             np.maximum(blk, 0, out=blk)
-            out[s : s + 64] = np.add.reduce(blk, axis=1, dtype=np.int64)
+            out[s : s + 64] = np.add.reduce(blk, axis=1, dtype=self.acc)
         return out
 
     def column(self, j: int):
@@ -70,8 +73,8 @@ class DenseGraph:
         row = self.K[j]
         R = np.flatnonzero(row > c)
         if gains is not None:
-            for s in range(0, len(R), 1024):  # 1024 rows * 2**20 < 2**31: int32 column sums are safe
-                r = R[s : s + 1024]
+            for s in range(0, len(R), 2048):  # 2048 rows * 32767 < 2**31: int32 column sums are safe
+                r = R[s : s + 2048]
                 old, new = c[r], row[r]
                 blk = self.K[r]
                 np.maximum(blk, old[:, None], out=blk)
@@ -144,7 +147,7 @@ def facility_location_greedy(
     check_choice("optimizer", optimizer, OPTIMIZERS)
     n = graph.n
     mod = np.zeros(n, dtype=np.int64) if modular is None else np.asarray(modular, dtype=np.int64)
-    c = np.zeros(n, dtype=np.int32)  # current best quantised similarity of every row
+    c = np.zeros(n, dtype=QDTYPE)  # current best quantised similarity of every row
     picks = np.empty(budget, dtype=np.int64)
     gains_out = np.empty(budget, dtype=np.float64)
     steps = range(budget)
@@ -192,7 +195,7 @@ def facility_location_greedy(
             top = top[stale[top] > _TAKEN]
             total[top] = graph.fresh_gains(top, c) + mod[top]
             fresh_at[top] = t
-            k = min(4 * k, 4096)
+            k = min(2 * k, 4096)
         picks[t], gains_out[t] = j, total[j]
         graph.absorb(j, c, None)
         total[j] = _TAKEN
@@ -285,7 +288,7 @@ class FacilityLocation(Selector):
         b = self.bonus(S, len(X))
         mod = None if b is None else np.rint(b * QUANT_SCALE).astype(np.int64)
         idx, gains = facility_location_greedy(
-            graph, budget, self.optimizer, mod, self.epsilon, seed, self.batch_size, self.progress
+            graph, budget, self.optimizer, mod, self.epsilon, seed, self.batch_size, self.progress,
         )
         del graph
         return SelectionResult(idx, gains, self._objective_gamma(idx, X, S, gamma))
