@@ -179,16 +179,18 @@ def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_tria
 def _flat_metrics(metrics: dict) -> dict:
     """Pull the headline numbers out of evaluate_models' metrics.json.
 
-    Accepts {"finetuned": {"exact_match": .., "macro": {...}}, "base": {...}} and flat forms;
-    macro averages win over micro ones when both are present (the eval split is task-balanced)."""
+    Accepts {"finetuned": {"overall": {...}, "macro": {...}, "per_task": {...}}, "base": {...}}
+    and flat forms; macro averages win over overall (micro) ones when both are present: every task
+    family counts the same, as in the task-balanced eval split."""
 
     def pick(block: Any) -> dict:
         if not isinstance(block, dict):
             return {}
         out = {}
-        src = block.get("macro") if isinstance(block.get("macro"), dict) else block
+        macro = block.get("macro") if isinstance(block.get("macro"), dict) else {}
+        overall = block.get("overall") if isinstance(block.get("overall"), dict) else {}
         for m in METRIC_NAMES:
-            for cand in (src.get(m), block.get(m), block.get(f"macro_{m}")):
+            for cand in (macro.get(m), block.get(f"macro_{m}"), overall.get(m), block.get(m)):
                 if isinstance(cand, (int, float)) and not isinstance(cand, bool):
                     out[m] = float(cand)
                     break

@@ -80,3 +80,8 @@ def test_flat_metrics_prefers_macro_and_prefixes_base():
     m = {"finetuned": {"exact_match": 0.2, "rouge_l": 0.5, "loss": 1.5, "macro": {"exact_match": 0.25, "rouge_l": 0.55}},
          "base": {"exact_match": 0.1, "loss": 2.0}}
     assert S._flat_metrics(m) == {"exact_match": 0.25, "rouge_l": 0.55, "loss": 1.5, "base_exact_match": 0.1, "base_loss": 2.0}
+
+
+def test_flat_metrics_reads_overall_when_macro_lacks_a_metric():
+    m = {"finetuned": {"overall": {"exact_match": 0.3, "loss": 1.2}, "macro": {"exact_match": 0.35, "loss": None}, "per_task": {}}}
+    assert S._flat_metrics(m) == {"exact_match": 0.35, "loss": 1.2}
