@@ -62,7 +62,7 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
         f"storage.endpoint_url={s3_secret_server['endpoint_url']}", f"storage.region={s3_secret_server['region']}",
         f"output.dir={run_uri}", "output.report_to=[mlflow, tensorboard]", "output.progress=false",
         f"training.storage_path=s3://{BUCKET}/checkpoints",
-        "sweep.enabled=true", "sweep.selectors=[facility_location]", "sweep.budgets=[24]", "sweep.seeds=[0]",
+        "sweep.enabled=true", "sweep.selectors=[random]", "sweep.budgets=[24]", "sweep.seeds=[0]",
         "sweep.max_concurrent_trials=1", "evaluation.max_examples=20",
     ]
     ray_tmp = tempfile.mkdtemp(prefix="edsft-s3ray-", dir="/tmp")  # short: Unix socket paths

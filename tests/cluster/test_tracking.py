@@ -111,3 +111,22 @@ def test_tune_callbacks_log_each_trial(tmp_path, ray_cluster):
     for d in trial_dirs:
         values = [v for _, v in _tb_scalars(d)["ray/tune/score"]]
         assert len(values) == 3 and values[2] == 3 * values[0]
+
+
+def test_s3_run_folder_gets_the_tracking_files(tmp_path, s3_secret_server):
+    """MLflow/TensorBoard write to a local scratch; close() uploads it into the s3:// run folder."""
+    s3 = s3_secret_server["client"]
+    bucket = "edsft-tracking"
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": s3_secret_server["region"]})
+    cfg = _cfg(tmp_path, **{"output.dir": f"s3://{bucket}/runs/t1",
+                            "storage.endpoint_url": s3_secret_server["endpoint_url"],
+                            "storage.region": s3_secret_server["region"]})
+    assert mlflow_tracking_uri(cfg).startswith("file://") and str(tmp_path) not in mlflow_tracking_uri(cfg)
+    with make_train_logger(cfg, "sft-s3") as log:
+        log.log({"loss": 0.5}, 1)
+        run_id = log.mlflow_run_id
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/t1/").get("Contents", [])]
+    assert any(k.startswith("runs/t1/tensorboard/sft-s3/events.out.tfevents") for k in keys), keys
+    assert any(k.startswith("runs/t1/mlruns/") and k.endswith(f"{run_id}/metrics/loss") for k in keys), keys
+    secret = s3_secret_server["secret"].encode()
+    assert not any(secret in s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys)
