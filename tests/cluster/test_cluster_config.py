@@ -131,3 +131,17 @@ def test_gpu_config_fits_the_cluster(cluster):
     assert t.storage_path.startswith("s3://") and cfg.storage.region
     assert cfg.sweep.enabled and len(cfg.sweep.selectors) >= 3
     assert "8b" in cfg.scoring.model.lower()
+
+
+def test_gpu_config_sweep_grid_and_selectors_build():
+    """Every selector (with its swept params) of gpu_8b.yaml exists and the grid expands as documented."""
+    from edsft.distributed.sweep import expand_grid
+    from edsft.selection import get_selector
+
+    cfg = load_config(GPU_CONFIG)
+    get_selector(cfg.selection.name, **dict(cfg.selection.params))
+    for name in cfg.sweep.selectors:
+        get_selector(name, **dict(cfg.sweep.params.get(name) or {}))
+    specs, _ = expand_grid(cfg)
+    assert len(specs) == len(cfg.sweep.selectors) * len(cfg.sweep.budgets) * len(cfg.sweep.seeds)
+    assert max(cfg.sweep.budgets) < 120_000 * (1 - cfg.pool.eval_fraction)
