@@ -131,9 +131,16 @@ class Selector:
             raise ValueError(f"selector {self.name!r} needs embeddings=<float32 (n, d) array>, got None")
 
         S: dict[str, np.ndarray] = {}
-        needed = self.score_names()
+        needed = self.score_names()  # validated strictly (float, finite); other columns only for length
         if needed and scores is None:
             raise ValueError(f"selector {self.name!r} needs scores with column(s) {list(needed)}, got scores=None")
+        if scores is not None:
+            if not isinstance(scores, Mapping):
+                raise ValueError(f"scores must be a mapping of column name -> (n,) array, got {type(scores).__name__}")
+            for col, v in scores.items():  # unused columns still have to describe the same pool
+                if col not in needed:
+                    S[col] = np.asarray(v)
+                    lengths[f"scores[{col!r}]"] = len(S[col])
         for col in needed:
             if col not in scores:
                 raise ValueError(
