@@ -21,7 +21,8 @@ whose local steps are the same numpy selectors (no selector is re-implemented he
                          distance to it (k-center); the driver adds/maxes them into WHOLE-pool values
                          and keeps the best set (RandGreeDi, Barbosa et al. 2015; two-round k-center,
                          Malkomes et al. 2015). Ties go to the earliest shard, then the merged set,
-                         exactly like the in-process ``greedi`` reference.
+                         exactly like the in-process ``greedi`` reference. ``gain`` in the output comes
+                         from the winning run (for a shard-local winner: gains within that shard).
 
 Memory: a task holds one shard (n/m rows) plus its selector's working set; the driver holds the
 candidate rows only, O(m * kappa * d). The object store holds the pool once (spilling to disk when it
@@ -30,7 +31,14 @@ must); the pieces are released when ``select_subset`` returns.
 Global statistics: the hybrid's uncertainty min/max and the rbf/euclidean ``gamma`` come from the
 partition map over the whole (sub)pool, never from one shard, so every shard optimises the same
 function; with m = 1 the result is exactly the in-process selector's (cosine; rbf/euclidean agree up
-to the last bits of gamma). ``random`` and ``uncertainty`` have exact distributed forms.
+to the last bits of gamma). The in-process ``greedi`` reference normalises per shard instead, so the two
+agree exactly for cosine facility location and k-center, not for hybrids or a default rbf gamma.
+
+Exact distributed forms: ``uncertainty`` is the top-B of the union of each shard's top-B (ties to the
+lowest pool position, as in-process); ``random`` is the in-process seeded draw of B pool positions (it
+needs only n) followed by a row_id lookup of just those positions. ``task_balanced`` gets its per-task
+quotas from a map pass (per-task mean confidence, normalised with the whole pool's min/max), then runs
+one two-round problem per task in the same tasks; picks are written task by task in sorted label order.
 
 Tasks run with ``PlacementGroupSchedulingStrategy(placement_group=None)`` and fractional CPUs, so a call
 from inside a Tune trial does not wait forever on the trial's (full) placement group; a task whose worker
@@ -39,7 +47,6 @@ dies is retried by Ray (``max_retries``) and, everything being seeded, gives the
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -573,7 +580,9 @@ class _Distributed:
         ids = np.concatenate([chosen[k]["ids"] for k in order])
         gains = np.concatenate([chosen[k]["gains"] for k in order])
         shards = np.concatenate([chosen[k]["shard"] for k in order])
-        summary = {"shards": self.m, "kappa": self.kappa or self.budget, "partition": "shard_of(row_id, m, seed)"}
+        # kappa: candidates per shard (default: the budget; for task_balanced: each task's quota)
+        kappa = self.kappa or (None if isinstance(sel, TaskBalanced) else self.budget)
+        summary = {"shards": self.m, "kappa": kappa, "partition": "shard_of(row_id, m, seed)"}
         if isinstance(sel, TaskBalanced):
             summary["allocation"] = {k: int(chosen[k]["budget"]) for k in order}
             summary["objective"] = self._whole_pool_objective(sel, chosen, order)
@@ -703,9 +712,8 @@ class _Distributed:
         values = self._evaluate(problems, unions, to_eval)
         for p in problems:
             union, runs = unions[p.key], to_eval[p.key]
-            _, _, S_u, _ = _cand_arrays(union, self.meta)
             vals = values[p.key]
-            best = None
+            best = None  # strict improvement only: ties go to the earliest shard, then merged (like greedi)
             for (label, idx, gains), val in zip(runs, vals):
                 if best is None or (val > best[3] if p.kind != "kc" else val < best[3]):
                     best = (label, idx, gains, val)
