@@ -1,0 +1,173 @@
+"""Held-out evaluation of the base model and the finetuned one (base + LoRA adapter).
+
+Per row and per variant (``base``, ``finetuned``):
+
+- teacher-forced response loss: the sum of token cross-entropies over exactly the tokens the
+  training loss covers (the assistant response through its end-of-turn token), and their count,
+  so that loss and perplexity aggregate token-weighted;
+- a greedy generation that stops at ``end_of_turn_ids``, scored against the reference with
+  normalised exact match and ROUGE-L (edsft.training.metrics).
+
+One model serves both variants: the adapter is loaded with peft and switched off for ``base``
+(``disable_adapter``), so the base weights are in memory once. No Ray here: the Ray Data actor in
+edsft.distributed.evaluate wraps :class:`Evaluator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from edsft.models import end_of_turn_ids, load_model, load_tokenizer
+from edsft.training.data import IGNORE_INDEX, collate, prompt_text, tokenize_example
+from edsft.training.metrics import exact_match, rouge_l, summarize
+
+__all__ = ["Evaluator", "build_metrics", "VARIANTS"]
+
+VARIANTS = ("base", "finetuned")
+
+
+class Evaluator:
+    """Loss and generation metrics for rows with prompt/response/task, for each model variant."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        adapter_dir: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str = "auto",
+        max_seq_len: int = 256,
+        max_new_tokens: int = 24,
+        batch_size: int = 16,
+    ):
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(model_spec)
+        self.end_ids = end_of_turn_ids(self.tokenizer)
+        if not self.end_ids:
+            raise ValueError(f"model={model_spec!r} has no end-of-turn or eos token: generation could not stop")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_ids[0]
+        model = load_model(model_spec, dtype=dtype, device=self.device)
+        self.has_adapter = adapter_dir is not None
+        if self.has_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        self.model = model.eval()
+        self.max_seq_len, self.max_new_tokens, self.batch_size = max_seq_len, max_new_tokens, batch_size
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return VARIANTS if self.has_adapter else VARIANTS[:1]
+
+    def _variant(self, variant: str):
+        if variant not in self.variants:
+            raise ValueError(f"variant={variant!r} is not available: this evaluator has {list(self.variants)}")
+        if variant == "base" and self.has_adapter:
+            return self.model.disable_adapter()  # the base weights, adapters bypassed
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def losses(self, rows: Sequence[Mapping], variant: str) -> list[dict]:
+        """Per row: ``loss_sum`` and ``n_tokens`` over response tokens (both 0 when nothing survives truncation)."""
+        out: list[dict] = [{"loss_sum": 0.0, "n_tokens": 0} for _ in rows]
+        encoded = []
+        for i, r in enumerate(rows):
+            ex, _ = tokenize_example(self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len)
+            if ex is not None:
+                encoded.append((i, ex))
+        with self._variant(variant):
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start : start + self.batch_size]
+                batch = {k: v.to(self.device) for k, v in collate([ex for _, ex in chunk], self.pad_id).items()}
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
+                token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+                sums = token_loss.sum(dim=1).tolist()
+                counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
+                for (i, _), s, n in zip(chunk, sums, counts):
+                    out[i] = {"loss_sum": float(s), "n_tokens": int(n)}
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], variant: str) -> list[str]:
+        """Greedy completions, cut at the first end-of-turn token, special tokens removed."""
+        preds: list[str] = []
+        budget = max(1, self.max_seq_len)  # prompts keep their last max_seq_len tokens
+        with self._variant(variant):
+            for start in range(0, len(prompts), self.batch_size):
+                ids = [self.tokenizer(prompt_text(self.tokenizer, p), add_special_tokens=False)["input_ids"][-budget:] for p in prompts[start : start + self.batch_size]]
+                width = max(len(x) for x in ids)
+                # left padding: every row's next token is generated at the same position
+                input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(ids), width), dtype=torch.long)
+                for i, x in enumerate(ids):
+                    input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                    mask[i, width - len(x):] = 1
+                gen = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=self.end_ids,
+                    pad_token_id=self.pad_id,
+                )
+                for row in gen[:, width:].tolist():
+                    cut = next((j for j, t in enumerate(row) if t in self.end_ids), len(row))
+                    preds.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return preds
+
+    def evaluate(self, rows: Sequence[Mapping], *, generate: bool = True, variants: Iterable[str] | None = None) -> list[dict]:
+        """One result dict per (row, variant): row_id, task, variant, loss_sum, n_tokens[, prediction, exact_match, rouge_l]."""
+        results = []
+        for variant in variants or self.variants:
+            losses = self.losses(rows, variant)
+            preds = self.generate([str(r["prompt"]) for r in rows], variant) if generate else [None] * len(rows)
+            for r, loss, pred in zip(rows, losses, preds):
+                res = {"row_id": r.get("row_id"), "task": r.get("task"), "variant": variant, **loss}
+                if pred is not None:
+                    res.update(prediction=pred, exact_match=exact_match(pred, r["response"]), rouge_l=rouge_l(pred, r["response"]))
+                results.append(res)
+        return results
+
+
+def build_metrics(results: Sequence[Mapping], *, settings: Mapping[str, Any] | None = None) -> dict:
+    """metrics.json from per-(row, variant) results.
+
+    ``{"n", "variants", "base": {...}, "finetuned": {...} | None, "delta": {...} | None,
+    "per_task": {task: {"n", "base", "finetuned"}}, "settings"}``; each variant block holds the
+    overall (row/token-weighted) loss, perplexity, exact_match, rouge_l plus ``macro`` (the
+    unweighted mean over tasks).
+    """
+    by_variant: dict[str, list[Mapping]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    blocks = {}
+    per_task: dict[str, dict] = {}
+    for variant, rows in by_variant.items():
+        s = summarize(rows)  # rows whose response did not survive truncation add 0 tokens
+        blocks[variant] = {**s["overall"], "macro": s["macro"]}
+        for task, m in s["per_task"].items():
+            per_task.setdefault(task, {"n": m["n"]})[variant] = {k: v for k, v in m.items() if k != "n"}
+    n = len(by_variant.get("base") or next(iter(by_variant.values()), []))
+    base, tuned = blocks.get("base"), blocks.get("finetuned")
+    delta = None
+    if base and tuned:
+        delta = {
+            k: tuned[k] - base[k]
+            for k in ("loss", "perplexity", "exact_match", "rouge_l")
+            if isinstance(base.get(k), (int, float)) and isinstance(tuned.get(k), (int, float)) and not math.isnan(base[k])
+        }
+    return {
+        "n": n,
+        "variants": sorted(by_variant),
+        "base": base,
+        "finetuned": tuned,
+        "delta": delta,
+        "per_task": per_task,
+        "settings": dict(settings or {}),
+    }

@@ -1,0 +1,94 @@
+"""Generation metrics: normalised exact match and ROUGE-L, per task and macro-averaged.
+
+Pure Python on strings, so they are easy to check by hand (tests/training/test_metrics.py).
+ROUGE-L here is the LCS-based F1 over whitespace tokens of the normalised strings
+(Lin 2004, with beta = 1), implemented directly so that no extra package is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["normalize", "exact_match", "rouge_l", "lcs_length", "summarize", "macro_average"]
+
+_WS = re.compile(r"\s+")
+_TRAILING_PUNCT = string.punctuation + "。！？…"
+
+
+def normalize(text: str) -> str:
+    """Lowercase, strip, collapse whitespace, strip trailing punctuation ("Paris." == "paris")."""
+    text = _WS.sub(" ", str(text).lower()).strip()
+    return text.rstrip(_TRAILING_PUNCT).rstrip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return 1.0 if normalize(prediction) == normalize(reference) else 0.0
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence; O(len(a) * len(b)) time, O(len(b)) memory."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """LCS F1 over the whitespace tokens of the normalised strings; two empty strings score 1."""
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    if not p and not r:
+        return 1.0
+    lcs = lcs_length(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def macro_average(per_task: Mapping[str, Mapping[str, float | None]], key: str) -> float | None:
+    """Unweighted mean of one metric over tasks (each task counts once, whatever its size)."""
+    return _mean(m.get(key) for m in per_task.values())
+
+
+def summarize(rows: Sequence[Mapping]) -> dict:
+    """Aggregate per-row results into overall (micro), per-task and macro metrics.
+
+    Each row has ``task`` and any of: ``loss_sum`` + ``n_tokens`` (teacher-forced response loss),
+    ``exact_match``, ``rouge_l``. Loss is token-weighted (sum of token losses / tokens), and
+    perplexity is exp(loss); the generation metrics are means over rows.
+    """
+    by_task: dict[str, list[Mapping]] = defaultdict(list)
+    for r in rows:
+        by_task[str(r.get("task") or "all")].append(r)
+
+    def agg(group: Sequence[Mapping]) -> dict:
+        out: dict = {"n": len(group)}
+        tokens = sum(int(r.get("n_tokens") or 0) for r in group)
+        if any("loss_sum" in r for r in group):
+            loss = sum(float(r.get("loss_sum") or 0.0) for r in group) / tokens if tokens else None
+            out["loss"] = loss
+            out["perplexity"] = math.exp(min(loss, 50.0)) if loss is not None else None
+            out["n_tokens"] = tokens
+        for key in ("exact_match", "rouge_l"):
+            if any(key in r for r in group):
+                out[key] = _mean(r.get(key) for r in group)
+        return out
+
+    per_task = {t: agg(g) for t, g in sorted(by_task.items())}
+    overall = agg(rows)
+    macro = {k: macro_average(per_task, k) for k in ("loss", "perplexity", "exact_match", "rouge_l") if k in overall}
+    return {"overall": overall, "macro": macro, "per_task": per_task}

@@ -1,0 +1,127 @@
+"""SFT through a real Ray cluster (2 CPUs): DDP and DeepSpeed ZeRO-2 workers, checkpoints,
+a worker killed mid-run, a crashed run continued by re-running the same command, and a finished
+run returned without retraining. tiny-llama keeps each run to seconds of actual training."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+import ray.cloudpickle
+
+from edsft.config import Config
+
+pytestmark = pytest.mark.slow
+
+# The kill callback runs inside Ray workers, which cannot import this test module: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's vendored cloudpickle
+
+
+def _data(tmp_path: Path, n: int = 64) -> str:
+    # A learnable task: whatever the prompt, answer "yes".
+    rows = [{"row_id": f"r{i}", "prompt": f"Is {i} a number?", "response": "yes", "task": "const"} for i in range(n)]
+    path = tmp_path / "annotated.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def _cfg(**over) -> Config:
+    base = {
+        "training.model": "builtin:tiny-llama",
+        "training.num_workers": 2,
+        "training.resources_per_worker": {"CPU": 1},
+        "training.micro_batch_size": 4,
+        "training.max_steps": 12,
+        "training.lr": 1e-2,
+        "training.schedule": "constant",
+        "training.warmup_ratio": 0.0,
+        "training.checkpoint_every": 4,
+        "training.log_every": 4,
+        "training.max_seq_len": 64,
+    }
+    base.update(over)
+    return Config().replace(**base)
+
+
+class KillOnce:
+    """Kill rank ``rank`` right after the checkpoint of ``step``, once (a lock file remembers)."""
+
+    def __init__(self, lock: str, step: int = 4, rank: int = 1):
+        self.lock, self.step, self.rank = lock, step, rank
+
+    def __call__(self, *, step, rank, metrics, checkpoint_dir):
+        if step == self.step and rank == self.rank and checkpoint_dir is not None:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return  # killed before: let the resumed run finish
+            os.close(fd)
+            os._exit(1)  # a hard crash: no exception, no cleanup
+
+
+def test_ddp_crash_then_rerun_continues_then_finished_run_is_skipped(ray_cluster, tmp_path):
+    from ray.train import TrainingFailedError
+
+    from edsft.distributed.train import train_sft
+
+    data, out = _data(tmp_path), tmp_path / "out"
+    # full finetuning: tiny-llama's frozen random norms cap what LoRA can learn; the full model
+    # learns the constant answer quickly
+    cfg = _cfg(**{"training.backend": "ddp", "training.lora": False, "training.lr": 3e-3, "training.max_failures": 0})
+    lock = str(tmp_path / "killed")
+    with pytest.raises(TrainingFailedError):
+        train_sft(cfg, data, str(out), progress=False, callbacks=[KillOnce(lock)])
+    assert Path(lock).exists()
+    assert not (out / "train_summary.json").exists()
+
+    # the same command again: the run continues from the step-4 checkpoint instead of restarting
+    summary = train_sft(cfg, data, str(out), progress=False, callbacks=[KillOnce(lock)])
+    assert summary["steps"] == 12 and summary["resumed_from_steps"] == [4]
+    assert [s for s, _ in summary["loss_curve"]] == [4, 8, 12]  # step counter continued
+    assert summary["final_loss"] < 0.5 * summary["first_loss"], summary["loss_curve"]
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert saved["run_name"] == summary["run_name"] and saved["skipped"] is False
+
+    # finished: a third call returns the recorded result without starting workers
+    t0 = time.time()
+    again = train_sft(cfg, data, str(out), progress=False)
+    assert again["skipped"] is True and again["final_loss"] == summary["final_loss"]
+    assert time.time() - t0 < 5
+
+
+def test_deepspeed_zero2_lora_survives_a_killed_worker(ray_cluster, tmp_path):
+    from edsft.distributed.train import train_sft
+
+    data, out = _data(tmp_path), tmp_path / "out"
+    cfg = _cfg(**{"training.backend": "deepspeed", "training.zero_stage": 2, "training.lora": True, "training.max_failures": 1})
+    lock = str(tmp_path / "killed")
+    summary = train_sft(cfg, data, str(out), progress=False, callbacks=[KillOnce(lock)])
+    assert Path(lock).exists()  # the worker was killed ...
+    assert summary["resumed_from_steps"] == [4]  # ... and the restarted group loaded the step-4 checkpoint
+    assert summary["steps"] == 12 and [s for s, _ in summary["loss_curve"]] == [4, 8, 12]
+    assert summary["final_loss"] < summary["first_loss"] - 0.3, summary["loss_curve"]
+    assert summary["backend"] == "deepspeed" and summary["zero_stage"] == 2 and summary["world_size"] == 2
+
+    # the adapter: safetensors with LoRA weights only, plus its config and the tokenizer
+    adapter = out / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == cfg.training.lora_r
+    assert (adapter / "tokenizer.json").exists()
+
+    # each rank wrote its own ZeRO optimizer shard into the (merged) Ray checkpoint
+    run_dir = out / summary["run_name"]
+    ckpts = sorted(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert 1 <= len(ckpts) <= cfg.training.checkpoints_to_keep
+    shards = sorted(p.name for p in (ckpts[-1] / "state").iterdir() if "optim_states" in p.name)
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert {p.name for p in ckpts[-1].glob("rng_rank*.safetensors")} == {"rng_rank0.safetensors", "rng_rank1.safetensors"}
