@@ -52,6 +52,8 @@ class DenseGraph:
         self.n = len(K)
         # a row sum of n values <= 32767 fits int32 below 65536 rows; int32 reductions are faster
         self.acc = np.int32 if self.n < 65536 else np.int64
+        self._buf = np.empty((min(64, self.n), self.n), dtype=K.dtype)
+        self._rows = None  # naive's row buffer, allocated on first use
 
     def initial_gains(self) -> np.ndarray:
         return np.add.reduce(self.K, axis=1, dtype=np.int64)
@@ -59,7 +61,10 @@ class DenseGraph:
     def fresh_gains(self, cands: np.ndarray, c: np.ndarray) -> np.ndarray:
         out = np.empty(len(cands), dtype=np.int64)
         for s in range(0, len(cands), 64):
-            blk = self.K[cands[s : s + 64]] - c  # int16: both sides in [0, 32767], no overflow
+            part = cands[s : s + 64]
+            blk = self._buf[: len(part)]  # reused: fresh allocations of this size cost page faults
+            np.take(self.K, part, axis=0, out=blk)
+            np.subtract(blk, c, out=blk)  # int16: both sides in [0, 32767], no overflow
             np.maximum(blk, 0, out=blk)
             out[s : s + 64] = np.add.reduce(blk, axis=1, dtype=self.acc)
         return out
@@ -76,7 +81,10 @@ class DenseGraph:
             for s in range(0, len(R), 2048):  # 2048 rows * 32767 < 2**31: int32 column sums are safe
                 r = R[s : s + 2048]
                 old, new = c[r], row[r]
-                blk = self.K[r]
+                if self._rows is None:
+                    self._rows = np.empty((min(2048, self.n), self.n), dtype=self.K.dtype)
+                blk = self._rows[: len(r)]
+                np.take(self.K, r, axis=0, out=blk)
                 np.maximum(blk, old[:, None], out=blk)
                 np.minimum(blk, new[:, None], out=blk)
                 gains -= np.add.reduce(blk, axis=0, dtype=np.int32)

@@ -102,11 +102,18 @@ def dist_block(A, a_sq, B, b_sq, metric: str) -> np.ndarray:
     return _sq_dist(A, a_sq, B, b_sq)
 
 
-def quantize(S: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """float similarity in [0, 1] -> int16 fixed point floor(sim * 32767) (see module docstring)."""
-    Q = np.multiply(S, QUANT_SCALE, out=S if inplace else None, dtype=np.float32)
-    np.clip(Q, 0.0, QUANT_SCALE, out=Q)
-    return Q.astype(QDTYPE)  # truncation == floor for non-negative values
+def quantize(S: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float similarity in [0, 1] -> int16 fixed point floor(sim * 32767) (see module docstring).
+
+    One fused pass: the product is cast straight into the int16 output (truncation == floor for
+    non-negative values); negative cosines become negative ints and are clipped to 0 after. Similarities
+    never exceed 1 by more than float32 rounding, so sim * 32767 cannot overflow int16.
+    """
+    if out is None:
+        out = np.empty(S.shape, dtype=QDTYPE)
+    np.multiply(S, np.float32(QUANT_SCALE), out=out, casting="unsafe")
+    np.maximum(out, 0, out=out)
+    return out
 
 
 def best_similarity(X_pool, X_sel, metric: str = "cosine", gamma: float | None = None) -> np.ndarray:
@@ -173,10 +180,9 @@ def dense_similarity(X, metric: str = "cosine", gamma: float | None = None) -> n
             np.matmul(A[s:e], A[s:].T, out=S)
         else:
             S[...] = sim_block(A[s:e], a_sq[s:e], A[s:], a_sq[s:], metric, gamma)
-        Q = quantize(S, inplace=True)
+        Q = quantize(S, out=K[s:e, s:])  # written in place: no int16 temporary
         diag = Q[:, : e - s]
         np.maximum(diag, diag.T.copy(), out=diag)
-        K[s:e, s:] = Q
         for c0 in range(e - s, m, 1024):
             K[s + c0 : s + c0 + 1024, s:e] = Q[:, c0 : c0 + 1024].T
     np.fill_diagonal(K, QUANT_MAX)
