@@ -283,9 +283,10 @@ def _pyplot():
     return plt
 
 
-def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random"):
+def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random", base: float | None = None):
     """Metric vs budget per selector: mean over seeds with a 95% t-band (none for one seed).
-    ``random`` is drawn black dashed with markers; log-scale x when budgets span more than 10x."""
+    ``random`` is drawn black dashed with markers; log-scale x when budgets span more than 10x;
+    ``base`` (the base model's value, no finetuning) is a grey dotted horizontal line."""
     plt = _pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
@@ -305,6 +306,8 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
         ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
         if g["n"].min() >= 2:
             ax.fill_between(g["budget"], g["lo"], g["hi"], color=style["color"], alpha=0.12 if is_ref else 0.18, linewidth=0)
+    if base is not None and math.isfinite(base):
+        ax.axhline(base, color="0.45", linestyle=":", linewidth=1.4, label="base model (no finetuning)")
     _budget_axis(ax, summary["budget"])
     ax.set_ylabel(metric_label(metric))
     seeds = int(summary["n"].max())
@@ -452,7 +455,9 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
         summ = summarize(results, m)
         has_random = (summ["selector"] == "random").any()
         eff = label_efficiency(summ, m) if has_random else None
-        fig = plot_learning_curves(summ, m)
+        base_col = f"base_{m}"
+        base = float(results[base_col].mean()) if base_col in results.columns and results[base_col].notna().any() else None
+        fig = plot_learning_curves(summ, m, base=base)
         name = f"learning_curve_{m}.png"
         out.child(name).write_bytes(_png_bytes(fig))
         plots.append(out.child(name).uri)

@@ -210,3 +210,11 @@ def test_build_report_writes_markdown_and_pngs(tmp_path):
 def test_build_report_without_sweep_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="edsft sweep"):
         R.build_report(get_store(tmp_path))
+
+
+def test_base_model_line_is_drawn_when_given():
+    s = R.summarize(_curves({"random": 1.0}, budgets=(10, 20), seeds=(0,)), "exact_match")
+    fig = R.plot_learning_curves(s, "exact_match", base=0.02)
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    assert lines["base model (no finetuning)"].get_linestyle() == ":"
+    matplotlib.pyplot.close(fig)
