@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def _train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker: load data, resume if there is a checkpoint, train."""
     import torch
 
+    from edsft.distributed.tracking import make_train_logger
     from edsft.training.data import load_examples
     from edsft.training.loop import train_loop
 
@@ -79,6 +81,11 @@ def _train_worker(config: dict) -> dict:
     rows = load_examples(get_store(config["data_uri"], cfg.storage.endpoint_url, cfg.storage.region))
     device = ray.train.torch.get_device() if cfg.training.use_gpu else torch.device("cpu")
     scratch = Path(tempfile.mkdtemp(prefix=f"edsft-train-r{rank}-"))
+    # rank 0 sends every logged step to output.report_to (MLflow / TensorBoard); nothing when empty
+    tracker = make_train_logger(cfg, config.get("run_name") or "train") if rank == 0 and cfg.output.report_to else None
+    callbacks = list(config.get("callbacks") or ())
+    if tracker is not None:
+        callbacks.append(lambda step, metrics, **_: tracker.log(metrics, step))
 
     def checkpoint_dir(step: int) -> str:
         return str(scratch / f"step{step:06d}-rank{rank}")
@@ -97,7 +104,7 @@ def _train_worker(config: dict) -> dict:
         world_size=world_size,
         report=report,
         checkpoint_dir_fn=checkpoint_dir,
-        callbacks=config.get("callbacks") or (),
+        callbacks=callbacks,
         device=device,
         progress=config.get("progress", False),
     )
@@ -115,6 +122,8 @@ def _train_worker(config: dict) -> dict:
                 return train_loop(cfg.training, cfg.training_model, rows, resume_from=folder, **kwargs)
         return train_loop(cfg.training, cfg.training_model, rows, **kwargs)
     finally:
+        if tracker is not None:  # FAILED when an exception is on its way out
+            tracker.close("FINISHED" if sys.exc_info()[0] is None else "FAILED")
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -197,6 +206,7 @@ def train_sft(
             "cfg": config_to_dict(cfg),
             "data_uri": data.uri,
             "run_uri": _join(storage_uri, name),
+            "run_name": name,
             "callbacks": list(callbacks),
             "progress": progress,
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -101,7 +102,8 @@ def test_ray_job_submit_smoke_pipeline(ray_head, tmp_path):
     assert f"EDSFT_PYTHON={VENV_BIN / 'python'}" in logs, logs[-2000:]
 
     job_id = f"edsft-smoke-{tag}"
-    _submit(ray_head, job_id, ["python", "jobs/run_pipeline.py", "--config", SMOKE, f"output.dir={out_dir}"], runtime_env)
+    _submit(ray_head, job_id, ["python", "jobs/run_pipeline.py", "--config", SMOKE, f"output.dir={out_dir}",
+                               "output.report_to=[mlflow,tensorboard]"], runtime_env)
     job, logs = _wait(ray_head, job_id, 900)
     # The driver ran from the uploaded working dir (a gcs:// package), not from this checkout.
     assert job["runtime_env"]["working_dir"].startswith("gcs://")
@@ -116,3 +118,16 @@ def test_ray_job_submit_smoke_pipeline(ray_head, tmp_path):
     assert manifest["versions"]["ray"] == __import__("ray").__version__
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics, "metrics.json is empty"
+
+    # report_to: rank 0 of the training run logged its steps to MLflow and TensorBoard
+    run_name = json.loads((out_dir / "train" / "train_summary.json").read_text())["run_name"]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(out_dir / "mlruns").as_uri())
+    exp = client.get_experiment_by_name(f"edsft-{out_dir.name}")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    losses = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert losses and max(m.step for m in losses) == manifest["stages"]["train"]["summary"]["steps"]
+    assert list((out_dir / "tensorboard" / run_name).glob("events.out.tfevents.*"))
