@@ -1,0 +1,99 @@
+"""score_pool on a real local Ray cluster (2 CPUs) with the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from edsft.config import Config
+from edsft.scoring.scorer import Scorer
+from edsft.scoring.uncertainty import SCORE_COLUMNS
+from edsft.storage import get_store
+
+N = 30
+BAD = 11  # this row's prompt is empty: it must be quarantined, not fail the run
+
+
+def _pool(n: int, responses: list[str]) -> pa.Table:
+    prompts = [f"Question {i}: what is {i} plus {3 * i}?" + " Think." * (i % 5) for i in range(n)]
+    prompts[BAD] = ""
+    return pa.table({
+        "row_id": [f"id{i:03d}" for i in range(n)],
+        "prompt": prompts,
+        "response": responses,
+        "task": ["arithmetic" if i % 2 else "other" for i in range(n)],
+        "source": ["test"] * n,
+        "line": list(range(n)),
+    })
+
+
+@pytest.mark.slow
+def test_score_pool_on_ray(ray_cluster, tmp_path):
+    cfg = Config().replace(**{
+        "scoring.model": "builtin:tiny-llama", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
+        "scoring.num_actors": 2, "scoring.cpus_per_actor": 0.5, "scoring.max_prompt_tokens": 64,
+        "output.dir": str(tmp_path),
+    })
+    # the same pool twice: once with real labels, once with the label column scrambled
+    pq.write_table(_pool(N, [str(4 * i) for i in range(N)]), tmp_path / "pool.parquet")
+    scrambled = tmp_path / "scrambled"
+    scrambled.mkdir()
+    rng = np.random.default_rng(0)
+    labels = ["".join(rng.choice(list("xyz0123456789"), 20)) for _ in range(N)]
+    t = _pool(N, labels)
+    pq.write_table(t.slice(0, 17), scrambled / "part-0.parquet")  # a folder of parts works too
+    pq.write_table(t.slice(17), scrambled / "part-1.parquet")
+
+    s1 = score_pool_run(cfg, tmp_path / "pool.parquet", tmp_path / "scores")
+    s2 = score_pool_run(cfg, scrambled, tmp_path / "scores2")
+
+    for s in (s1, s2):
+        assert s["rows_in"] == N == s["rows_scored"] + s["rows_quarantined"]
+        assert s["rows_quarantined"] == 1 and s["rows_per_s"] > 0 and s["tokens_per_s"] > 0
+    q = [json.loads(x) for x in (tmp_path / "scores.quarantine.jsonl").read_text().splitlines()]
+    assert q == [{"row_id": f"id{BAD:03d}", "reason": "ValueError: prompt is empty after truncation"}]
+
+    a = pq.read_table(tmp_path / "scores").sort_by("row_id")
+    b = pq.read_table(tmp_path / "scores2").sort_by("row_id")
+    assert len(list((tmp_path / "scores").glob("*.parquet"))) >= 2  # sharded by the actors
+    assert a.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert "response" not in a.column_names and "error" not in a.column_names
+    assert a["row_id"].to_pylist() == [f"id{i:03d}" for i in range(N) if i != BAD]
+    # the label column is never read: scrambling it changes nothing
+    # (Ray may batch the two pools differently: floats agree to padding noise, the rest exactly)
+    for c in SCORE_COLUMNS:
+        np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=1e-4, err_msg=c)
+    for c in ("generated", "prompt_tokens", "response_tokens", "task"):
+        assert a[c].to_pylist() == b[c].to_pylist(), c
+    emb = np.array(a["embedding"].to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    # Ray and the direct scorer agree (different batching, same numbers)
+    pool = _pool(N, [""] * N)
+    pool = pool.filter(pc.not_equal(pool["row_id"], f"id{BAD:03d}"))
+    direct = Scorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
+        {c: pool[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")})
+    for c in SCORE_COLUMNS:
+        np.testing.assert_allclose(a[c].to_numpy(), direct[c], atol=1e-4, err_msg=c)
+    np.testing.assert_allclose(emb, direct["embedding"], atol=1e-4)
+
+
+def score_pool_run(cfg, pool_path, out_path):
+    from edsft.distributed.scoring import score_pool
+
+    return score_pool(cfg, get_store(pool_path), get_store(out_path), progress=False)
+
+
+def test_score_pool_rejects_a_pool_without_prompts(tmp_path):
+    from edsft.distributed.scoring import score_pool
+
+    pq.write_table(pa.table({"row_id": ["a"], "text": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['prompt'\]"):
+        score_pool(Config(), get_store(tmp_path / "p.parquet"), get_store(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no Parquet file"):
+        score_pool(Config(), get_store(tmp_path / "missing"), get_store(tmp_path / "out"))
