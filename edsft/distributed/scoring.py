@@ -134,7 +134,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         ),
         batch_size=ray_batch,
         batch_format="numpy",
-        concurrency=plan.concurrency,
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )

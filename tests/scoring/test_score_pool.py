@@ -97,3 +97,15 @@ def test_score_pool_rejects_a_pool_without_prompts(tmp_path):
         score_pool(Config(), get_store(tmp_path / "p.parquet"), get_store(tmp_path / "out"))
     with pytest.raises(ValueError, match="no Parquet file"):
         score_pool(Config(), get_store(tmp_path / "missing"), get_store(tmp_path / "out"))
+
+
+def test_actor_plan_one_actor_per_gpu_or_fractional_cpus():
+    from edsft.config import ScoringConfig
+    from edsft.distributed.runtime import model_actor_plan
+
+    cpu = model_actor_plan(ScoringConfig(num_actors=3, min_actors=1, cpus_per_actor=0.5), gpus=0)
+    assert (cpu.num_cpus, cpu.num_gpus, cpu.concurrency, cpu.device, cpu.num_threads) == (0.5, 0.0, (1, 3), "cpu", 1)
+    gpu = model_actor_plan(ScoringConfig(num_actors=1, min_actors=1), gpus=4)
+    assert (gpu.num_gpus, gpu.concurrency, gpu.device, gpu.num_threads) == (1.0, (1, 4), "cuda", None)
+    half = model_actor_plan(ScoringConfig(num_actors=2, min_actors=2, num_gpus_per_actor=0.5), gpus=1)
+    assert (half.num_gpus, half.concurrency) == (0.5, (2, 2))
