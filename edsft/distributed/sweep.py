@@ -219,6 +219,12 @@ def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, fail_onc
     thash = _trial_hash(tcfg)
     log = trial.child("events.jsonl")
 
+    _append(log, {"event": "invoked", "time": time.time()})  # Tune ran this trial (counted by run_sweep)
+    if fail_once and spec["name"] in fail_once:  # fault injection for restore tests
+        lock = fail_once[spec["name"]]
+        if not os.path.exists(lock):
+            open(lock, "w").close()
+            raise RuntimeError(f"injected failure of trial {spec['name']} (lock file {lock} now exists)")
     done = trial.child("result.json")
     if done.exists():
         prev = done.read_json()
@@ -227,11 +233,6 @@ def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, fail_onc
             tune.report(prev["report"])
             return
     _append(log, {"event": "start", "time": time.time(), "trial_hash": thash})
-    if fail_once and spec["name"] in fail_once:  # fault injection for restore tests
-        lock = fail_once[spec["name"]]
-        if not os.path.exists(lock):
-            open(lock, "w").close()
-            raise RuntimeError(f"injected failure of trial {spec['name']} (lock file {lock} now exists)")
 
     t0 = time.time()
     sel = select_subset(tcfg, run.child("scores.parquet"), trial.child("selection.parquet"), progress=False) or {}
@@ -294,8 +295,9 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
     """Run (or resume) the Tune sweep of ``cfg.sweep`` on the run folder ``run``.
 
     Needs ``run/pool.parquet``, ``run/eval.parquet`` and ``run/scores.parquet``. Writes
-    ``run/sweep/results.parquet`` and returns {"trials", "finished", "errored", "executed",
-    "results", "experiment", "max_concurrent_trials"}. ``_fail_once`` (tests only) maps trial
+    ``run/sweep/results.parquet`` and returns {"trials", "finished", "errored", "executed" (trials
+    Tune ran in this call), "computed" (those that ran their stages rather than reuse a finished
+    result.json), "results", "experiment", "max_concurrent_trials"}. ``_fail_once`` (tests only) maps trial
     names to lock files: the trial fails once, while its lock file does not exist yet."""
     import ray
     from ray import tune
@@ -319,7 +321,8 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
 
     base = _base_metrics(cfg, run, progress)
 
-    # Count trials that actually run their stages (vs reuse a finished result): for the summary.
+    # Trials Tune runs now, and those of them that compute (vs reuse a finished result.json).
+    invoked_before = _count_events(run, specs, "invoked")
     starts_before = _count_events(run, specs, "start")
 
     tune_root = run.child("sweep", "tune")
@@ -365,15 +368,17 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
     out = run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
-    executed = _count_events(run, specs, "start") - starts_before
+    executed = _count_events(run, specs, "invoked") - invoked_before
+    computed = _count_events(run, specs, "start") - starts_before
     summary = {
         "trials": len(specs), "finished": statuses.count("TERMINATED"), "errored": statuses.count("ERROR"),
-        "executed": executed, "results": out.uri, "experiment": tune_root.child(name).uri,
+        "executed": executed, "computed": computed, "results": out.uri, "experiment": tune_root.child(name).uri,
         "max_concurrent_trials": limit, "wall_s": round(wall, 3), "notes": notes,
     }
     for n, e in errors.items():
         _log(f"trial {n} failed: {e.splitlines()[0] if e else e} (re-run the sweep to retry only the failed trials)")
-    _log(f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now) in {wall:.1f} s -> {out.uri}")
+    _log(f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now, {computed} of them computed, "
+         f"{executed - computed} reused a finished result) in {wall:.1f} s -> {out.uri}")
     return summary
 
 
@@ -395,7 +400,9 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
         row.update(trial_id=s["name"], selector=s["selector"], params=json.dumps(s["params"], sort_keys=True), budget=s["budget"], seed=s["seed"])
         done = trial.child("result.json")
         rec = done.read_json() if done.exists() else None
-        if rec is not None and rec.get("trial_hash") == _trial_hash(trial_config(cfg, s, trial)):
+        # Tune's verdict on this experiment's trial comes first: a result.json left by an earlier
+        # sweep does not make a trial that failed now count as finished.
+        if s["name"] not in errors and rec is not None and rec.get("trial_hash") == _trial_hash(trial_config(cfg, s, trial)):
             rep = rec["report"]
             for m in METRIC_NAMES:
                 row[m] = rep.get(m)
