@@ -70,7 +70,8 @@ def build_config(mode: str, out_dir: str) -> Config:
             "pool": {"path": "builtin:tasks", "size": size, "eval_size": 28},
             "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 8, "batch_size": 16, "num_actors": 2,
                         "cpus_per_actor": 0.5},
-            "training": {"backend": "ddp", "num_workers": 2, "resources_per_worker": {"CPU": 1},
+            # 0.95 CPU a worker: the trial itself holds sweep.cpus_per_trial of the 2 CPUs.
+            "training": {"backend": "ddp", "num_workers": 2, "resources_per_worker": {"CPU": 0.95},
                          "max_seq_len": 96, "micro_batch_size": 4, "epochs": 2, "max_steps": 6, "lr": 3e-4},
             "evaluation": {"max_new_tokens": 8, "batch_size": 14, "max_examples": 28},
             "sweep": {"selectors": ["random", "facility_location"],

@@ -34,7 +34,7 @@ import pyarrow as pa
 from ..config import Config, config_from_dict, config_hash, config_to_dict
 from ..storage import Store, get_store
 
-__all__ = ["run_sweep", "expand_grid", "trial_name", "default_max_concurrent_trials", "RESULT_COLUMNS"]
+__all__ = ["run_sweep", "collect_results", "expand_grid", "trial_name", "default_max_concurrent_trials", "check_trial_fits", "RESULT_COLUMNS"]
 
 METRIC_NAMES = ("exact_match", "rouge_l", "loss")
 RESULT_COLUMNS = (
@@ -151,22 +151,41 @@ def _experiment_name(cfg: Config, specs: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_trials: int) -> int:
-    """How many trainers fit on the cluster at once: floor(cluster resource / (num_workers x
-    per-worker resource)) over the resources one trainer asks for (GPU when training.use_gpu,
-    CPU always), at least 1 and at most the number of trials."""
-    if cfg.sweep.max_concurrent_trials is not None:
-        return max(1, min(cfg.sweep.max_concurrent_trials, n_trials))
+def _trial_needs(cfg: Config) -> dict[str, float]:
+    """What one running trial holds: its own CPU sliver plus its trainer's workers."""
     per = dict(cfg.training.resources_per_worker)
     per.setdefault("CPU", 1.0)  # Ray Train's default worker asks for one CPU
     if cfg.training.use_gpu:
         per.setdefault("GPU", 1.0)
-    fits = []
-    for res, amount in per.items():
-        need = amount * cfg.training.num_workers
-        if need <= 0:
-            continue
-        fits.append(math.floor(cluster.get(res, 0.0) / need + 1e-9))
+    need = {res: amount * cfg.training.num_workers for res, amount in per.items() if amount > 0}
+    need["CPU"] = need.get("CPU", 0.0) + cfg.sweep.cpus_per_trial
+    return need
+
+
+def check_trial_fits(cfg: Config, cluster: dict[str, float]) -> None:
+    """A trial whose trainer cannot be placed next to the trial itself waits forever: refuse it.
+
+    E.g. 2 workers x 1 CPU on a 2-CPU cluster: the trial's own 0.001 CPU leaves 1.999."""
+    for res, need in _trial_needs(cfg).items():
+        have = cluster.get(res, 0.0)
+        if need > have + 1e-9:
+            workers = cfg.training.num_workers
+            per = (have - (cfg.sweep.cpus_per_trial if res == "CPU" else 0.0)) / workers
+            raise ValueError(
+                f"one sweep trial needs {need:g} {res} (training.num_workers={workers} x "
+                f"training.resources_per_worker.{res} plus sweep.cpus_per_trial={cfg.sweep.cpus_per_trial:g}) but the "
+                f"cluster has {have:g}: its trainer could never start. Set training.resources_per_worker.{res} <= "
+                f"{math.floor(per * 100) / 100:g} or fewer training.num_workers"
+            )
+
+
+def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_trials: int) -> int:
+    """How many trials fit on the cluster at once: floor(cluster resource / (num_workers x
+    per-worker resource + the trial's own sliver)) over the resources one trial holds (GPU when
+    training.use_gpu, CPU always), at least 1 and at most the number of trials."""
+    if cfg.sweep.max_concurrent_trials is not None:
+        return max(1, min(cfg.sweep.max_concurrent_trials, n_trials))
+    fits = [math.floor(cluster.get(res, 0.0) / need + 1e-9) for res, need in _trial_needs(cfg).items() if need > 0]
     limit = min(fits) if fits else n_trials
     return max(1, min(limit, n_trials))
 
@@ -314,6 +333,7 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
     for n in notes:
         _log(n)
     init_ray(cfg)
+    check_trial_fits(cfg, ray.cluster_resources())
     limit = default_max_concurrent_trials(cfg, ray.cluster_resources(), len(specs))
     name = _experiment_name(cfg, specs)
     _log(f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
@@ -380,6 +400,18 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
     _log(f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now, {computed} of them computed, "
          f"{executed - computed} reused a finished result) in {wall:.1f} s -> {out.uri}")
     return summary
+
+
+def collect_results(cfg: Config, run: Store) -> dict:
+    """Rewrite ``run/sweep/results.parquet`` from the trial folders alone (no Tune): for a look at
+    a sweep that is still running (unfinished trials are PENDING) or was stopped."""
+    specs, _ = expand_grid(cfg)
+    base_file = run.child("sweep", "base_metrics.json")
+    table = _collect(run, cfg, specs, {}, base_file.read_json() if base_file.exists() else None)
+    out = run.child("sweep", "results.parquet")
+    out.write_table(table)
+    statuses = table.column("status").to_pylist()
+    return {"trials": len(specs), "finished": statuses.count("TERMINATED"), "pending": statuses.count("PENDING"), "results": out.uri}
 
 
 def _count_events(run: Store, specs: list[dict], event: str) -> int:

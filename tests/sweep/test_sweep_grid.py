@@ -58,11 +58,12 @@ def test_trial_config_sets_selection_training_seed_and_output(tmp_path):
     "training, cluster, n, want",
     [
         ({"num_workers": 2, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),
-        ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 2.0}, 8, 2),
+        ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 2.0}, 8, 1),  # 2 x (1 + 0.001) > 2
+        ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 4.0}, 8, 3),
         ({"num_workers": 1, "resources_per_worker": {"CPU": 1}}, {"CPU": 16.0}, 3, 3),  # capped by the trials
         ({"num_workers": 4, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),  # at least 1
         ({"num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 2}}, {"CPU": 64.0, "GPU": 8.0}, 20, 8),
-        ({"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1}}, {"CPU": 32.0, "GPU": 8.0}, 20, 2),
+        ({"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1}}, {"CPU": 34.0, "GPU": 8.0}, 20, 2),
     ],
 )
 def test_default_max_concurrent_trials(training, cluster, n, want):
@@ -85,3 +86,14 @@ def test_flat_metrics_prefers_macro_and_prefixes_base():
 def test_flat_metrics_reads_overall_when_macro_lacks_a_metric():
     m = {"finetuned": {"overall": {"exact_match": 0.3, "loss": 1.2}, "macro": {"exact_match": 0.35, "loss": None}, "per_task": {}}}
     assert S._flat_metrics(m) == {"exact_match": 0.35, "loss": 1.2}
+
+
+def test_trial_that_cannot_place_its_trainer_is_refused():
+    # 2 workers x 1 CPU on 2 CPUs: the trial's own 0.001 CPU leaves 1.999, the trainer waits forever
+    cfg = config_from_dict({"training": {"num_workers": 2, "resources_per_worker": {"CPU": 1}}})
+    with pytest.raises(ValueError, match=r"resources_per_worker.CPU <= 0.99"):
+        S.check_trial_fits(cfg, {"CPU": 2.0})
+    S.check_trial_fits(cfg.replace(**{"training.resources_per_worker": {"CPU": 0.99}}), {"CPU": 2.0})
+    gpu = config_from_dict({"training": {"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}})
+    with pytest.raises(ValueError, match="needs 2 GPU"):
+        S.check_trial_fits(gpu, {"CPU": 8.0, "GPU": 1.0})
