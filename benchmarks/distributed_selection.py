@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cap-s", type=float, default=20 * 60, help="total time cap in seconds")
     ap.add_argument("--data", default="/tmp/edsft_bench", help="where the synthetic pools are written")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", action="append", default=[], metavar="SELECTOR:N:BUDGET:M",
+                    help="run just these combinations, without the time prediction (repeatable); cached "
+                    "runs are still reported")
     args = ap.parse_args(argv)
 
     import ray
@@ -85,6 +88,12 @@ def main(argv=None) -> int:
             + [("k_center", 1_000_000, 1_000, 8), ("facility_location", 100_000, 10_000, 8),
                ("k_center", 1_000_000, 10_000, 8), ("facility_location", 1_000_000, 1_000, 8)]
         )
+    forced = set()
+    for spec in args.only:
+        sel, n, b, m = spec.split(":")
+        forced.add((sel, int(n), int(b), int(m)))
+    if forced:
+        plan = [p for p in plan if p in forced] + sorted(forced - set(plan))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     t_start = time.perf_counter()
     rows, done = [], {}
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
         # the whole-pool evaluation pass alone is O(n * (m + 1) * budget * d))
         seen = [w * (n / nn) * (budget / b) for (s, nn, b, _), w in done.items() if s == name]
         guess = max(seen) if seen else 0.0
-        if elapsed + guess > args.cap_s:
+        if elapsed + guess > args.cap_s and (name, n, budget, m) not in forced:
             rows.append({"selector": name, "n": n, "budget": budget, "m": m, "skipped": f"predicted {guess:.0f}s > cap"})
             print(f"skip {name} n={n} B={budget} m={m}: predicted {guess:.0f}s, {elapsed:.0f}s used", flush=True)
             continue
