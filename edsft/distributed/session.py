@@ -16,6 +16,7 @@ def init_ray(cfg: Config) -> None:
     never passed through the runtime env (Ray records it in its logs): a local cluster's workers
     inherit this process's environment, cluster nodes bring their own (instance roles).
     """
+    keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -34,3 +35,19 @@ def pin_address() -> None:
     with "Found multiple active Ray instances"; RAY_ADDRESS removes the ambiguity.
     """
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime env
+# (ray/tune/execution/class_cache.py), and Ray's runtime-env agent logs each runtime env verbatim
+# (logs/runtime_env_agent.log): a secret key would end up in the session logs. Trials get
+# credentials like every other worker instead: inherited from this process on a local cluster,
+# from the instance role on cluster nodes.
+_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # another Ray layout: nothing to patch
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - _CREDENTIAL_VARS

@@ -82,9 +82,18 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
         for artifact in ("pool.parquet", "eval.parquet", "scores.parquet", "sweep/results.parquet",
                          "report/report.md", "manifest.json"):
             assert any(k.startswith(run_prefix + artifact) for k in after_first), f"no {artifact} on s3"
-        trial = next(k.split("/")[4] for k in after_first if k.startswith(run_prefix + "sweep/trials/"))
+        # (pyarrow also writes empty "folder/" marker objects: skip those)
+        trials = {k.split("/")[4] for k in after_first if k.startswith(run_prefix + "sweep/trials/") and k.count("/") > 4}
+        trials.discard("")
+        assert len(trials) == 1, sorted(after_first)
+        trial = trials.pop()
         for artifact in ("selection.parquet", "annotated.parquet", "train/adapter/", "metrics.json"):
-            assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/{artifact}") for k in after_first), artifact
+            assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/{artifact}") for k in after_first), \
+                (artifact, sorted(k for k in after_first if "/trials/" in k))
+        # the trial's training run logged its steps (rank 0), synced into the trial folder
+        assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/mlruns/") and k.endswith("/metrics/loss")
+                   for k in after_first), sorted(k for k in after_first if "mlruns" in k)
+        assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/tensorboard/sft-") for k in after_first)
         # Ray Train checkpoints under training.storage_path, Tune's experiment under the run
         assert any(k.startswith("checkpoints/") and "/checkpoint_" in k for k in after_first)
         assert any(k.startswith(run_prefix + "sweep/tune/") and "experiment_state" in k for k in after_first)
