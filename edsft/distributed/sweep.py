@@ -100,15 +100,18 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     unknown = [s for s in cfg.sweep.params if s not in selectors]
     if unknown:
         raise ValueError(f"sweep.params names selectors {unknown} that are not in sweep.selectors={selectors}: add them or remove their params")
-    specs = []
+    variants = []  # (selector, params) pairs
     for selector in selectors:
         base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
-        for params in _param_grid(selector, cfg.sweep.params.get(selector)):
-            params = {**base, **params}
-            for budget in cfg.sweep.budgets:
-                for seed in cfg.sweep.seeds:
-                    specs.append({"name": trial_name(selector, params, int(budget), int(seed)), "selector": selector,
-                                  "params": params, "budget": int(budget), "seed": int(seed)})
+        variants += [(selector, {**base, **params}) for params in _param_grid(selector, cfg.sweep.params.get(selector))]
+    # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
+    # stopped early (or read while running) has every selector at the same budgets, comparable.
+    specs = []
+    for seed in cfg.sweep.seeds:
+        for budget in cfg.sweep.budgets:
+            for selector, params in variants:
+                specs.append({"name": trial_name(selector, params, int(budget), int(seed)), "selector": selector,
+                              "params": params, "budget": int(budget), "seed": int(seed)})
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

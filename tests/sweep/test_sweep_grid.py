@@ -97,3 +97,9 @@ def test_trial_that_cannot_place_its_trainer_is_refused():
     gpu = config_from_dict({"training": {"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}})
     with pytest.raises(ValueError, match="needs 2 GPU"):
         S.check_trial_fits(gpu, {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_grid_order_is_seed_then_budget_then_selector():
+    # a sweep stopped early has every selector at the first budgets: comparable partial results
+    specs, _ = S.expand_grid(_cfg(selectors=["random", "k_center"], budgets=[4, 8], seeds=[0, 1]))
+    assert [s["name"] for s in specs][:4] == ["random-b4-s0", "k_center-b4-s0", "random-b8-s0", "k_center-b8-s0"]
