@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_config(run_dir: str, overrides: list[str]):
+    """`edsft report RUN_DIR` reports the run with the config it ran with (from its manifest)."""
+    from .config import apply_overrides, config_from_dict
+    from .storage import get_store
+
+    manifest = get_store(run_dir).child("manifest.json")
+    if not manifest.exists():
+        return None
+    return config_from_dict(apply_overrides(manifest.read_json()["config"], overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.verb is None:
@@ -63,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.insert(0, args.run_dir)
             else:
                 overrides.append(f"output.dir={args.run_dir}")
-        cfg = load_config(args.config, overrides)
+        cfg = _report_config(args.run_dir, overrides) if args.verb == "report" and args.run_dir and not args.config else None
+        cfg = cfg or load_config(args.config, overrides)
         if args.verb == "config":
             sys.stdout.write(to_yaml(cfg))
             return EXIT_OK

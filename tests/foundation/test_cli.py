@@ -33,3 +33,21 @@ def test_python_dash_m_and_jobs_shim_work():
 def test_no_verb_prints_help(capsys):
     assert main([]) == 2
     assert "VERB" in capsys.readouterr().out
+
+
+def test_report_uses_the_config_the_run_ran_with(tmp_path):
+    """`edsft report DIR` must not overwrite the run's manifest config with the CLI default."""
+    import shutil
+
+    from edsft.config import config_to_dict, load_config
+    from edsft.storage import get_store
+
+    cfg = load_config(None, [f"output.dir={tmp_path}", "pool.size=1234", "sweep.budgets=[8, 16]"])
+    run = get_store(tmp_path)
+    run.child("manifest.json").write_json({"config": config_to_dict(cfg), "stages": {}})
+    (tmp_path / "sweep").mkdir()
+    shutil.copy(ROOT / "notebooks/example_results.parquet", tmp_path / "sweep/results.parquet")
+    assert main(["report", str(tmp_path)]) == 0
+    m = run.child("manifest.json").read_json()
+    assert m["config"]["pool"]["size"] == 1234 and "report" in m["stages"]
+    assert run.child("report/report.md").exists()
