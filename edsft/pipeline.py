@@ -140,7 +140,7 @@ def _sweep(run: Run, progress: bool) -> dict:
 
 def _report(run: Run, progress: bool) -> dict:
     fn = _impl("edsft.report", "build_report", "report")
-    return fn(run.store)
+    return fn(run.store, metric=run.cfg.sweep.metric)
 
 
 def _ray(cfg: Config) -> None:
