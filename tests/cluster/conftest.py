@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _s3 import moto_s3
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # the venv's bin: its `ray`, its `python`
@@ -161,24 +162,7 @@ def s3_secret_server():
     Same approach as tests/pools/conftest.py (ThreadedMotoServer on a free port), but the secret
     is random and recognisable so a test can prove it was written nowhere.
     """
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
     secret = "edsftSECRET" + secrets.token_hex(12)
     env = {"AWS_ACCESS_KEY_ID": "AKIAEDSFTTESTKEY0001", "AWS_SECRET_ACCESS_KEY": secret}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret)
-    try:
-        yield {"endpoint_url": endpoint, "region": "eu-west-1", "client": client, "secret": secret, "env": env}
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3(env, region="eu-west-1") as server:
+        yield {**server, "region": "eu-west-1", "secret": secret, "env": env}
