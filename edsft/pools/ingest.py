@@ -282,6 +282,17 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
+def _optional_text(rec: dict, field: str | None) -> "str | None | _Bad":
+    """An optional text field (response, task): absent or null is None, a wrong type is bad."""
+    if not field:
+        return None
+    raw = rec.get(field)
+    text = _as_text(raw)
+    if raw is not None and text is None:
+        return _Bad("wrong_type", f"field {field!r} must be a string, number or null, got {type(raw).__name__}")
+    return text
+
+
 def map_record(rec: Any, f: _Fields) -> tuple | _Bad:
     """A raw record -> (row_id, prompt, response, task) or the reason it is bad."""
     if not isinstance(rec, dict):
@@ -306,18 +317,12 @@ def map_record(rec: Any, f: _Fields) -> tuple | _Bad:
             return _Bad("empty_prompt", f"field {f.prompt!r} is empty")
         if len(prompt) > f.max_prompt_chars:
             return _Bad("prompt_too_long", f"prompt has {len(prompt)} characters > pool.max_prompt_chars={f.max_prompt_chars}")
-        response = None
-        if f.response:
-            raw = rec.get(f.response)
-            response = _as_text(raw)
-            if raw is not None and response is None:
-                return _Bad("wrong_type", f"field {f.response!r} must be a string, number or null, got {type(raw).__name__}")
-        task = None
-        if f.task:
-            raw = rec.get(f.task)
-            task = _as_text(raw)
-            if raw is not None and task is None:
-                return _Bad("wrong_type", f"field {f.task!r} must be a string, number or null, got {type(raw).__name__}")
+        response = _optional_text(rec, f.response)
+        if isinstance(response, _Bad):
+            return response
+        task = _optional_text(rec, f.task)
+        if isinstance(task, _Bad):
+            return task
         if f.id:
             raw = rec.get(f.id)
             if raw is None or raw == "":
