@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         _parser().print_help()
         return EXIT_BAD_INPUT
-    from .annotation import AnnotationError
-
     try:
         overrides = list(args.overrides)
         if args.verb == "report" and args.run_dir:
@@ -92,14 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edsft: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except AnnotationError as e:
-        print(f"edsft: annotation: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except FileNotFoundError as e:
         print(f"edsft: missing input: {e}. Run the earlier stages first (or `edsft run`).", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as e:
-        # Stages raise ValueError (PoolError, selector parameters, ...) for bad input, with the fix in it.
+        # Stages raise ValueError (PoolError, AnnotationError, selector parameters, ...) for bad
+        # input, with the fix in it.
         print(f"edsft: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
