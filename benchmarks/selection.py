@@ -181,13 +181,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def load_note(header: str) -> str:
+    """What the load average at the start says about the wall times (it is printed in the header)."""
+    try:
+        load = float(header.split("load average at start ")[1].split(";")[0])
+    except (IndexError, ValueError):
+        return "Machine load unknown."
+    if load < 1.5:
+        return f"Quiet machine (load average {load:.1f} at start, nothing else scheduled): wall times are comparable."
+    return (f"Shared machine (load average {load:.1f} at start): other jobs ran on the same cores, so wall times are "
+            "noisy and inflated and cpu s is the fairer comparison.")
+
+
 def render(header: str, rows: list[dict]) -> str:
     return (
         "# Selection benchmark\n\n"
         + header
-        + "\n\nShared machine: other jobs ran on the same 2 cores during the run (load average far above 2), so "
-        "wall times are noisy and inflated; cpu s is the process CPU time over all threads and is the fairer "
-        "comparison. Each cell ran in its own process (peak RSS is that cell's). Objective: facility location = "
+        + "\n\n" + load_note(header)
+        + " cpu s is the process CPU time over all threads. Each cell ran in its own process (peak RSS is that cell's). Objective: facility location = "
         "sum over the pool of the best clipped-cosine similarity to the picks (edsft's objective, higher is "
         "better) for every method's picks; k-center = covering radius (lower is better). apricot-lazy = "
         "apricot's own pipeline on the raw float64 data (its cosine transform and pairwise matrix); "

@@ -69,6 +69,7 @@ class DenseGraph:
         # each row as (n_blocks, block), which needs width == n_blocks * block.
         n = len(K)
         padded, self.K = K, K[:, :n]
+        self._padded = padded  # contiguous rows: np.take on the strided (n, n) view is element by element
         self.n = n
         self.inv = None if order is None else np.argsort(order)  # pool position -> row of K
         # a row sum of n values <= 32767 fits int32 below 65536 rows; int32 reductions are faster
@@ -149,9 +150,9 @@ class DenseGraph:
                 r = R[s : s + 2048]
                 old, new = c[r], row[r]
                 if self._rows is None:
-                    self._rows = np.empty((min(2048, self.n), self.n), dtype=self.K.dtype)
-                blk = self._rows[: len(r)]
-                np.take(self.K, r, axis=0, out=blk)
+                    self._rows = np.empty((min(2048, self.n), self._padded.shape[1]), dtype=self.K.dtype)
+                np.take(self._padded, r, axis=0, out=self._rows[: len(r)])
+                blk = self._rows[: len(r), : self.n]
                 np.maximum(blk, old[:, None], out=blk)
                 np.minimum(blk, new[:, None], out=blk)
                 loss += np.add.reduce(blk, axis=0, dtype=np.int32)
