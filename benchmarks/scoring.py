@@ -107,8 +107,19 @@ def bench_ray(model: str, texts, tasks, max_new_tokens: int, batch_size: int, ac
             "gen_tokens_per_s": s["generated_tokens_per_s"], "note": "wall includes actor start + model load"}
 
 
-def bench_gpu(n_prompts: int, max_new_tokens: int, batch_size: int) -> list[dict]:
-    """1B-class random Llama, bf16: prefill-only vs generation scoring, with MFU."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_gpu(n_prompts: int, max_new_tokens: int, batch_size: int, device: str = "cuda", tiny: bool = False) -> list[dict]:
+    """1B-class random Llama, bf16: prefill-only, then generation scoring with plain generate (the anchor)
+    and with the static-cache path in the same run; then SmolLM2-135M both ways (the small-model case).
+
+    `tiny` swaps in a 2-layer model so the code path can be smoke-tested on CPU (numbers meaningless).
+    """
     import torch
     import transformers
 
@@ -116,53 +127,75 @@ def bench_gpu(n_prompts: int, max_new_tokens: int, batch_size: int) -> list[dict
     from edsft.scoring.scorer import Scorer
 
     resolve_model("builtin:smollm2-135m")  # its tokenizer is reused
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) \
+        if tiny else dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                          num_key_value_heads=8)
+    cfg = transformers.LlamaConfig(vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2, **size)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
     params = sum(p.numel() for p in model.parameters())
     texts, tasks = prompts(n_prompts)
+    batch = {"row_id": np.array([f"r{i}" for i in range(len(texts))], dtype=object),
+             "prompt": np.array(texts, dtype=object), "task": np.array(tasks, dtype=object)}
     rows = []
+
+    def generation_rows(spec: str, label: str, n_params: int, gen_batch: int) -> None:
+        speeds = {}
+        for mode in ("dynamic", "static"):
+            scorer = Scorer(spec, max_new_tokens=max_new_tokens, batch_size=gen_batch,
+                            dtype="bfloat16" if device == "cuda" else "float32", device=device, generation=mode)
+            scorer(batch)  # warm-up: kernels, allocator, and for static the compiled decode step
+            _sync(device)
+            t0 = time.perf_counter()
+            out = scorer(batch)
+            _sync(device)
+            wall = time.perf_counter() - t0
+            gen = int(out["response_tokens"].sum())
+            tot = int(out["prompt_tokens"].sum()) + gen
+            speeds[mode] = gen / wall
+            anchor = "plain generate (anchor)" if mode == "dynamic" else "static KV cache + compiled step"
+            rows.append({"path": f"{label}: generation scoring, {anchor}, batch {gen_batch}", "rows": len(texts),
+                         "wall_s": round(wall, 2), "rows_per_s": round(len(texts) / wall, 1),
+                         "tokens_per_s": round(tot / wall), "gen_tokens_per_s": round(gen / wall),
+                         "mfu": round(2 * n_params * tot / wall / PEAK_FLOPS, 3),
+                         "note": "" if mode == "dynamic" else f"{speeds['static'] / speeds['dynamic']:.1f}x plain generate"})
+            print(rows[-1], flush=True)
+            del scorer
+
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         load_tokenizer("builtin:smollm2-135m").save_pretrained(folder)
-        scorer = Scorer(folder, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype="bfloat16", device="cuda")
+        scorer = Scorer(folder, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        dtype="bfloat16" if device == "cuda" else "float32", device=device)
         ids = [scorer._prompt_ids(t) for t in texts]
         # prefill only: one forward over left-padded prompts
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         ntok = 0
         with torch.inference_mode():
             for s in range(0, len(ids), batch_size):
                 chunk = ids[s:s + batch_size]
                 width = max(map(len, chunk))
-                x = torch.full((len(chunk), width), 2, dtype=torch.long, device="cuda")
+                x = torch.full((len(chunk), width), 2, dtype=torch.long, device=device)
                 m = torch.zeros_like(x)
                 for i, row in enumerate(chunk):
-                    x[i, width - len(row):] = torch.tensor(row, device="cuda")
+                    x[i, width - len(row):] = torch.tensor(row, device=device)
                     m[i, width - len(row):] = 1
                 scorer.model(input_ids=x, attention_mask=m, logits_to_keep=1)
                 ntok += sum(map(len, chunk))
-        torch.cuda.synchronize()
+        _sync(device)
         wall = time.perf_counter() - t0
-        rows.append({"path": f"GPU prefill-only, 1.2B-class bf16 ({params / 1e9:.2f}B)", "rows": len(ids),
+        rows.append({"path": f"prefill-only, 1B-class ({params / 1e9:.2f}B)", "rows": len(ids),
                      "wall_s": round(wall, 2), "rows_per_s": round(len(ids) / wall, 1),
                      "tokens_per_s": round(ntok / wall), "mfu": round(2 * params * ntok / wall / PEAK_FLOPS, 3)})
-        batch = {"row_id": np.array([f"r{i}" for i in range(len(texts))], dtype=object),
-                 "prompt": np.array(texts, dtype=object), "task": np.array(tasks, dtype=object)}
-        scorer(batch)  # warm-up (kernels, allocator)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = scorer(batch)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        tot = int(out["prompt_tokens"].sum() + out["response_tokens"].sum())
-        rows.append({"path": f"GPU generation scoring (max_new_tokens={max_new_tokens})", "rows": len(texts),
-                     "wall_s": round(wall, 2), "rows_per_s": round(len(texts) / wall, 1),
-                     "tokens_per_s": round(tot / wall), "gen_tokens_per_s": round(int(out["response_tokens"].sum()) / wall),
-                     "mfu": round(2 * params * tot / wall / PEAK_FLOPS, 3)})
+        print(rows[-1], flush=True)
+        del scorer
+        generation_rows(folder, f"1B-class ({params / 1e9:.2f}B)", params, batch_size)
+    small = 134_515_008  # SmolLM2-135M parameters (tied embeddings)
+    generation_rows("builtin:smollm2-135m", "SmolLM2-135M", small, 8 if tiny else 256)
     return rows
 
 
@@ -198,13 +231,16 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="also run the GPU section (needs CUDA)")
     ap.add_argument("--gpu-rows", type=int, default=512)
+    ap.add_argument("--gpu-smoke", action="store_true", help="run the GPU section's code on CPU with a tiny model")
     ap.add_argument("--out", default=str(RESULTS / "scoring"))
     args = ap.parse_args()
 
+    if args.gpu_smoke:  # the GPU section's code, end to end on CPU with a tiny model: no table written
+        print(json.dumps(bench_gpu(16, 4, 8, device="cpu", tiny=True), indent=1))
+        return
     info = machine()
     texts, tasks = prompts(args.rows)
-    rows = []
-    rows.append(bench_direct(args.model, texts, tasks, args.max_new_tokens, args.batch_size))
+    rows = [bench_direct(args.model, texts, tasks, args.max_new_tokens, args.batch_size)]
     print(rows[-1], flush=True)
     if not args.skip_ray:
         rows.append(bench_ray(args.model, texts, tasks, args.max_new_tokens, args.batch_size, args.actors))

@@ -82,6 +82,10 @@ class ScoringConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
     max_retries: int = 2  # retries of a failing batch before its rows are quarantined
+    # auto: static on GPU, dynamic on CPU. static = a preallocated KV cache with fixed shapes (prompt width
+    # rounded up to a multiple of 64, micro-batch padded to batch_size), which transformers compiles on
+    # CUDA; dynamic = plain generate.
+    generation: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,7 @@ class Config:
 _CHOICES: dict[str, tuple] = {
     "pool.format": ("auto", "jsonl", "json", "parquet"),
     "scoring.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "scoring.generation": ("auto", "dynamic", "static"),
     "selection.mode": ("auto", "local", "distributed"),
     "selection.embedding": ("embedding", "embedding_encoder"),
     "annotation.mode": ("oracle", "export", "import"),

@@ -131,6 +131,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
             model=sc.model, max_new_tokens=sc.max_new_tokens, max_prompt_tokens=sc.max_prompt_tokens,
             embedding_layer=sc.embedding_layer, encoder=sc.encoder, dtype=sc.dtype, device=plan.device,
             batch_size=sc.batch_size, max_retries=sc.max_retries, num_threads=plan.num_threads,
+            generation=sc.generation,
         ),
         batch_size=ray_batch,
         batch_format="numpy",

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ("row_id", "prompt", "task")
 OUTPUT_COLUMNS = ("row_id", "task", *SCORE_COLUMNS, "response_tokens", "prompt_tokens", "generated", "embedding")
-_LABEL_COLUMNS = ("response", "output", "label")  # what a pool may call its labels; never accepted here
+_LABEL_COLUMNS = ("response", "output", "label")
+GENERATION_MODES = ("auto", "dynamic", "static")  # what a pool may call its labels; never accepted here
 
 
 def load_encoder(spec: str, device: str | torch.device = "cpu"):
@@ -85,11 +86,17 @@ class Scorer:
         max_retries: int = 2,
         num_threads: int | None = None,
         cache_dir: str | None = None,
+        generation: str = "auto",
+        width_bucket: int = 64,
     ):
         for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
                                  ("batch_size", batch_size, 1), ("max_retries", max_retries, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if generation not in GENERATION_MODES:
+            raise ValueError(f"generation={generation!r} is not one of {list(GENERATION_MODES)}")
+        if not isinstance(width_bucket, int) or width_bucket < 1:
+            raise ValueError(f"width_bucket={width_bucket!r} must be an integer >= 1")
         if num_threads:  # Ray actors on CPU: one thread each, or they oversubscribe the cores
             torch.set_num_threads(num_threads)
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +107,13 @@ class Scorer:
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_size = batch_size
         self.max_retries = max_retries
+        # static: fixed shapes (width rounded up to width_bucket, micro-batch padded to batch_size) over a
+        # preallocated KV cache, so transformers' compiled decode step (CUDA graphs on GPU) is reused by
+        # every micro-batch instead of being rebuilt; dynamic: plain generate, the growing cache.
+        if generation == "auto":
+            generation = "static" if self.device.type == "cuda" else "dynamic"
+        self.generation = generation
+        self.width_bucket = width_bucket if generation == "static" else 1
         self.end_ids = end_of_turn_ids(self.tokenizer)
         if not self.end_ids:
             raise ValueError(f"model={model!r} has no end-of-turn or eos token: generation could not stop")
@@ -146,9 +160,13 @@ class Scorer:
     @torch.inference_mode()
     def _score_ids(self, id_lists: list[list[int]]) -> dict[str, Any]:
         """Generate and score a micro-batch of token-id prompts (left padded)."""
-        b, width = len(id_lists), max(len(x) for x in id_lists)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((b, width), dtype=torch.long)
+        b = len(id_lists)
+        if self.generation == "static" and b < self.batch_size:
+            id_lists = id_lists + [id_lists[-1]] * (self.batch_size - b)  # filler rows, dropped below
+        width = -(-max(len(x) for x in id_lists) // self.width_bucket) * self.width_bucket
+        rows = len(id_lists)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((rows, width), dtype=torch.long)
         for i, ids in enumerate(id_lists):  # left padding: every prompt ends where generation starts
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             attention[i, width - len(ids):] = 1
@@ -165,14 +183,16 @@ class Scorer:
                 pad_token_id=self.pad_id,
                 output_logits=True,
                 return_dict_in_generate=True,
+                **({"cache_implementation": "static"} if self.generation == "static" else {}),
             )
         finally:
             capture.remove()
         hidden = capture.value
-        if hidden is None or hidden.shape[:2] != (b, width):
+        if hidden is None or hidden.shape[:2] != (rows, width):
             raise RuntimeError("could not capture the prompt hidden states from the prefill step")
-        tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1)  # [B, T, V], raw (before logits processors)
+        hidden, attention = hidden[:b], attention[:b]
+        tokens = out.sequences[:b, width:]
+        logits = torch.stack([x[:b] for x in out.logits], dim=1)  # [B, T, V], raw (before logits processors)
         mask = response_mask(tokens, self.end_ids)
         scores = response_scores(logits, tokens, mask)
         # mean over real prompt tokens (padding masked out), then unit length; float32 whatever the model dtype

@@ -144,3 +144,25 @@ def test_label_column_is_refused_and_bad_arguments_are_clear(scorer):
         scorer({"row_id": np.array(["a"])})
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         Scorer("builtin:tiny-llama", max_new_tokens=0)
+
+
+@pytest.mark.parametrize("bucket", [1, 64])
+def test_static_cache_generation_gives_the_dynamic_scores(scorer, bucket):
+    # the fast path (preallocated KV cache, width bucketing, micro-batch padded with filler rows) must
+    # change nothing but speed: same tokens, same scores, same embeddings for the real rows
+    static = Scorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=8, max_retries=1,
+                    generation="static", width_bucket=bucket)
+    assert static.generation == "static" and scorer.generation == "dynamic"  # auto on CPU = dynamic
+    a, b = scorer(_batch(PROMPTS)), static(_batch(PROMPTS))
+    assert list(a["generated"]) == list(b["generated"])
+    np.testing.assert_array_equal(a["response_tokens"], b["response_tokens"])
+    for c in SCORE_COLUMNS:
+        np.testing.assert_allclose(a[c], b[c], atol=1e-4, err_msg=c)
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-4)
+
+
+def test_generation_mode_is_checked():
+    with pytest.raises(ValueError, match="generation='fast'"):
+        Scorer("builtin:tiny-llama", generation="fast")
+    with pytest.raises(ValueError, match="width_bucket=0"):
+        Scorer("builtin:tiny-llama", width_bucket=0)
