@@ -339,14 +339,19 @@ def _kmeans(A: np.ndarray, n_cells: int, seed: int):
     return cent, assign
 
 
+def cell_labels(A: np.ndarray, n_cells: int, seed: int = 0) -> np.ndarray:
+    """(Seeded, approximate) k-means cell of every PREPARED row (see `prepare`)."""
+    n_cells = max(1, min(n_cells, len(A)))
+    if n_cells == 1:
+        return np.zeros(len(A), dtype=np.int64)
+    _, assign = _kmeans(A, n_cells, seed)
+    return assign(A)
+
+
 def cluster_order(X, metric: str, n_cells: int, seed: int = 0) -> np.ndarray:
     """A permutation of the rows that puts rows of the same (seeded, approximate) k-means cell together."""
     A, _ = prepare(X, metric)
-    n_cells = max(1, min(n_cells, len(A)))
-    if n_cells == 1:
-        return np.arange(len(A))
-    _, assign = _kmeans(A, n_cells, seed)
-    return np.argsort(assign(A), kind="stable")
+    return np.argsort(cell_labels(A, n_cells, seed), kind="stable")
 
 
 def _ivf_knn(A, a_sq, metric, gamma, k, n_probe, seed, cols, vals, progress) -> None:

@@ -91,3 +91,49 @@ def test_top_q_picks_only_uncertain_rows():
     assert set(res.indices.tolist()) <= top
     counted = select("k_center", 20, embeddings=X, scores=S, score="mean_margin", top_q=100)
     np.testing.assert_array_equal(res.indices, counted.indices)
+
+
+# ---- the blocked traversal (default from BLOCKED_MIN_N rows): same picks as the plain loop --------------
+from edsft.selection.kcenter import k_center_greedy  # noqa: E402
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("seed", range(3))
+def test_blocked_traversal_equals_the_plain_loop(metric, seed):
+    X, _ = blobs(3000, 8, k=15, seed=seed)
+    plain = k_center_greedy(X, 150, metric, seed, blocked=False)
+    fast = k_center_greedy(X, 150, metric, seed, blocked=True)
+    np.testing.assert_array_equal(fast[0], plain[0])
+    np.testing.assert_allclose(fast[1][1:], plain[1][1:], rtol=1e-6)
+    assert fast[2] == pytest.approx(plain[2], rel=1e-6)
+    assert fast[2] == pytest.approx(min_distance(X, X[fast[0]], metric).max(), rel=1e-4)
+
+
+def test_blocked_traversal_with_initial_centers_and_duplicates():
+    X, _ = blobs(1500, 6, k=8, seed=3)
+    X = np.concatenate([X, X[:200], np.zeros((5, 6), np.float32)])  # exact duplicates, zero rows
+    init = np.array([3, 700, 1600])
+    for metric in ("euclidean", "cosine"):
+        plain = k_center_greedy(X, 60, metric, 0, initial=init, blocked=False)
+        fast = k_center_greedy(X, 60, metric, 0, initial=init, blocked=True)
+        np.testing.assert_array_equal(fast[0], plain[0])
+    # more picks than distinct rows: every row once, none twice
+    Y = np.repeat(blobs(40, 3, k=2, seed=1)[0], 3, axis=0)
+    fast = k_center_greedy(Y, 120, "euclidean", 0, blocked=True)
+    assert sorted(fast[0].tolist()) == list(range(120))
+
+
+def test_blocked_traversal_touches_a_fraction_of_the_rows(monkeypatch):
+    import edsft.selection.kcenter as kc
+
+    X, _ = blobs(6000, 8, k=30, seed=0, spread=10.0)  # well-separated clusters
+    touched = []
+    real = kc.dist_block
+
+    def counting(A, *a):
+        touched.append(len(A))
+        return real(A, *a)
+
+    monkeypatch.setattr(kc, "dist_block", counting)
+    k_center_greedy(X, 300, "euclidean", 0, blocked=True)
+    assert sum(touched) < 0.25 * 300 * len(X)  # the plain loop touches every row at every step
