@@ -74,7 +74,9 @@ class DenseGraph:
         self.inv = None if order is None else np.argsort(order)  # pool position -> row of K
         # a row sum of n values <= 32767 fits int32 below 65536 rows; int32 reductions are faster
         self.acc = np.int32 if n < 65536 else np.int64
-        self._bufs = [np.empty((min(64, n), n), dtype=K.dtype) for _ in range(n_threads())]
+        # per thread: the rows of a batch, and the same folded in half (see _gains_into)
+        self._bufs = [(np.empty((min(64, n), n), dtype=K.dtype), np.empty((min(64, n), n // 2), dtype=np.uint16))
+                      for _ in range(n_threads())]
         self._rows = None  # naive's row buffer, allocated on first use
         self.block, self.n_blocks = block, -(-n // block)
         self.K3 = None
@@ -131,14 +133,22 @@ class DenseGraph:
         # float64 bincount of integers < 2**53 is exact
         return np.bincount(who, weights=part, minlength=len(r)).astype(np.int64)
 
-    def _gains_into(self, cands, c, out, buf) -> None:
-        K = self.K
+    def _gains_into(self, cands, c, out, bufs) -> None:
+        K, h = self.K, self.n // 2
+        buf, half = bufs
         for s in range(0, len(cands), len(buf)):
             part = cands[s : s + len(buf)].tolist()
             blk = buf[: len(part)]  # reused: fresh allocations of this size cost page faults
             for r, j in enumerate(part):
                 np.maximum(K[j], c, out=blk[r])
-            out[s : s + len(part)] = np.add.reduce(blk, axis=1, dtype=self.acc)
+            # fold the row in two before the widening sum: entries are <= 32767, so a uint16 pair sum
+            # cannot overflow, and the int16 -> int32 reduction (the slow part) reads half as much
+            u, hb = blk.view(np.uint16), half[: len(part)]
+            np.add(u[:, :h], u[:, h : 2 * h], out=hb)
+            total = np.add.reduce(hb, axis=1, dtype=self.acc)
+            if self.n % 2:
+                total += blk[:, -1]
+            out[s : s + len(part)] = total
 
     def absorb(self, j: int, c: np.ndarray, gains: np.ndarray | None) -> None:
         """Raise c to include pick j; with `gains`, subtract every candidate's exact loss."""
