@@ -228,20 +228,18 @@ def dense_similarity(X, metric: str = "cosine", gamma: float | None = None, widt
             np.matmul(A[s:e], A[s:].T, out=S)
         else:
             S[...] = sim_block(A[s:e], a_sq[s:e], A[s:], a_sq[s:], metric, gamma)
-        tiles = range(0, m, 1024)
+        Q = K[s:e, s:]
+        # quantising and mirroring are memory-bound numpy passes that release the GIL: threads help a little
+        parallel(ways, e - s, lambda a, b, S=S, Q=Q: quantize(S[a:b], out=Q[a:b]))  # in place: no int16 temporary
+        diag = Q[:, : e - s]
+        np.maximum(diag, diag.T.copy(), out=diag)
+        cols = range(e - s, m, 1024)
 
-        def quantize_and_mirror(a, b, S=S, s=s, e=e, tiles=tiles):
-            # tile by tile, so the transposed copy reads the int16 tile while it is still in cache;
-            # memory-bound numpy passes that release the GIL, hence the threads
-            for c0 in tiles[a:b]:
-                Q = quantize(S[:, c0 : c0 + 1024], out=K[s:e, s + c0 : s + c0 + 1024])  # no int16 temporary
-                if c0 == 0:
-                    np.maximum(Q[:, : e - s], Q[:, : e - s].T.copy(), out=Q[:, : e - s])
-                    Q = Q[:, e - s :]
-                    c0 = e - s
-                K[s + c0 : s + c0 + Q.shape[1], s:e] = Q.T
+        def mirror(a, b, cols=cols, Q=Q, s=s, e=e):
+            for c0 in cols[a:b]:
+                K[s + c0 : s + c0 + 1024, s:e] = Q[:, c0 : c0 + 1024].T
 
-        parallel(ways, len(tiles), quantize_and_mirror)
+        parallel(ways, len(cols), mirror)
     np.fill_diagonal(K, QUANT_MAX)
     return padded
 
