@@ -30,7 +30,7 @@ def k_center_greedy(
     """Farthest-first picks. Returns (indices, radius before each pick, final covering radius).
 
     `blocked` (default: n >= BLOCKED_MIN_N) runs the same traversal over clustered row blocks and skips
-    the blocks a new center cannot improve (see `_k_center_blocked`); the picks are the same.
+    the blocks a new center cannot improve (see `_BlockedCover`); the picks are the same.
     `initial` rows count as already chosen (e.g. already labelled) and are not returned; without them
     the first center is a seeded-random row and its "radius before" is NaN. Ties go to the lowest index.
     Distances are cosine distances (1 - cos) or euclidean; squared euclidean is tracked internally.
@@ -39,37 +39,17 @@ def k_center_greedy(
     n = len(A)
     if blocked is None:
         blocked = n >= BLOCKED_MIN_N
-    if blocked and n > 1:
-        return _k_center_blocked(A, a_sq, budget, metric, seed, initial, progress)
-    mind = np.full(n, np.inf, dtype=np.float32)
-    taken = np.zeros(n, dtype=bool)
-
-    def absorb(centers: np.ndarray) -> None:
-        # mind = min(mind, dist(rows, centers)), centers in blocks to keep the temporaries small
-        for s in range(0, len(centers), 256):
-            c = centers[s : s + 256]
-            if len(c) == 1:  # matrix-vector product: the hot path of the greedy loop
-                d = dist_block(A, a_sq, A[c], None if a_sq is None else a_sq[c], metric)[:, 0]
-                np.minimum(mind, d, out=mind)
-            else:
-                step = max(1, (1 << 22) // len(c))
-                for r in range(0, n, step):
-                    d = dist_block(A[r : r + step], None if a_sq is None else a_sq[r : r + step], A[c],
-                                   None if a_sq is None else a_sq[c], metric)
-                    np.minimum(mind[r : r + step], d.min(axis=1), out=mind[r : r + step])
-        mind[centers] = 0.0
-        taken[centers] = True
-
+    cover = _BlockedCover(A, a_sq, metric) if blocked and n > 1 else _Cover(A, a_sq, metric)
     to_dist = np.sqrt if metric == "euclidean" else (lambda v: v)
     picks = np.empty(budget, dtype=np.int64)
     gains = np.empty(budget, dtype=np.float64)
     start = 0
     if initial is not None and len(initial):
-        absorb(np.unique(np.asarray(initial, dtype=np.int64)))
+        cover.absorb(np.unique(np.asarray(initial, dtype=np.int64)))
     else:
         first = int(np.random.default_rng(seed).integers(n))
         picks[0], gains[0] = first, np.nan
-        absorb(np.array([first]))
+        cover.absorb(np.array([first]))
         start = 1
     it = range(start, budget)
     if progress:
@@ -77,17 +57,52 @@ def k_center_greedy(
 
         it = tqdm(it, desc="k-center", leave=False)
     for t in it:
-        # argmax returns the first maximum: ties go to the lowest index; taken rows sit at 0 and are
-        # masked so duplicate rows (radius 0) still yield distinct picks.
-        j = int(np.argmax(np.where(taken, -1.0, mind)))
-        picks[t], gains[t] = j, float(to_dist(np.float64(mind[j])))
-        absorb(np.array([j]))
-    radius = float(to_dist(np.float64(mind.max())))
+        j = cover.farthest()
+        picks[t], gains[t] = j, float(to_dist(np.float64(cover.mind_of(j))))
+        cover.absorb(np.array([j]))
+    radius = float(to_dist(np.float64(cover.max())))
     return picks, gains, radius
 
 
-def _k_center_blocked(A, a_sq, budget, metric, seed, initial, progress):
-    """Farthest-first traversal that only touches the row blocks a new center can improve.
+def _lower_to(mind: np.ndarray, A, a_sq, centers: np.ndarray, metric: str) -> None:
+    """mind = min(mind, distance of every row of A to its nearest row in `centers`), in row chunks.
+    One center is a single matrix-vector product: the hot path of the plain greedy loop."""
+    step = max(1, (1 << 22) // max(1, len(centers)))
+    C, c_sq = A[centers], None if a_sq is None else a_sq[centers]
+    for r in range(0, len(A), step):
+        d = dist_block(A[r : r + step], None if a_sq is None else a_sq[r : r + step], C, c_sq, metric)
+        np.minimum(mind[r : r + step], d[:, 0] if d.shape[1] == 1 else d.min(axis=1), out=mind[r : r + step])
+
+
+class _Cover:
+    """Every row's distance to its nearest chosen center (`mind`), refreshed with one matrix-vector
+    product per new center. Distances: 1 - cos, or SQUARED euclidean. Indices are pool positions."""
+
+    def __init__(self, A, a_sq, metric: str):
+        self.A, self.a_sq, self.metric = A, a_sq, metric
+        self.mind = np.full(len(A), np.inf, dtype=np.float32)
+        self.taken = np.zeros(len(A), dtype=bool)
+
+    def absorb(self, centers: np.ndarray) -> None:
+        for s in range(0, len(centers), 256):  # centers in blocks to keep the temporaries small
+            _lower_to(self.mind, self.A, self.a_sq, centers[s : s + 256], self.metric)
+        self.mind[centers] = 0.0
+        self.taken[centers] = True
+
+    def farthest(self) -> int:
+        # argmax returns the first maximum: ties go to the lowest index; taken rows sit at 0 and are
+        # masked so duplicate rows (radius 0) still yield distinct picks.
+        return int(np.argmax(np.where(self.taken, -1.0, self.mind)))
+
+    def mind_of(self, j: int) -> float:
+        return self.mind[j]
+
+    def max(self) -> float:
+        return self.mind.max()
+
+
+class _BlockedCover:
+    """The same cover, updated only in the row blocks a new center can improve.
 
     Rows are grouped into k-means cells (blocks). Each block keeps a ball (centroid, radius) in the
     euclidean geometry of the prepared rows (unit vectors for cosine, where 1 - cos = |x - z|^2 / 2) and
@@ -96,95 +111,81 @@ def _k_center_blocked(A, a_sq, budget, metric, seed, initial, progress):
     it touches the few blocks around z instead of all n rows. Same picks as the plain loop (ties -> the
     lowest pool index); the bound keeps a small slack for float rounding, so it never skips wrongly.
     """
-    n = len(A)
-    lab = cell_labels(A, min(MAX_BLOCKS, max(1, n // BLOCK_ROWS)), seed=0)  # fixed seed: the traversal is the same whatever `seed`
-    order = np.argsort(lab, kind="stable")
-    A = A[order]  # rows of a block are contiguous
-    sq = None if a_sq is None else a_sq[order]
-    bounds = np.searchsorted(lab[order], np.arange(lab.max() + 2))
-    bounds = np.unique(bounds)
-    starts, ends = bounds[:-1], bounds[1:]
-    nb = len(starts)
-    cent = np.empty((nb, A.shape[1]), dtype=np.float64)
-    rad = np.empty(nb, dtype=np.float64)
-    for b, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-        cent[b] = A[s:e].mean(axis=0, dtype=np.float64)
-        rad[b] = np.sqrt(((A[s:e] - cent[b]) ** 2).sum(axis=1).max())
-    c_sq = np.einsum("ij,ij->i", cent, cent)
-    block_of = np.repeat(np.arange(nb), ends - starts)
-    mind = np.full(n, np.inf, dtype=np.float32)  # permuted order
-    bmax = np.full(nb, np.inf)
-    taken = np.zeros(n, dtype=bool)
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)  # pool index -> permuted position
-    # mind (1 - cos, or squared euclidean) -> euclidean distance, for the ball bound
-    to_euclid = (lambda v: np.sqrt(2.0 * v)) if metric == "cosine" else np.sqrt
 
-    def refresh(b: int) -> None:
-        s, e = starts[b], ends[b]
-        bmax[b] = float(mind[s:e].max())
+    def __init__(self, A, a_sq, metric: str):
+        n = len(A)
+        # fixed seed: the traversal is the same whatever the selection's `seed`
+        lab = cell_labels(A, min(MAX_BLOCKS, max(1, n // BLOCK_ROWS)), seed=0)
+        self.order = np.argsort(lab, kind="stable")
+        self.A = A[self.order]  # rows of a block are contiguous
+        self.sq = None if a_sq is None else a_sq[self.order]
+        self.metric = metric
+        bounds = np.unique(np.searchsorted(lab[self.order], np.arange(lab.max() + 2)))
+        self.starts, self.ends = bounds[:-1], bounds[1:]
+        nb = len(self.starts)
+        self.cent = np.empty((nb, A.shape[1]), dtype=np.float64)
+        self.rad = np.empty(nb, dtype=np.float64)
+        for b, (s, e) in enumerate(zip(self.starts.tolist(), self.ends.tolist())):
+            self.cent[b] = self.A[s:e].mean(axis=0, dtype=np.float64)
+            self.rad[b] = np.sqrt(((self.A[s:e] - self.cent[b]) ** 2).sum(axis=1).max())
+        self.c_sq = np.einsum("ij,ij->i", self.cent, self.cent)
+        self.block_of = np.repeat(np.arange(nb), self.ends - self.starts)
+        self.mind = np.full(n, np.inf, dtype=np.float32)  # in block order
+        self.bmax = np.full(nb, np.inf)
+        self.taken = np.zeros(n, dtype=bool)
+        self.pos = np.empty(n, dtype=np.int64)
+        self.pos[self.order] = np.arange(n)  # pool index -> position in block order
+        # mind (1 - cos, or squared euclidean) -> euclidean distance, for the ball bound
+        self.to_euclid = (lambda v: np.sqrt(2.0 * v)) if metric == "cosine" else np.sqrt
 
-    def absorb_one(p: int) -> None:
-        z = A[p : p + 1]
-        z_sq = None if sq is None else sq[p : p + 1]
-        dc = np.sqrt(np.maximum(c_sq - 2.0 * (cent @ z[0].astype(np.float64)) + float(z[0].astype(np.float64) @ z[0]), 0.0))
-        lower = dc - rad
-        hit = np.flatnonzero(lower < to_euclid(bmax) * (1 + 1e-4) + 1e-5)
+    def _refresh(self, b: int) -> None:
+        self.bmax[b] = float(self.mind[self.starts[b] : self.ends[b]].max())
+
+    def absorb(self, centers: np.ndarray) -> None:
+        ps = self.pos[centers]
+        if len(ps) == 1:
+            self._absorb_one(int(ps[0]))
+            return
+        _lower_to(self.mind, self.A, self.sq, ps, self.metric)
+        self.mind[ps] = 0.0
+        self.taken[ps] = True
+        for b in range(len(self.starts)):
+            self._refresh(b)
+
+    def _absorb_one(self, p: int) -> None:
+        z = self.A[p : p + 1]
+        z_sq = None if self.sq is None else self.sq[p : p + 1]
+        z64 = z[0].astype(np.float64)
+        dc = np.sqrt(np.maximum(self.c_sq - 2.0 * (self.cent @ z64) + float(z64 @ z64), 0.0))
+        hit = np.flatnonzero(dc - self.rad < self.to_euclid(self.bmax) * (1 + 1e-4) + 1e-5)
         for b in hit.tolist():
-            s, e = starts[b], ends[b]
-            d = dist_block(A[s:e], None if sq is None else sq[s:e], z, z_sq, metric)[:, 0]
-            np.minimum(mind[s:e], d, out=mind[s:e])
-            mind[s:e][taken[s:e]] = 0.0
-            bmax[b] = float(mind[s:e].max())
-        mind[p] = 0.0
-        taken[p] = True
-        refresh(int(block_of[p]))
+            s, e = self.starts[b], self.ends[b]
+            # distances are >= 0, so rows already chosen (mind 0) stay at 0
+            d = dist_block(self.A[s:e], None if self.sq is None else self.sq[s:e], z, z_sq, self.metric)[:, 0]
+            np.minimum(self.mind[s:e], d, out=self.mind[s:e])
+            self._refresh(b)
+        self.mind[p] = 0.0
+        self.taken[p] = True
+        self._refresh(int(self.block_of[p]))
 
-    def absorb_many(ps: np.ndarray) -> None:
-        step = max(1, (1 << 22) // max(1, len(ps)))
-        for r in range(0, n, step):
-            d = dist_block(A[r : r + step], None if sq is None else sq[r : r + step], A[ps], None if sq is None else sq[ps], metric)
-            np.minimum(mind[r : r + step], d.min(axis=1), out=mind[r : r + step])
-        mind[ps] = 0.0
-        taken[ps] = True
-        for b in range(nb):
-            refresh(b)
-
-    def farthest() -> int:
+    def farthest(self) -> int:
         """Pool index of the non-chosen row farthest from the centers; ties -> lowest pool index."""
-        top = bmax.max()
+        top = self.bmax.max()
         if top <= 0.0:  # every remaining row sits on a center (duplicates): the lowest free pool index
-            return int(np.flatnonzero(~taken[pos])[0])
+            return int(np.flatnonzero(~self.taken[self.pos])[0])
         best = None
-        for b in np.flatnonzero(bmax == top).tolist():
-            s, e = starts[b], ends[b]
-            rows = np.flatnonzero((mind[s:e] == top) & ~taken[s:e]) + s
-            cand = int(order[rows].min())
+        for b in np.flatnonzero(self.bmax == top).tolist():
+            s, e = self.starts[b], self.ends[b]
+            rows = np.flatnonzero((self.mind[s:e] == top) & ~self.taken[s:e]) + s
+            cand = int(self.order[rows].min())
             best = cand if best is None else min(best, cand)
         return best
 
-    to_dist = np.sqrt if metric == "euclidean" else (lambda v: v)
-    picks = np.empty(budget, dtype=np.int64)
-    gains = np.empty(budget, dtype=np.float64)
-    start = 0
-    if initial is not None and len(initial):
-        absorb_many(pos[np.unique(np.asarray(initial, dtype=np.int64))])
-    else:
-        first = int(np.random.default_rng(seed).integers(n))
-        picks[0], gains[0] = first, np.nan
-        absorb_one(int(pos[first]))
-        start = 1
-    it = range(start, budget)
-    if progress:
-        from tqdm.auto import tqdm
+    def mind_of(self, j: int) -> float:
+        return self.mind[self.pos[j]]
 
-        it = tqdm(it, desc="k-center", leave=False)
-    for t in it:
-        j = farthest()
-        picks[t], gains[t] = j, float(to_dist(np.float64(mind[pos[j]])))
-        absorb_one(int(pos[j]))
-    radius = float(to_dist(np.float64(mind.max())))
-    return picks, gains, radius
+    def max(self) -> float:
+        return self.mind.max()
 
 
 @register("k_center")
