@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config
+from .errors import UserError
 from .storage import Store, get_store
 
 __all__ = ["annotate", "AnnotationError", "ANNOTATED_SCHEMA"]
@@ -32,7 +33,7 @@ ANNOTATED_SCHEMA = pa.schema(
 )
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """Annotations that cannot be used (exit code 2 in the CLI)."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -32,7 +34,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "quickstart.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot run. ``problems`` lists one readable line per bad field."""
 
     def __init__(self, problems: list[str]):

@@ -50,6 +50,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..config import Config, PoolConfig
+from ..errors import UserError
 from ..storage import Store, get_store, is_remote
 
 __all__ = [
@@ -93,7 +94,7 @@ _STAGING = "_ingest_tmp"  # per-run scratch folder, removed at the end
 _RAW_CHARS = 200  # how much of a bad line the quarantine keeps
 
 
-class PoolError(ValueError):
+class PoolError(UserError):
     """A pool that cannot be ingested (no files, unknown format, too many bad rows). CLI: exit 2."""
 
 

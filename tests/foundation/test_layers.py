@@ -17,6 +17,7 @@ UPPER = {"models", "scoring", "training", "distributed", "pipeline", "cli"}
 RULES = {
     "config": (HEAVY, UPPER | {"selection", "pools", "annotation", "report"}),
     "storage": (HEAVY, UPPER | {"selection", "pools", "annotation", "report"}),
+    "errors": (HEAVY, UPPER | {"config", "storage", "selection", "pools", "annotation", "report"}),
     "selection": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"pools", "annotation", "report"}),
     "pools": (HEAVY, UPPER),
     "annotation": (HEAVY, UPPER),
