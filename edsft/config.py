@@ -1,20 +1,32 @@
 """One config tree for every stage: frozen dataclasses, YAML + dotted ``key=value`` overrides.
 
-Validation collects every problem and raises once (:class:`ConfigError`); each message names
-the field, the bad value and the fix. This module imports no torch and no ray, so that the
-driver, tests and tools can validate a config in milliseconds.
+Each field carries its own rule. The annotation is the type (``Literal[...]`` lists the allowed
+values, ``int | None`` allows null, ``tuple[int, ...]`` a list of integers); ``rule(...)`` puts
+bounds, non-emptiness and the fix to print in the field's metadata; a section's ``_check`` holds
+the few rules that relate two of its fields. Every section checks itself when it is built (as
+Ray's config dataclasses do in ``__post_init__``), so a config made in code is as safe as one
+loaded from YAML. Validation collects every problem and raises once (:class:`ConfigError`); each
+message names the field, the bad value and the fix. This module imports no torch and no ray, so
+that the driver, tests and tools can validate a config in milliseconds.
+
+Rules that need the selector registry or the report's metrics live a layer up, in
+:mod:`edsft.validate`.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
+import math
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
@@ -28,6 +40,9 @@ __all__ = [
     "config_to_dict",
     "config_hash",
     "apply_overrides",
+    "choices",
+    "did_you_mean",
+    "rule",
     "DEFAULT_CONFIG_PATH",
 ]
 
@@ -43,165 +58,276 @@ class ConfigError(UserError):
 
 
 # --------------------------------------------------------------------------------------------
-# The tree. Field names are the public vocabulary (pool, row_id, budget, selector, score).
+# How a field states its rule
 # --------------------------------------------------------------------------------------------
 
 
+def rule(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    ge: float | None = None,
+    le: float | None = None,
+    nonempty: str | None = None,
+    unique: bool = False,
+    hint: str | None = None,
+) -> Any:
+    """A dataclass field whose value rule sits in its metadata, next to it.
+
+    ``ge`` / ``le``: inclusive bounds (on every entry of a list or mapping field; null passes).
+    ``nonempty``: the field may not be '' or []; the text is the fix printed when it is.
+    ``unique``: a list field may not repeat a value. ``hint``: the fix appended to a bound's message.
+    """
+    meta = {"ge": ge, "le": le, "nonempty": nonempty, "unique": unique, "hint": hint}
+    return field(default=default, default_factory=factory, metadata={k: v for k, v in meta.items() if v is not None})
+
+
 @dataclass(frozen=True)
-class PoolConfig:
+class _Section:
+    """A config section: converts its fields to their annotated types and checks their rules when built."""
+
+    section_name: ClassVar[str] = "?"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            key = f"{self.section_name}.{f.name}"
+            value, bad = _convert(getattr(self, f.name), _hints(type(self))[f.name])
+            if bad is not None and value in (None, "") and "nonempty" in f.metadata:
+                bad = f"is empty: {f.metadata['nonempty']}"  # `key=` on the command line reads as null
+            if bad is not None:
+                problems.append(f"{key}={_show(value)} {bad}")
+                # A badly typed value takes its default, so that the rules below still run on sane values.
+                value = f.default_factory() if f.default_factory is not MISSING else f.default
+            else:
+                problems += _rule_problems(key, value, f.metadata)
+            object.__setattr__(self, f.name, value)
+        problems += self._check()
+        if problems:
+            raise ConfigError(problems)
+
+    def _check(self) -> list[str]:
+        """Rules between fields of this section (one problem per line); none by default."""
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# The tree. Field names are the public vocabulary (pool, row_id, budget, selector, score).
+# --------------------------------------------------------------------------------------------
+
+BUILTIN_POOLS = ("builtin:tasks", "builtin:pydocs")
+
+
+@dataclass(frozen=True)
+class PoolConfig(_Section):
     """Where the unlabeled prompts come from and how their fields map."""
 
-    path: str = "builtin:tasks"  # builtin:tasks, builtin:pydocs, file, glob, folder or s3:// prefix
-    format: str = "auto"  # auto | jsonl | json | parquet
-    size: int = 2000  # rows generated for builtin:tasks (ignored for files)
-    seed: int = 0  # seed of the builtin generators
-    prompt_field: str = "instruction"
+    section_name: ClassVar[str] = "pool"
+
+    # builtin:tasks, builtin:pydocs, file, glob, folder or s3:// prefix
+    path: str = rule("builtin:tasks", nonempty="point it at a file, folder, s3:// prefix or builtin:tasks")
+    format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
+    size: int = rule(2000, ge=1)  # rows generated for builtin:tasks (ignored for files)
+    seed: int = rule(0, ge=0)  # seed of the builtin generators
+    prompt_field: str = rule("instruction", nonempty="name the pool's prompt column, e.g. instruction")
     input_field: str | None = "input"  # optional; joined to the prompt with a blank line
-    response_field: str = "output"  # the annotation oracle; selection never reads it
+    response_field: str = rule("output", nonempty="name the pool's response column, e.g. output")  # the annotation oracle; selection never reads it
     task_field: str | None = "task"
     id_field: str | None = None  # None: row_id is a stable hash of the content
-    max_prompt_chars: int = 4000
-    max_bad_fraction: float = 0.5
+    max_prompt_chars: int = rule(4000, ge=1)
+    max_bad_fraction: float = rule(0.5, ge=0, le=1)  # ingest fails when more rows than this are quarantined
     eval_path: str | None = None  # held-out split; builtin pools bring their own
-    eval_size: int = 280  # rows of the builtin balanced eval split
-    eval_fraction: float = 0.0  # hold out this fraction of a file pool when eval_path is unset
-    rows_per_shard: int = 50_000  # rows per Parquet part of pool.parquet
+    eval_size: int = rule(280, ge=0)  # rows of the builtin balanced eval split
+    eval_fraction: float = rule(0.0, ge=0, le=0.9)  # hold out this fraction of a file pool when eval_path is unset
+    rows_per_shard: int = rule(50_000, ge=1)  # rows per Parquet part of pool.parquet
+
+    def _check(self) -> list[str]:
+        if self.path.startswith("builtin:") and self.path not in BUILTIN_POOLS:
+            return [f"pool.path={self.path!r} is not a built-in pool: use builtin:tasks or builtin:pydocs"]
+        return []
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(_Section):
     """The base model's uncertainty on its own response, plus prompt embeddings."""
 
-    model: str = "builtin:smollm2-135m"  # hub id, local folder, s3:// prefix or builtin:*
-    max_new_tokens: int = 24
-    max_prompt_tokens: int = 256
-    batch_size: int = 16
+    section_name: ClassVar[str] = "scoring"
+
+    # hub id, local folder, s3:// prefix or builtin:*
+    model: str = rule("builtin:smollm2-135m", nonempty="name a hub id, local folder, s3:// prefix or builtin:smollm2-135m")
+    max_new_tokens: int = rule(24, ge=1)
+    max_prompt_tokens: int = rule(256, ge=1)
+    batch_size: int = rule(16, ge=1)
     embedding_layer: int = -1  # hidden-state layer mean-pooled into `embedding`
     encoder: str | None = None  # e.g. builtin:minilm for a second column `embedding_encoder`
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    num_actors: int = 1  # max actors of the scoring pool (one per GPU on clusters)
-    min_actors: int = 1
-    num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
-    max_retries: int = 2  # retries of a failing batch before its rows are quarantined
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_actors: int = rule(1, ge=1)  # max actors of the scoring pool (one per GPU on clusters)
+    min_actors: int = rule(1, ge=1)
+    num_gpus_per_actor: float = rule(0.0, ge=0)
+    cpus_per_actor: float = rule(0.5, ge=0)  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
+    max_retries: int = rule(2, ge=0)  # retries of a failing batch before its rows are quarantined
     # auto: static on GPU, dynamic on CPU. static = a preallocated KV cache with fixed shapes (prompt width
     # rounded up to a multiple of 64, micro-batch padded to batch_size), which transformers compiles on
     # CUDA; dynamic = plain generate.
-    generation: str = "auto"
+    generation: Literal["auto", "dynamic", "static"] = "auto"
+
+    def _check(self) -> list[str]:
+        if self.min_actors > self.num_actors:
+            return [f"scoring.min_actors={self.min_actors} must be <= scoring.num_actors={self.num_actors}"]
+        return []
 
 
 @dataclass(frozen=True)
-class SelectionConfig:
-    """Which selector picks `budget` prompts from the scored pool."""
+class SelectionConfig(_Section):
+    """Which selector picks `budget` prompts from the scored pool (names and params: edsft.validate)."""
 
-    name: str = "facility_location"
-    budget: int = 100
-    seed: int = 0
-    embedding: str = "embedding"  # embedding | embedding_encoder
+    section_name: ClassVar[str] = "selection"
+
+    name: str = rule("facility_location", nonempty="name a selector, e.g. facility_location")
+    budget: int = rule(100, ge=1)
+    seed: int = rule(0, ge=0)
+    embedding: Literal["embedding", "embedding_encoder"] = "embedding"
     params: Mapping[str, Any] = field(default_factory=dict)  # selector hyperparameters
-    mode: str = "auto"  # auto | local | distributed
-    shards: int = 4  # m in RandGreeDi / two-round k-center
-    local_max_rows: int = 200_000  # auto: in-process below this many rows
+    mode: Literal["auto", "local", "distributed"] = "auto"
+    shards: int = rule(4, ge=1)  # m in RandGreeDi / two-round k-center
+    local_max_rows: int = rule(200_000, ge=1)  # auto: in-process below this many rows
     allow_budget_over_pool: bool = False  # True: cap budget at the pool size instead of failing
-    cpus_per_task: float = 0.25  # Ray CPUs of each distributed selection task (fractional: no deadlock in Tune)
+    cpus_per_task: float = rule(0.25, ge=0)  # Ray CPUs of each distributed selection task (fractional: no deadlock in Tune)
 
 
 @dataclass(frozen=True)
-class AnnotationConfig:
+class AnnotationConfig(_Section):
     """How selected prompts get their responses."""
 
-    mode: str = "oracle"  # oracle (pool's response column) | export | import
+    section_name: ClassVar[str] = "annotation"
+
+    mode: Literal["oracle", "export", "import"] = "oracle"  # oracle: the pool's response column
     annotations_path: str | None = None  # JSONL of {row_id, response} for mode=import
 
+    def _check(self) -> list[str]:
+        if self.mode == "import" and not self.annotations_path:
+            return ["annotation.mode='import' needs annotation.annotations_path: the JSONL of {row_id, response}"]
+        return []
+
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(_Section):
     """LoRA (or full) SFT on Ray Train with DeepSpeed or DDP."""
 
+    section_name: ClassVar[str] = "training"
+
     model: str | None = None  # None: the scoring model
-    backend: str = "deepspeed"  # deepspeed | ddp
-    zero_stage: int = 2
-    num_workers: int = 2
+    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = rule(2, ge=0, le=3)  # ignored by ddp, so that one config can switch backends
+    num_workers: int = rule(2, ge=1)
     use_gpu: bool = False
-    resources_per_worker: Mapping[str, float] = field(default_factory=lambda: {"CPU": 1})
-    max_seq_len: int = 256
+    resources_per_worker: Mapping[str, float] = rule(factory=lambda: {"CPU": 1}, ge=0)
+    max_seq_len: int = rule(256, ge=8)
     packing: bool = False
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 3.0
-    max_steps: int | None = None  # set: overrides epochs
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # cosine | linear | constant
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    micro_batch_size: int = rule(8, ge=1)
+    grad_accum: int = rule(1, ge=1)
+    epochs: float = rule(3.0, ge=0)
+    max_steps: int | None = rule(None, ge=1, hint="or null to train by epochs")  # set: overrides epochs
+    lr: float = rule(2e-4, ge=0)
+    weight_decay: float = rule(0.0, ge=0)
+    warmup_ratio: float = rule(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = rule(1.0, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: Any = "all-linear"
-    seed: int = 0
-    checkpoint_every: int = 0  # steps; 0: only at the end
+    lora_r: int = rule(16, ge=1)
+    lora_alpha: int = rule(32, ge=1)
+    lora_dropout: float = rule(0.05, ge=0, le=1)
+    lora_target_modules: str | tuple[str, ...] = "all-linear"  # a peft shorthand or a list of module names
+    seed: int = rule(0, ge=0)
+    checkpoint_every: int = rule(0, ge=0)  # steps; 0: only at the end
     storage_path: str | None = None  # None: <output.dir>/train
-    max_failures: int = 1
+    max_failures: int = rule(1, ge=-1)  # -1: retry forever
     merge_weights: bool = False
-    log_every: int = 10
+    log_every: int = rule(10, ge=1)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     run_name: str | None = None  # Ray Train run name; None: derived from the training config + data
-    checkpoints_to_keep: int | None = 2  # newest checkpoints kept in storage; None keeps all
+    # newest checkpoints kept in storage; None keeps all
+    checkpoints_to_keep: int | None = rule(2, ge=1, hint="or null to keep every checkpoint")
+
+    def _check(self) -> list[str]:
+        if self.max_steps is None and self.epochs <= 0:
+            return [f"training.epochs={self.epochs} must be > 0 when training.max_steps is null"]
+        return []
 
 
 @dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(_Section):
     """Held-out loss and generation metrics for the base and finetuned models."""
 
-    max_new_tokens: int = 24
-    batch_size: int = 16
-    max_examples: int | None = None
+    section_name: ClassVar[str] = "evaluation"
+
+    max_new_tokens: int = rule(24, ge=1)
+    batch_size: int = rule(16, ge=1)
+    max_examples: int | None = rule(None, ge=1, hint="or null to evaluate every held-out row")
     base_model: bool = True  # also evaluate the base model
     generate: bool = True  # exact match / ROUGE-L need generation; loss does not
-    num_actors: int = 1
-    mode: str = "auto"  # auto | local | distributed (Ray Data actors)
-    local_max_rows: int = 300  # auto: evaluate in-process up to this many rows
-    cpus_per_actor: float = 0.5  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
-    num_gpus_per_actor: float = 0.0
+    num_actors: int = rule(1, ge=1)
+    mode: Literal["auto", "local", "distributed"] = "auto"  # distributed: Ray Data actors
+    local_max_rows: int = rule(300, ge=0)  # auto: evaluate in-process up to this many rows
+    cpus_per_actor: float = rule(0.5, ge=0)  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
+    num_gpus_per_actor: float = rule(0.0, ge=0)
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    """Tune grid over selector x budget x seed."""
+class SweepConfig(_Section):
+    """Tune grid over selector x budget x seed (selector names, params and metric: edsft.validate)."""
+
+    section_name: ClassVar[str] = "sweep"
 
     enabled: bool = False  # `edsft run`: sweep + report instead of a single select/train/evaluate
-    selectors: tuple = ("random", "facility_location", "uncertainty")
-    budgets: tuple = (50, 200)
-    seeds: tuple = (0,)
+    selectors: tuple[str, ...] = rule(
+        ("random", "facility_location", "uncertainty"),
+        nonempty="name at least one selector, e.g. [random, facility_location]",
+    )
+    budgets: tuple[int, ...] = rule((50, 200), ge=1, unique=True, nonempty="give at least one budget, e.g. [50, 200]")
+    seeds: tuple[int, ...] = rule((0,), ge=0, unique=True, nonempty="give at least one seed, e.g. [0]")
     params: Mapping[str, Any] = field(default_factory=dict)  # selector -> {param: value or [grid]}
     metric: str = "exact_match"
-    max_concurrent_trials: int | None = None  # None: from the cluster's CPUs/GPUs
-    cpus_per_trial: float = 0.001  # the trial itself only drives its TorchTrainer
-    max_failures: int = 0  # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
+    max_concurrent_trials: int | None = rule(None, ge=1, hint="or null to fit the cluster")  # None: from the cluster's CPUs/GPUs
+    cpus_per_trial: float = rule(0.001, ge=0)  # the trial itself only drives its TorchTrainer
+    max_failures: int = rule(0, ge=0)  # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
+
+    def _check(self) -> list[str]:
+        # `random` joins every sweep (the label-efficiency ratio is measured against it), so it may have params.
+        swept = {*self.selectors, "random"}
+        unknown = [s for s in self.params if s not in swept]
+        if unknown:
+            return [f"sweep.params names selectors {unknown} that are not in sweep.selectors={list(self.selectors)}: "
+                    "add them or remove their params"]
+        return []
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RayConfig(_Section):
+    section_name: ClassVar[str] = "ray"
+
     address: str | None = None  # None: start a local cluster; "auto": join the running one
-    num_cpus: int | None = None  # local cluster only
-    object_store_memory: int | None = None
+    num_cpus: int | None = rule(None, ge=1, hint="or null to use every CPU of this machine")  # local cluster only
+    object_store_memory: int | None = rule(None, ge=1, hint="in bytes, or null for Ray's default")
 
 
 @dataclass(frozen=True)
-class StorageConfig:
+class StorageConfig(_Section):
     """Object store settings; credentials come only from the environment."""
+
+    section_name: ClassVar[str] = "storage"
 
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:5000 for a local S3-compatible server
     region: str | None = None
 
 
 @dataclass(frozen=True)
-class OutputConfig:
-    dir: str = "runs/quickstart"  # local folder or s3:// prefix
-    report_to: tuple = ()  # any of: mlflow, tensorboard
+class OutputConfig(_Section):
+    section_name: ClassVar[str] = "output"
+
+    dir: str = rule("runs/quickstart", nonempty="name a local folder or an s3:// prefix, e.g. runs/quickstart")
+    report_to: tuple[Literal["mlflow", "tensorboard"], ...] = ()
     mlflow_tracking_uri: str | None = None  # None: a file store under the run dir
     progress: bool = True
 
@@ -231,75 +357,135 @@ class Config:
         return self.training.model or self.scoring.model
 
 
+def choices(key: str) -> tuple:
+    """The allowed values of a ``Literal`` field, e.g. ``choices("scoring.generation")``: the one list."""
+    section, _, name = key.partition(".")
+    tp = _hints(_hints(Config)[section])[name]
+    if typing.get_origin(tp) is not Literal:
+        raise KeyError(f"{key} is not a field with a fixed set of values")
+    return typing.get_args(tp)
+
+
 # --------------------------------------------------------------------------------------------
-# Allowed values; a single table keeps messages and checks in step.
+# Types and rules, applied by _Section.__post_init__
 # --------------------------------------------------------------------------------------------
 
-_CHOICES: dict[str, tuple] = {
-    "pool.format": ("auto", "jsonl", "json", "parquet"),
-    "scoring.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "scoring.generation": ("auto", "dynamic", "static"),
-    "selection.mode": ("auto", "local", "distributed"),
-    "selection.embedding": ("embedding", "embedding_encoder"),
-    "annotation.mode": ("oracle", "export", "import"),
-    "training.backend": ("deepspeed", "ddp"),
-    "training.schedule": ("cosine", "linear", "constant"),
-    "evaluation.mode": ("auto", "local", "distributed"),
-    "training.precision": ("auto", "bf16", "fp32"),
-}
-_AT_LEAST: dict[str, float] = {
-    "pool.size": 1,
-    "pool.max_prompt_chars": 1,
-    "pool.eval_size": 0,
-    "pool.rows_per_shard": 1,
-    "scoring.max_new_tokens": 1,
-    "scoring.max_prompt_tokens": 1,
-    "scoring.batch_size": 1,
-    "scoring.num_actors": 1,
-    "scoring.min_actors": 1,
-    "scoring.num_gpus_per_actor": 0,
-    "scoring.cpus_per_actor": 0,
-    "scoring.max_retries": 0,
-    "selection.budget": 1,
-    "selection.shards": 1,
-    "selection.local_max_rows": 1,
-    "selection.cpus_per_task": 0,
-    "training.zero_stage": 0,
-    "training.num_workers": 1,
-    "training.max_seq_len": 8,
-    "training.micro_batch_size": 1,
-    "training.grad_accum": 1,
-    "training.epochs": 0,
-    "training.lr": 0,
-    "training.weight_decay": 0,
-    "training.warmup_ratio": 0,
-    "training.grad_clip": 0,
-    "training.lora_r": 1,
-    "training.lora_alpha": 1,
-    "training.lora_dropout": 0,
-    "training.checkpoint_every": 0,
-    "training.max_failures": -1,
-    "training.log_every": 1,
-    "evaluation.max_new_tokens": 1,
-    "evaluation.batch_size": 1,
-    "evaluation.num_actors": 1,
-    "evaluation.local_max_rows": 0,
-    "evaluation.cpus_per_actor": 0,
-    "evaluation.num_gpus_per_actor": 0,
-    "sweep.cpus_per_trial": 0,
-    "sweep.max_failures": 0,
-}
-_AT_MOST: dict[str, float] = {
-    "pool.max_bad_fraction": 1,
-    "pool.eval_fraction": 0.9,
-    "training.zero_stage": 3,
-    "training.warmup_ratio": 1,
-    "training.lora_dropout": 1,
-}
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field annotations (they are strings under PEP 563)."""
+    return typing.get_type_hints(cls)
 
 
-def _section_types() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+def _describe(tp: Any) -> str:
+    """A type in the user's words, for "must be a string or a list of strings"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is tuple:
+        plural = {str: "strings", int: "integers", float: "numbers"}.get(args[0])
+        return f"a list of {plural}" if plural else "a list"
+    if origin is collections.abc.Mapping:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any) -> tuple[Any, str | None]:
+    """``(value as type tp, None)``, or ``(value, what it must be instead)``.
+
+    YAML gives lists for tuples and ints for floats; ``nan`` / ``inf`` parse as floats but are no
+    value any field can run with, so every float must be finite."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value, None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
+            converted, bad = _convert(value, arm)
+            if bad is None:
+                return converted, None
+        return value, bad if len(arms) == 1 else "must be " + " or ".join(_describe(a) for a in arms)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value, None
+        return value, f"is not one of {list(args)}: pick one of them"
+    if tp is bool:
+        return value, None if isinstance(value, bool) else "must be true or false"
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            return value, "must be an integer"
+        return int(value), None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, "must be a number"
+        if not math.isfinite(value):
+            return value, "must be a finite number"
+        return float(value), None
+    if tp is str:
+        return value, None if isinstance(value, str) else "must be a string"
+    if origin is tuple:
+        if value is None:
+            return (), None
+        if isinstance(value, (str, int, float)):  # `key=5` for a list of one
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return value, "must be a list"
+        out = []
+        for entry in value:
+            converted, bad = _convert(entry, args[0])
+            if bad is not None:
+                return value, f"has entry {entry!r}, which {bad}"
+            out.append(converted)
+        return tuple(out), None
+    if origin is collections.abc.Mapping:
+        if value is None:
+            return {}, None
+        if not isinstance(value, Mapping):
+            return value, "must be a mapping"
+        out = {}
+        for k, entry in value.items():
+            converted, bad = _convert(entry, args[1])
+            if bad is not None:
+                return value, f"maps {k!r} to {entry!r}, which {bad}"
+            out[k] = converted
+        return out, None
+    raise TypeError(f"config fields of type {tp} are not supported")  # a declaration bug, not user input
+
+
+def _rule_problems(key: str, value: Any, meta: Mapping[str, Any]) -> list[str]:
+    """The problems of a well-typed value with its field's ``rule(...)``."""
+    if value is None:
+        return []
+    shown = f"{key}={_show(value)}"
+    if "nonempty" in meta and len(value) == 0:
+        return [f"{shown} is empty: {meta['nonempty']}"]
+    if isinstance(value, tuple):
+        entries = [(f"{shown} has entry {v!r}, which", v) for v in value]
+    elif isinstance(value, Mapping):
+        entries = [(f"{shown} maps {k!r} to {v!r}, which", v) for k, v in value.items()]
+    else:
+        entries = [(shown, value)]
+    hint = f", {meta['hint']}" if "hint" in meta else ""
+    problems = []
+    for subject, v in entries:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if "ge" in meta and v < meta["ge"]:
+            problems.append(f"{subject} must be >= {meta['ge']:g}{hint}")
+        if "le" in meta and v > meta["le"]:
+            problems.append(f"{subject} must be <= {meta['le']:g}{hint}")
+    if meta.get("unique"):
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            problems.append(f"{shown} repeats {repeated}: list each value once")
+    return problems
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML terms: lists, not tuples; null, not None."""
+    return "null" if value is None else repr(list(value) if isinstance(value, tuple) else value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,13 +494,13 @@ def _section_types() -> dict[str, type]:
 
 
 def _parse_scalar(text: str) -> Any:
-    """`key=value` values are YAML: 5 -> int, 1e-4 -> float, [a, b] -> list, null -> None."""
+    """`key=value` values are YAML: 5 -> int, [a, b] -> list, null -> None.
+
+    YAML 1.1 reads 1e-4 (no dot) and nan as strings; anything float() accepts becomes a float."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and text.strip().lower() in ("1e-4", "1e-5", "2e-4"):  # YAML 1.1 quirk
-        return float(text)
     if isinstance(value, str):
         try:
             return float(text)
@@ -366,152 +552,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(apply_overrides(data, list(overrides)))
 
 
-def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
-    """Coerce YAML values to the annotated field type, recording a problem when impossible."""
-    if isinstance(tp, str):
-        tp = eval(tp, {**globals(), **vars(typing)})  # annotations are strings (PEP 563)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    optional = origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args
-    if optional:
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        tp = inner[0] if len(inner) == 1 else Any
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(f"{name}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            problems.append(f"{name}={value!r} must be an integer")
-            return value
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{name}={value!r} must be a number")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{name}={value!r} must be a string")
-        return value
-    if tp is tuple or origin is tuple:
-        if value is None:
-            return ()
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{name}={value!r} must be a list")
-            return value
-        return tuple(value)
-    if origin in (Mapping, dict) or tp in (dict,) or origin is typing.Mapping or str(origin) == "collections.abc.Mapping":
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            problems.append(f"{name}={value!r} must be a mapping")
-            return value
-        return dict(value)
-    return value
-
-
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and validate a Config from nested mappings; raises ConfigError listing every problem."""
-    problems: list[str] = []
-    sections = {}
     if not isinstance(data, Mapping):
         raise ConfigError([f"config must be a mapping of sections, got {type(data).__name__}"])
-    section_types = {f.name: f for f in dataclasses.fields(Config)}
-    for key in data:
-        if key not in section_types:
-            problems.append(_unknown(key, list(section_types), "section"))
-    for sname, sfield in section_types.items():
-        cls = sfield.default_factory().__class__
+    sections = _hints(Config)
+    problems = [_unknown(key, list(sections), "section") for key in data if key not in sections]
+    built = {}
+    for sname, cls in sections.items():
         raw = data.get(sname) or {}
         if not isinstance(raw, Mapping):
             problems.append(f"{sname}={raw!r} must be a mapping of keys")
             raw = {}
-        kwargs = {}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for k, v in raw.items():
-            if k not in fields:
-                problems.append(_unknown(f"{sname}.{k}", [f"{sname}.{n}" for n in fields], "key"))
-                continue
-            before = len(problems)
-            value = _coerce(v, fields[k].type, f"{sname}.{k}", problems)
-            if len(problems) == before:  # a badly typed value keeps its default so checks below still run
-                kwargs[k] = value
-        sections[sname] = cls(**kwargs)
-    cfg = Config(**{k: v for k, v in sections.items()})
-    problems += validate(cfg)
+        names = [f.name for f in dataclasses.fields(cls)]
+        problems += [_unknown(f"{sname}.{k}", [f"{sname}.{n}" for n in names], "key") for k in raw if k not in names]
+        try:
+            built[sname] = cls(**{k: v for k, v in raw.items() if k in names})
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return Config(**built)
+
+
+def did_you_mean(name: str, valid: typing.Iterable[str], what: str) -> str:
+    """'did you mean X?' for a near miss, else the list of valid names."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"valid {what}s: {', '.join(valid)}"
 
 
 def _unknown(name: str, valid: list[str], what: str) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}?" if close else f"valid {what}s: {', '.join(sorted(valid))}"
-    return f"unknown {what} {name!r}: {hint}"
-
-
-def validate(cfg: Config) -> list[str]:
-    """Every problem with a structurally sound config, one line each (empty when valid)."""
-    problems: list[str] = []
-    flat = _flatten(config_to_dict(cfg))
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            problems.append(f"{key}={flat[key]!r} is not one of {list(choices)}: pick one of them")
-    for key, lo in _AT_LEAST.items():
-        v = flat[key]
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
-            problems.append(f"{key}={v!r} must be >= {lo:g}")
-    for key, hi in _AT_MOST.items():
-        v = flat[key]
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > hi:
-            problems.append(f"{key}={v!r} must be <= {hi:g}")
-    if cfg.scoring.min_actors > cfg.scoring.num_actors:
-        problems.append(
-            f"scoring.min_actors={cfg.scoring.min_actors} must be <= scoring.num_actors={cfg.scoring.num_actors}"
-        )
-    if cfg.training.max_steps is not None and cfg.training.max_steps < 1:
-        problems.append(f"training.max_steps={cfg.training.max_steps} must be >= 1, or null to train by epochs")
-    if cfg.training.max_steps is None and cfg.training.epochs <= 0:
-        problems.append(f"training.epochs={cfg.training.epochs} must be > 0 when training.max_steps is null")
-    if not cfg.pool.path:
-        problems.append("pool.path='' is empty: point it at a file, folder, s3:// prefix or builtin:tasks")
-    if cfg.pool.path.startswith("builtin:") and cfg.pool.path not in ("builtin:tasks", "builtin:pydocs"):
-        problems.append(f"pool.path={cfg.pool.path!r} is not a built-in pool: use builtin:tasks or builtin:pydocs")
-    if cfg.annotation.mode == "import" and not cfg.annotation.annotations_path:
-        problems.append("annotation.mode='import' needs annotation.annotations_path: the JSONL of {row_id, response}")
-    for name in cfg.output.report_to:
-        if name not in ("mlflow", "tensorboard"):
-            problems.append(f"output.report_to contains {name!r}: allowed are 'mlflow' and 'tensorboard'")
-    if not cfg.sweep.budgets:
-        problems.append("sweep.budgets=[] is empty: give at least one budget, e.g. [50, 200]")
-    for b in cfg.sweep.budgets:
-        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            problems.append(f"sweep.budgets contains {b!r}: every budget must be an integer >= 1")
-    if not cfg.sweep.seeds:
-        problems.append("sweep.seeds=[] is empty: give at least one seed, e.g. [0]")
-    if cfg.sweep.max_concurrent_trials is not None and cfg.sweep.max_concurrent_trials < 1:
-        problems.append(f"sweep.max_concurrent_trials={cfg.sweep.max_concurrent_trials} must be >= 1 or null")
-    for key in ("selection.name",):
-        if not flat[key]:
-            problems.append(f"{key} is empty: name a selector, e.g. facility_location")
-    if cfg.training.backend == "ddp" and cfg.training.zero_stage not in (0, 2):
-        pass  # zero_stage is ignored by ddp; keeping the field lets one config switch backends
-    if not isinstance(cfg.training.resources_per_worker, Mapping) or not all(
-        isinstance(v, (int, float)) and v >= 0 for v in cfg.training.resources_per_worker.values()
-    ):
-        problems.append(
-            f"training.resources_per_worker={dict(cfg.training.resources_per_worker)!r} must map resource names to numbers >= 0"
-        )
-    return problems
+    return f"unknown {what} {name!r}: {did_you_mean(name, valid, what)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,17 +604,6 @@ def config_to_dict(cfg: Any) -> dict:
         return v
 
     return conv(cfg)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not prefix:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def config_hash(cfg: Config | Mapping, sections: tuple[str, ...] | None = None, extra: Any = None) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .config import Config, config_hash, config_to_dict
 from .storage import Store, get_store, set_default_storage
+from .validate import check_config
 
 __all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "StageNotBuilt", "stage_plan"]
 
@@ -189,6 +190,7 @@ def stage_hash(cfg: Config, name: str) -> str:
 
 def run_stage(cfg: Config, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
     """Run one stage (always, unless ``skip_done`` and its artifact matches the config hash)."""
+    check_config(cfg)  # selector names and params, sweep grid, metric: a typo fails here, not after scoring
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}: valid stages are {list(STAGES)}")
     run = Run.open(cfg)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edsft.config import choices
 from edsft.models import end_of_turn_ids, load_model, load_tokenizer
 from edsft.scoring.uncertainty import SCORE_COLUMNS, response_mask, response_scores
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ("row_id", "prompt", "task")
 OUTPUT_COLUMNS = ("row_id", "task", *SCORE_COLUMNS, "response_tokens", "prompt_tokens", "generated", "embedding")
-_LABEL_COLUMNS = ("response", "output", "label")
-GENERATION_MODES = ("auto", "dynamic", "static")  # what a pool may call its labels; never accepted here
+_LABEL_COLUMNS = ("response", "output", "label")  # what a pool may call its labels; never accepted here
+GENERATION_MODES = choices("scoring.generation")  # the one list: ScoringConfig.generation's Literal
 
 
 def load_encoder(spec: str, device: str | torch.device = "cpu"):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,84 @@ def test_round_trip_through_yaml():
 
     cfg = load_config(ROOT / "jobs/configs/smoke.yaml")
     assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+# ---- every rule sits on its field: walk the tree and check each declared rule is enforced ----
+
+def _fields():
+    """(key, annotation, dataclass field) for every field of every section."""
+    import typing
+
+    for section, cls in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", hints[f.name], f
+
+
+LITERAL_FIELDS = [(key, tp) for key, tp, _ in _fields() if getattr(tp, "__origin__", None) is typing.Literal]
+BOUNDED_FIELDS = [(key, f.metadata) for key, _, f in _fields() if {"ge", "le"} & set(f.metadata)]
+
+
+def test_the_rule_tables_are_found():
+    keys = {k for k, _ in LITERAL_FIELDS}
+    assert {"pool.format", "scoring.generation", "training.backend", "training.schedule", "selection.mode"} <= keys
+    assert len(BOUNDED_FIELDS) >= 40
+
+
+@pytest.mark.parametrize("key,tp", LITERAL_FIELDS, ids=[k for k, _ in LITERAL_FIELDS])
+def test_every_choice_field_takes_its_choices_and_names_them_otherwise(key, tp):
+    from edsft.config import choices
+
+    assert choices(key) == typing.get_args(tp)
+    for value in choices(key):  # (annotations_path: mode=import needs one)
+        cfg = load_config(None, [f"{key}={value}", "annotation.annotations_path=a.jsonl"])
+        assert getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) == value
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=bogus"])
+    assert e.value.problems == [f"{key}='bogus' is not one of {list(choices(key))}: pick one of them"]
+
+
+@pytest.mark.parametrize("key,meta", BOUNDED_FIELDS, ids=[k for k, _ in BOUNDED_FIELDS])
+def test_every_declared_bound_is_enforced(key, meta):
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    for bound, beyond, word in (("ge", -1, ">="), ("le", 1, "<=")):
+        if bound not in meta:
+            continue
+        bad = meta[bound] + beyond
+        if isinstance(default, (tuple, list)):
+            value, shown = f"[{bad}]", f"has entry {bad!r}, which must be {word} {meta[bound]:g}"
+        elif isinstance(default, dict):
+            value, shown = f"{{CPU: {bad}}}", f"maps 'CPU' to {float(bad)!r}, which must be {word} {meta[bound]:g}"
+        else:
+            value, shown = str(bad), f"must be {word} {meta[bound]:g}"
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}={value}"])
+        assert any(p.startswith(f"{key}=") and shown in p for p in e.value.problems), e.value.problems
+
+
+def test_a_section_built_in_code_checks_itself():
+    from edsft.config import ScoringConfig, TrainingConfig
+
+    with pytest.raises(ConfigError, match="scoring.batch_size=0 must be >= 1"):
+        ScoringConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="training.lr=nan must be a finite number"):
+        dataclasses.replace(load_config().training, lr=float("nan"))
+    assert TrainingConfig(lr=1).lr == 1.0 and isinstance(TrainingConfig(lr=1).lr, float)
+
+
+def test_lists_become_typed_tuples_and_round_trip():
+    from edsft.config import config_to_dict
+
+    cfg = load_config(None, ["training.lora_target_modules=[q_proj, v_proj]", "sweep.budgets=[8.0, 16]"])
+    assert cfg.training.lora_target_modules == ("q_proj", "v_proj")
+    assert cfg.sweep.budgets == (8, 16) and all(type(b) is int for b in cfg.sweep.budgets)
+    assert load_config().training.lora_target_modules == "all-linear"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"training.lora_target_modules=5 must be a string or a list of strings"):
+        load_config(None, ["training.lora_target_modules=5"])
+
+
+def test_exponents_without_a_dot_parse_as_floats():
+    cfg = load_config(None, ["training.lr=3e-5", "training.weight_decay=1E-2"])
+    assert cfg.training.lr == pytest.approx(3e-5) and cfg.training.weight_decay == pytest.approx(1e-2)
