@@ -131,7 +131,8 @@ class PoolConfig(_Section):
     seed: int = rule(0, ge=0)  # seed of the builtin generators
     prompt_field: str = rule("instruction", nonempty="name the pool's prompt column, e.g. instruction")
     input_field: str | None = "input"  # optional; joined to the prompt with a blank line
-    response_field: str = rule("output", nonempty="name the pool's response column, e.g. output")  # the annotation oracle; selection never reads it
+    # the annotation oracle; selection never reads it
+    response_field: str = rule("output", nonempty="name the pool's response column, e.g. output")
     task_field: str | None = "task"
     id_field: str | None = None  # None: row_id is a stable hash of the content
     max_prompt_chars: int = rule(4000, ge=1)
@@ -154,7 +155,7 @@ class ScoringConfig(_Section):
     section_name: ClassVar[str] = "scoring"
 
     # hub id, local folder, s3:// prefix or builtin:*
-    model: str = rule("builtin:smollm2-135m", nonempty="name a hub id, local folder, s3:// prefix or builtin:smollm2-135m")
+    model: str = rule("builtin:smollm2-135m", nonempty="name a hub id, local folder, s3:// prefix or builtin:*")
     max_new_tokens: int = rule(24, ge=1)
     max_prompt_tokens: int = rule(256, ge=1)
     batch_size: int = rule(16, ge=1)
@@ -192,7 +193,7 @@ class SelectionConfig(_Section):
     shards: int = rule(4, ge=1)  # m in RandGreeDi / two-round k-center
     local_max_rows: int = rule(200_000, ge=1)  # auto: in-process below this many rows
     allow_budget_over_pool: bool = False  # True: cap budget at the pool size instead of failing
-    cpus_per_task: float = rule(0.25, ge=0)  # Ray CPUs of each distributed selection task (fractional: no deadlock in Tune)
+    cpus_per_task: float = rule(0.25, ge=0)  # Ray CPUs per distributed selection task (fractional: no deadlock in Tune)
 
 
 @dataclass(frozen=True)
@@ -289,9 +290,10 @@ class SweepConfig(_Section):
     seeds: tuple[int, ...] = rule((0,), ge=0, unique=True, nonempty="give at least one seed, e.g. [0]")
     params: Mapping[str, Any] = field(default_factory=dict)  # selector -> {param: value or [grid]}
     metric: str = "exact_match"
-    max_concurrent_trials: int | None = rule(None, ge=1, hint="or null to fit the cluster")  # None: from the cluster's CPUs/GPUs
+    max_concurrent_trials: int | None = rule(None, ge=1, hint="or null to fit the cluster's CPUs/GPUs")
     cpus_per_trial: float = rule(0.001, ge=0)  # the trial itself only drives its TorchTrainer
-    max_failures: int = rule(0, ge=0)  # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
+    # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
+    max_failures: int = rule(0, ge=0)
 
     def _check(self) -> list[str]:
         # `random` joins every sweep (the label-efficiency ratio is measured against it), so it may have params.
@@ -414,15 +416,20 @@ def _convert(value: Any, tp: Any) -> tuple[Any, str | None]:
     if tp is bool:
         return value, None if isinstance(value, bool) else "must be true or false"
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 5.0 is 5; nan, inf no
+        if isinstance(value, bool) or not whole:
             return value, "must be an integer"
         return int(value), None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, "must be a number"
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
             return value, "must be a finite number"
-        return float(value), None
+        return number, None
     if tp is str:
         return value, None if isinstance(value, str) else "must be a string"
     if origin is tuple:
