@@ -22,6 +22,7 @@ RULES = {
     "pools": (HEAVY, UPPER),
     "annotation": (HEAVY, UPPER),
     "report": (HEAVY, UPPER),
+    "validate": (HEAVY, UPPER),
     "models": ({"ray"}, {"distributed", "pipeline", "cli"}),
     "scoring": ({"ray"}, {"distributed", "pipeline", "cli"}),
     "training": ({"ray"}, {"distributed", "pipeline", "cli"}),
