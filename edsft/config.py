@@ -111,7 +111,8 @@ class AnnotationConfig:
     """How selected prompts get their responses."""
 
     mode: str = "oracle"  # oracle (pool's response column) | export | import
-    annotations_path: str | None = None  # JSONL of {row_id, response} for mode=import
+    annotations_path: str | None = None  # JSONL of {row_id, response}, or the exported CSV filled in, for mode=import
+    allow_missing: bool = False  # import: train on the annotated subset when some selected ids have no answer
 
 
 @dataclass(frozen=True)
