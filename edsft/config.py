@@ -203,7 +203,8 @@ class AnnotationConfig(_Section):
     section_name: ClassVar[str] = "annotation"
 
     mode: Literal["oracle", "export", "import"] = "oracle"  # oracle: the pool's response column
-    annotations_path: str | None = None  # JSONL of {row_id, response} for mode=import
+    annotations_path: str | None = None  # JSONL of {row_id, response}, or the exported CSV filled in, for mode=import
+    allow_missing: bool = False  # import: train on the annotated subset when some selected ids have no answer
 
     def _check(self) -> list[str]:
         if self.mode == "import" and not self.annotations_path:

@@ -7,14 +7,20 @@ and export the final weights. The training loop (loop.py) is then the same for b
 Precision: on GPU (``precision: auto``) the frozen base weights are bf16, LoRA adapters (or the
 full model when ``lora: false``) stay fp32, and forward runs under ``torch.autocast(bf16)`` -
 the same for both backends, so DeepSpeed's own fp16/bf16 modes are not used. On CPU: fp32.
-Checkpoints: DeepSpeed's ``save_checkpoint`` (every rank writes its own ZeRO shard; frozen base
-weights are excluded under LoRA); DDP writes the trainable weights as safetensors plus the
-optimizer/scheduler state (rank 0 only: DDP ranks hold identical copies).
+Checkpoints hold no pickle (checkpoint.py: safetensors + JSON), because they are read back from
+``training.storage_path``, which may be a shared bucket, and unpickling runs code. Rank 0 writes the
+trainable weights (``trainable.safetensors``; LoRA adapters only, frozen base weights are not
+saved), the scheduler and step counters (``engine.json``) and, for DDP and ZeRO-0, the optimizer
+state (ranks hold identical copies). Under ZeRO 1-3 each rank writes its own optimizer partition
+and fp32 master weights (``zero_rank<r>``) from DeepSpeed's own state dict, and loads it back
+through DeepSpeed's ``load_state_dict``; DeepSpeed's ``save_checkpoint``/``load_checkpoint`` are not
+used, since ``load_checkpoint`` unpickles with ``torch.load(weights_only=False)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from edsft.errors import UserError
+from edsft.training.checkpoint import load_state, save_state
 from edsft.training.data import IGNORE_INDEX
 from edsft.training.schedule import BatchPlan, lr_factor
 
 __all__ = ["Engine", "build_engine", "response_loss", "use_bf16"]
 
-_DS_TAG = "state"  # one tag per checkpoint folder: each folder is one step
+TRAINABLE = "trainable.safetensors"  # trainable weights (rank 0)
+ENGINE_STATE = "engine"  # engine.json: scheduler + counters (rank 0)
+OPTIMIZER_STATE = "optimizer"  # optimizer.{safetensors,json}: DDP / ZeRO-0 (rank 0)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -89,6 +99,48 @@ class Engine:
         """Weights to export (collective under ZeRO-3); None means 'use the module as is'."""
         return None
 
+    # ---- checkpoints (no pickle: safetensors + JSON) ----------------------------------------
+    def _save_common(self, folder: Path, counters: dict | None = None, weights: bool = True, optimizer: bool = True) -> None:
+        """Rank 0: the scheduler (+ counters) and, unless partitioned, trainable weights and optimizer."""
+        if self.rank != 0:
+            return
+        if weights:
+            save_file(_trainable_state(self.model), str(folder / TRAINABLE))
+        state = {"backend": self.backend, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(), **(counters or {})}
+        (folder / f"{ENGINE_STATE}.json").write_text(json.dumps(state, indent=2))
+        if optimizer:
+            save_state(folder, OPTIMIZER_STATE, self.optimizer.state_dict())
+
+    def _engine_state(self, folder: Path) -> dict:
+        """engine.json, after checking the folder is an edsft checkpoint of this backend."""
+        state_file = folder / f"{ENGINE_STATE}.json"
+        if not state_file.exists():
+            legacy = [p.name for p in folder.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+            raise UserError(
+                f"checkpoint {folder} has no {state_file.name}"
+                + (f" but pickle files {legacy[:3]} (an older edsft or DeepSpeed format, which runs code when loaded)" if legacy else "")
+                + ": it is not an edsft checkpoint this version loads; train again with --force (or another training.storage_path)"
+            )
+        state = json.loads(state_file.read_text())
+        if state.get("backend") != self.backend:
+            raise UserError(
+                f"checkpoint {folder} was written by training.backend={state.get('backend')!r}, this run uses {self.backend!r}: "
+                "resume with the same backend or train again with --force"
+            )
+        return state
+
+    def _load_common(self, folder: Path, state: dict, weights: bool = True, optimizer: bool = True) -> None:
+        """Load what _save_common wrote."""
+        if weights:
+            saved = load_file(str(folder / TRAINABLE))
+            missing = [k for k, p in self.model.named_parameters() if p.requires_grad and k not in saved]
+            if missing:
+                raise UserError(f"checkpoint {folder} lacks trainable weights {missing[:3]}...: it comes from another model or LoRA config")
+            self.model.load_state_dict(saved, strict=False)
+        if optimizer:
+            self.optimizer.load_state_dict(load_state(folder, OPTIMIZER_STATE, self.device))
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 class DDPEngine(Engine):
     backend = "ddp"
@@ -119,20 +171,10 @@ class DDPEngine(Engine):
         return float(norm)
 
     def save(self, folder: Path) -> None:
-        if self.rank != 0:
-            return
-        save_file(_trainable_state(self.model), str(folder / "trainable.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
+        self._save_common(folder)  # DDP ranks hold identical copies: rank 0 writes them
 
     def load(self, folder: Path) -> None:
-        weights = load_file(str(folder / "trainable.safetensors"))
-        missing = [k for k, p in self.model.named_parameters() if p.requires_grad and k not in weights]
-        if missing:
-            raise ValueError(f"checkpoint {folder} lacks trainable weights {missing[:3]}...: it comes from another model or LoRA config")
-        self.model.load_state_dict(weights, strict=False)
-        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_common(folder, self._engine_state(folder))
 
 
 class DeepSpeedEngine(Engine):
@@ -174,16 +216,52 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.wrapped.get_lr()[0])
 
+    def _zero_name(self) -> str:
+        return f"zero_rank{self.rank}"
+
     def save(self, folder: Path) -> None:
-        # collective: every rank writes its own ZeRO shard into its own folder
-        self.wrapped.save_checkpoint(str(folder), tag=_DS_TAG, exclude_frozen_parameters=self.cfg.lora)
+        stage = self.cfg.zero_stage
+        counters = {"zero_stage": stage, "global_steps": self.wrapped.global_steps,
+                    "global_samples": self.wrapped.global_samples, "skipped_steps": self.wrapped.skipped_steps}
+        # ZeRO-0 holds whole optimizer copies (rank 0 saves one); under ZeRO-3 the module's
+        # parameters are partitions, so the weights come back from the fp32 partitions instead
+        self._save_common(folder, counters, weights=stage < 3, optimizer=stage == 0)
+        if stage > 0:
+            # each rank's own partition of the optimizer state and of the fp32 master weights, from
+            # DeepSpeed's own state dict. The loss scaler object is left out: edsft never enables
+            # DeepSpeed's fp16 loss scaling (precision is autocast), so it is the constant 1.
+            sd = dict(self.wrapped.optimizer.state_dict())
+            # param_slice_mappings (dataclasses) only serve DeepSpeed's offline universal-checkpoint
+            # converter; loading into the same layout never reads them
+            sd.pop("param_slice_mappings", None)
+            scaler = sd.pop("loss_scaler", None)
+            if scaler is not None and (getattr(scaler, "dynamic", False) or float(getattr(scaler, "cur_scale", 1.0)) != 1.0):
+                raise RuntimeError("DeepSpeed's loss scaling is on, which edsft's checkpoints do not store: leave fp16 off")
+            save_state(folder, self._zero_name(), sd)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.wrapped.load_checkpoint(
-            str(folder), tag=_DS_TAG, load_module_strict=not self.cfg.lora, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise ValueError(f"DeepSpeed found no checkpoint in {folder}: it is not a DeepSpeed checkpoint of this run")
+        stage = self.cfg.zero_stage
+        state = self._engine_state(folder)
+        if state.get("zero_stage") != stage or (stage > 0 and state.get("world_size") != self.world_size):
+            raise UserError(
+                f"checkpoint {folder} was written with training.zero_stage={state.get('zero_stage')} on {state.get('world_size')} workers, "
+                f"this run has {stage} on {self.world_size}: ZeRO partitions load only into the same layout; "
+                "resume with the same settings or train again with --force"
+            )
+        self._load_common(folder, state, weights=stage < 3, optimizer=stage == 0)
+        if stage > 0:
+            opt = self.wrapped.optimizer
+            sd = load_state(folder, self._zero_name(), self.device)
+            sd["loss_scaler"] = opt.loss_scaler  # the constant scaler it was saved with (see save)
+            if hasattr(opt, "checkpoint_event_prologue"):  # ZeRO-3: parameters partitioned first
+                opt.checkpoint_event_prologue()
+            # DeepSpeed picks this rank's entry of the list; load_from_fp32_weights: no precision loss
+            opt.load_state_dict([sd] * self.world_size, load_optimizer_states=True, load_from_fp32_weights=True)
+            if hasattr(opt, "checkpoint_event_epilogue"):
+                opt.checkpoint_event_epilogue()
+        self.wrapped.global_steps = state["global_steps"]
+        self.wrapped.global_samples = state["global_samples"]
+        self.wrapped.skipped_steps = state["skipped_steps"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.cfg.zero_stage < 3:

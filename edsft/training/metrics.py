@@ -1,8 +1,13 @@
 """Generation metrics: normalised exact match and ROUGE-L, per task and macro-averaged.
 
 Pure Python on strings, so they are easy to check by hand (tests/training/test_metrics.py).
-ROUGE-L here is the LCS-based F1 over whitespace tokens of the normalised strings
-(Lin 2004, with beta = 1), implemented directly so that no extra package is needed.
+ROUGE-L is the number papers report: the F-measure of Google's ``rouge-score`` package,
+``rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)
+["rougeL"].fmeasure`` - its tokenizer (lowercase, every run of characters outside [a-z0-9]
+becomes a space, split) and its LCS F1 (Lin 2004, beta = 1), with no stemming (the scorer's
+default). It is re-implemented here in a few lines rather than imported, so that evaluation needs
+neither rouge-score nor nltk; tests/training/test_metrics.py checks it against the real library.
+Like that library, text in scripts other than Latin letters and digits has no tokens and scores 0.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import string
 from collections import defaultdict
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["normalize", "exact_match", "rouge_l", "lcs_length", "summarize", "macro_average"]
+__all__ = ["normalize", "exact_match", "rouge_tokens", "rouge_l", "lcs_length", "summarize", "macro_average"]
 
 _WS = re.compile(r"\s+")
+# rouge_score/tokenize.py, verbatim: the same patterns give the same tokens
+_ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_ROUGE_VALID = re.compile(r"^[a-z0-9]+$")
 _TRAILING_PUNCT = string.punctuation + "。！？…"
 
 
@@ -42,16 +50,21 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenizer without stemming: "Paris, France." -> ["paris", "france"]."""
+    # str.lower() first, as rouge-score does: it also folds e.g. the Kelvin sign to "k"
+    return [t for t in _WS.split(_ROUGE_NON_ALNUM.sub(" ", str(text).lower())) if _ROUGE_VALID.match(t)]
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """LCS F1 over the whitespace tokens of the normalised strings; two empty strings score 1."""
-    p, r = normalize(prediction).split(), normalize(reference).split()
-    if not p and not r:
-        return 1.0
-    lcs = lcs_length(p, r)
-    if lcs == 0:
+    """ROUGE-L F-measure exactly as ``rouge-score`` computes it (0 when either side has no token)."""
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
+    if not p or not r:
         return 0.0
+    lcs = lcs_length(r, p)
     precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    # the same expression as rouge_score.scoring.fmeasure, so the floats agree bit for bit
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 def _mean(values: Iterable[float]) -> float | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
+from rouge_score import rouge_scorer  # dev dependency: the reference our ROUGE-L must equal
 
 from edsft.training.evaluation import build_metrics
-from edsft.training.metrics import exact_match, lcs_length, macro_average, normalize, rouge_l, summarize
+from edsft.training.metrics import exact_match, lcs_length, macro_average, normalize, rouge_l, rouge_tokens, summarize
 
 
 def test_normalize_lowercases_collapses_whitespace_strips_trailing_punctuation():
@@ -39,8 +41,55 @@ def test_rouge_l_by_hand():
     assert rouge_l("a b", "a b c d") == pytest.approx(2 / 3)
     assert rouge_l("x", "a b") == 0.0
     assert rouge_l("", "a") == 0.0
-    assert rouge_l("", "") == 1.0
+    assert rouge_l("", "") == 0.0  # rouge-score: no tokens on a side scores 0 (was 1.0 before #16)
     assert rouge_l("Same text", "same   text!") == 1.0
+    # punctuation separates tokens: pred "paris france" (2), ref "paris" (1): LCS 1, P = 1/2, R = 1 -> 2/3
+    assert rouge_l("Paris, France.", "Paris") == pytest.approx(2 / 3)
+    assert rouge_tokens("Paris, France.") == ["paris", "france"]
+    assert rouge_tokens("3.14 is pi's value") == ["3", "14", "is", "pi", "s", "value"]
+
+
+# rouge-score's own rougeL cases (rouge_scorer_test.py): (target, prediction, F)
+@pytest.mark.parametrize("target, prediction, f", [
+    ("testing one two", "testing one", 4 / 5),  # testRougeLConsecutive
+    ("testing one two", "testing two", 4 / 5),  # testRougeLNonConsecutive
+    ("testing one two", "", 0.0),  # testRougeEmpty
+])
+def test_rouge_l_on_rouge_scores_own_cases(target, prediction, f):
+    assert rouge_l(prediction, target) == pytest.approx(f)
+
+
+def _varied_pairs() -> list[tuple[str, str]]:
+    """Hand-picked edge cases plus seeded random sentences: punctuation, case, digits, unicode, repeats."""
+    pairs = [
+        ("Paris, France.", "Paris"), ("paris", "Paris, France."), ("", ""), ("", "x"), ("!!!", "..."),
+        ("The answer is 42.", "42"), ("4 2", "42"), ("3.14", "3,14"), ("e-mail", "email"), ("e-mail", "e mail"),
+        ("don't stop", "do not stop"), ("ÉCOLE école", "ecole"), ("naïve café", "naive cafe"), ("東京", "東京"),
+        ("Straße", "strasse"), ("İstanbul", "istanbul"), ("K", "k"), ("snake_case_name", "snake case name"),
+        ("a a a a", "a"), ("a b a b a b", "b a b a"), ("x\ty\nz", "x y z"), ("  lead and trail  ", "lead trail"),
+        ("<b>bold</b> text", "bold text"), ("$1,000.00", "1000"), ("C++ and C#", "c and c"), ("The cat sat.", "the cat sat"),
+        ("2024-01-31", "2024 01 31"), ("[1, 2, 3]", "1 2 3"), ("ok 👍", "ok"), ("１２３", "123"),
+    ]
+    rng = random.Random(16)
+    vocab = ["the", "The", "cat", "CAT", "sat", "on", "mat", "Paris", "france", "42", "3.5", "a", "an", "is",
+             "don't", "well-known", "über", "naïve", "x_y", "(note)", "end.", "yes!", "No?", "1,000", "—", "…"]
+    while len(pairs) < 80:
+        a = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
+        b = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
+        pairs.append((a, b))
+    return pairs
+
+
+def test_rouge_l_equals_rouge_score_on_varied_pairs():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # what edsft documents
+    pairs = _varied_pairs()
+    assert len(pairs) >= 50
+    for pred, ref in pairs:
+        want = scorer.score(ref, pred)["rougeL"].fmeasure  # score(target, prediction)
+        assert rouge_l(pred, ref) == want, (pred, ref)  # bit-for-bit: same tokens, same expression
+    # the pairs are varied: they span the whole range of scores, not only 0 and 1
+    values = {round(rouge_l(p, r), 3) for p, r in pairs}
+    assert len(values) > 15 and 0.0 in values and 1.0 in values
 
 
 def test_summarize_token_weighted_loss_and_macro_average():

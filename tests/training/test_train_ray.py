@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import ray.cloudpickle
 
+from _ckpt import assert_no_pickle
 from edsft.config import Config
 
 pytestmark = pytest.mark.slow
@@ -124,6 +125,8 @@ def test_deepspeed_zero2_lora_survives_a_killed_worker(ray_cluster, tmp_path):
 
     last = Path(_latest_checkpoint(get_store(str(out / summary["run_name"]))).path)
     assert json.loads((last / "trainer_state.json").read_text())["state"]["step"] == 12
-    shards = sorted(p.name for p in (last / "state").iterdir() if "optim_states" in p.name)
-    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # (as safetensors + JSON since #14: DeepSpeed's own .pt shards are pickles, which run code when loaded)
+    shards = sorted(p.name for p in last.glob("zero_rank*"))
+    assert shards == ["zero_rank0.json", "zero_rank0.safetensors", "zero_rank1.json", "zero_rank1.safetensors"]
     assert {p.name for p in last.glob("rng_rank*.safetensors")} == {"rng_rank0.safetensors", "rng_rank1.safetensors"}
+    assert_no_pickle(last)  # what a resume reads from training.storage_path holds no pickle
