@@ -14,7 +14,6 @@ keeps ``quarantine.jsonl``: it is complete by then, and the error message points
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import time
 from collections import Counter

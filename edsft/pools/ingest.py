@@ -47,27 +47,14 @@ import time
 
 from ..config import Config
 from ..storage import Store
-from .finalize import finalize, ingest_outputs, merge_results, prepare_run
-from .readers import read_file
+from .finalize import finalize, ingest_outputs, merge_results
 from .records import REASONS, SCHEMA, PoolError, content_row_id
-from .sources import Input, Listing, PoolSource, eval_split_of, open_source, resolve_sources
+from .sources import Input, Listing, PoolSource, eval_split_of, open_source
 from .writer import STAGING, Sink
 
-__all__ = [
-    "PoolError",
-    "SCHEMA",
-    "REASONS",
-    "Input",
-    "ingest_pool",
-    "ingest_input",
-    "ingest_eval",
-    "resolve_sources",
-    "read_file",
-    "finalize",
-    "prepare_run",
-    "content_row_id",
-    "report_summary",
-]
+# PoolError, SCHEMA, REASONS and content_row_id live in .records; they are named here too
+# because callers have always imported them from this module.
+__all__ = ["PoolError", "SCHEMA", "REASONS", "content_row_id", "ingest_pool", "ingest_input", "ingest_eval", "report_summary"]
 
 log = logging.getLogger(__name__)
 

@@ -151,8 +151,11 @@ def _damaged(e: BaseException) -> bool:
 def read_file(uri: str, fmt: str, endpoint_url: str | None = None, region: str | None = None) -> Iterator[tuple[int, Any]]:
     """The records of one file, streamed, ending in one ``unreadable_file`` record if it breaks off."""
     reader = READERS.get(fmt)
-    if reader is None:  # config validation guards the built-in formats
-        raise PoolError(f"pool.format={fmt!r} is not one of {', '.join(READERS)}")
+    if reader is None:  # config validation guards the built-in formats; a registered one may be missing here
+        raise PoolError(
+            f"no reader for format {fmt!r} of {uri} in this process (known: {', '.join(READERS)}): a reader added with "
+            f"register_reader must be registered in a module that every Ray worker imports too"
+        )
     n, line = 0, 0
     try:
         for line_rec in reader(get_store(uri, endpoint_url, region)):

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 
 from ..config import Config, PoolConfig
 from ..storage import get_store, is_remote
-from .readers import format_of, read_file
+from .readers import EXTENSIONS, READERS, format_of, read_file
 from .records import FieldMapping, PoolError, RecordMapping
 
 __all__ = [
@@ -46,10 +46,11 @@ __all__ = [
     "FileSource",
     "BuiltinTasks",
     "BuiltinPydocs",
+    "SOURCES",
     "register_source",
     "open_source",
     "eval_split_of",
-    "resolve_sources",
+    "list_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,6 @@ class PoolSource(Protocol):
 # ------------------------------------------------------------------------------------------------
 
 _HIDDEN = "hidden: the name (or a folder above it) starts with '.' or '_' (markers like _SUCCESS, .DS_Store); rename it to ingest it"
-_UNKNOWN = "unknown extension: set pool.format to jsonl, json or parquet to read it"
 
 
 def _hidden(path: str) -> bool:
@@ -168,19 +168,15 @@ def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, re
         else:
             inputs.append(Input(f, f_fmt))
     if unknown and (len(files) == 1 or not has_glob and kind.startswith("file")):
-        raise PoolError(f"cannot tell the format of {unknown[0]!r} from its extension: set pool.format to jsonl, json or parquet")
-    skipped = sorted(skipped + [Skipped(f, _UNKNOWN) for f in unknown], key=lambda s: s.path)
+        raise PoolError(f"cannot tell the format of {unknown[0]!r} from its extension: set pool.format to {' or '.join(READERS)}")
+    unknown_why = f"unknown extension: set pool.format to {' or '.join(READERS)} to read it"
+    skipped = sorted(skipped + [Skipped(f, unknown_why) for f in unknown], key=lambda s: s.path)
     if skipped:
         log.warning("pool: skipping %d file(s) (e.g. %s: %s); the ingest summary lists them all", len(skipped), skipped[0].path, skipped[0].reason)
     if not inputs:
         why = f" ({len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
-        raise PoolError(f"{kind} holds no .jsonl/.json/.parquet files{why}: check pool.path (and pool.format)")
+        raise PoolError(f"{kind} holds no {'/'.join(EXTENSIONS)} files{why}: check pool.path (and pool.format)")
     return Listing(inputs, skipped)
-
-
-def resolve_sources(path: str, fmt: str = "auto", endpoint_url: str | None = None, region: str | None = None) -> list[Input]:
-    """The readable files of a pool path (:func:`list_files` without the skipped ones)."""
-    return list_files(path, fmt, endpoint_url, region).inputs
 
 
 @dataclass(frozen=True)
@@ -283,13 +279,13 @@ class BuiltinPydocs(_Generated):
 # ------------------------------------------------------------------------------------------------
 
 SourceFactory = Callable[[Config], PoolSource]
-_SOURCES: dict[str, SourceFactory] = {}
+SOURCES: dict[str, SourceFactory] = {}  # key -> factory, in registration order
 
 
 def register_source(key: str, factory: SourceFactory) -> None:
     """``pool.path == key`` (or, for a key ending in ``://``, any path starting with it) opens
     ``factory(cfg)``. Later registrations of the same key replace earlier ones."""
-    _SOURCES[key] = factory
+    SOURCES[key] = factory
 
 
 def _builtin(cls) -> SourceFactory:
@@ -303,7 +299,7 @@ register_source("builtin:pydocs", _builtin(BuiltinPydocs))
 def open_source(cfg: Config) -> PoolSource:
     """The source of ``cfg.pool.path`` (cheap: nothing is listed or read until asked)."""
     path = cfg.pool.path
-    for key, factory in _SOURCES.items():
+    for key, factory in SOURCES.items():
         if path == key or (key.endswith("://") and path.startswith(key)):
             return factory(cfg)
     return FileSource.from_config(cfg)

@@ -11,12 +11,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 from edsft.config import Config
 from edsft.pools.ingest import PoolError, ingest_pool
 from edsft.pools.readers import iter_lines
 from edsft.storage import get_store
-from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 
 def _cfg(path, **kw):
