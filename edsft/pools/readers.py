@@ -156,16 +156,15 @@ def read_file(uri: str, fmt: str, endpoint_url: str | None = None, region: str |
             f"no reader for format {fmt!r} of {uri} in this process (known: {', '.join(READERS)}): a reader added with "
             f"register_reader must be registered in a module that every Ray worker imports too"
         )
-    n, line = 0, 0
+    n, line_rec = 0, (-1, None)
     try:
-        for line_rec in reader(get_store(uri, endpoint_url, region)):
-            n, line = n + 1, line_rec[0] + 1
+        for n, line_rec in enumerate(reader(get_store(uri, endpoint_url, region)), start=1):
             yield line_rec
     except Exception as e:  # noqa: BLE001 - narrowed by _damaged; anything else re-raises
         if not _damaged(e):
             raise
         where = f"after {n} record(s)" if n else "before the first record"
-        yield line, Bad(
+        yield line_rec[0] + 1, Bad(
             "unreadable_file",
             f"{uri} is damaged ({type(e).__name__}: {e}) {where}; re-create or re-download it, or move it out of the pool",
         )
