@@ -220,3 +220,19 @@ def test_iter_lines_matches_splitlines_at_any_chunk_size():
     data = b'{"a": 1}\r\n{"b": 2}\r{"c": 3}\n\r\n\r\r{"d": 4}'
     for chunk in range(1, len(data) + 2):
         assert list(iter_lines(io.BytesIO(data), chunk)) == data.splitlines(keepends=True), chunk
+
+
+def test_s3_damaged_file_and_literal_brackets(tmp_path, s3_bucket):
+    """On a real S3 protocol server: a fake .gz is quarantined by name (not taken for a storage
+    failure), and a prefix containing [ is read as written."""
+    client, bucket, endpoint = s3_bucket["client"], s3_bucket["bucket"], s3_bucket["endpoint_url"]
+    client.put_object(Bucket=bucket, Key="pool[1]/a.jsonl", Body=_jsonl(tmp_path / "a.jsonl", _rows(6)).read_bytes())
+    client.put_object(Bucket=bucket, Key="pool[1]/b.jsonl.gz", Body=b"not gzip\n")
+    client.put_object(Bucket=bucket, Key="pool[1]/_SUCCESS", Body=b"")
+    cfg = Config().replace(**{"pool.path": f"s3://{bucket}/pool[1]/", "pool.max_bad_fraction": 1.0, "storage.endpoint_url": endpoint})
+    run = get_store(f"s3://{bucket}/runs/r1", endpoint)
+    s = ingest_pool(cfg, run, progress=False)
+    _invariant(s)
+    assert (s["rows_kept"], s["quarantine_by_reason"]) == (6, {"unreadable_file": 1})
+    assert s["unreadable_files"][0]["path"] == f"s3://{bucket}/pool[1]/b.jsonl.gz"
+    assert s["skipped_files"] == [{"path": f"s3://{bucket}/pool[1]/_SUCCESS", "reason": s["skipped_files"][0]["reason"]}]
