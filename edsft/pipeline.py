@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import Config, config_hash, config_to_dict
+from .pools.sources import open_source
 from .storage import Store, get_store, set_default_storage
 from .validate import check_config
 
@@ -93,7 +94,7 @@ def _impl(module: str, name: str, stage: str) -> Callable:
 
 def _ingest(run: Run, progress: bool) -> dict:
     cfg = run.cfg
-    source_is_many = not cfg.pool.path.startswith("builtin:")
+    source_is_many = open_source(cfg).parallel
     if source_is_many:
         fn = _impl("edsft.distributed.ingest", "ingest_pool_ray", "ingest")
         _ray(cfg)
