@@ -233,6 +233,7 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose hash (and commit) feeds this one
     outputs: tuple[str, ...]  # paths in the run folder the stage writes (those it produced are committed)
     fn: Callable[[Run, Store, bool], dict]
+    needs: tuple[str, ...] = ()  # upstream artifacts it reads, checked before it starts
     resumable: bool = False  # keep the staging folder across attempts with the same hash
     keep_on_failure: tuple[str, ...] = ()  # diagnostics moved into the run folder even when the stage fails
 
@@ -243,17 +244,19 @@ STAGES: dict[str, Stage] = {
         # a failed ingest keeps quarantine.jsonl: it says which rows were bad and why
         Stage("ingest", ("pool",), (), ("pool.parquet", "eval.parquet", "quarantine.jsonl"), _ingest,
               keep_on_failure=("quarantine.jsonl",)),
-        Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score),
-        Stage("select", ("selection",), ("score",), ("selection.parquet",), _select),
-        Stage("annotate", ("annotation",), ("select", "ingest"), ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv"), _annotate),
+        Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score, needs=("pool.parquet",)),
+        Stage("select", ("selection",), ("score",), ("selection.parquet",), _select, needs=("scores.parquet",)),
+        Stage("annotate", ("annotation",), ("select", "ingest"), ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv"), _annotate,
+              needs=("selection.parquet", "pool.parquet")),
         # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
         # Train's checkpoints live in the staging folder until the run finishes
-        Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, resumable=True),
-        Stage("evaluate", ("evaluation",), ("train", "ingest"), ("metrics.json", "predictions.jsonl"), _evaluate),
+        Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, needs=("annotated.parquet",), resumable=True),
+        Stage("evaluate", ("evaluation",), ("train", "ingest"), ("metrics.json", "predictions.jsonl"), _evaluate, needs=("eval.parquet",)),
         # the trials are child runs with their own manifests (committed stage by stage), and Tune
         # keeps its own experiment state: only the results table is staged
-        Stage("sweep", ("sweep", "selection", "annotation", "training", "evaluation"), ("score", "ingest"), ("sweep/results.parquet",), _sweep),
-        Stage("report", (), ("sweep",), ("report",), _report),
+        Stage("sweep", ("sweep", "selection", "annotation", "training", "evaluation"), ("score", "ingest"), ("sweep/results.parquet",), _sweep,
+              needs=("pool.parquet", "eval.parquet", "scores.parquet")),
+        Stage("report", (), ("sweep",), ("report",), _report, needs=("sweep/results.parquet",)),
     ]
 }
 
@@ -326,6 +329,10 @@ def _check_upstream(run: Run, st: Stage) -> None:
     """Refuse to read an upstream artifact whose stage did not commit (a killed or failed run) or
     that was built with another config. An upstream stage without any manifest entry is allowed:
     its artifacts were brought from elsewhere (e.g. a hand-made results table for ``report``)."""
+    for need in st.needs:
+        if not run.input(need).exists():
+            raise UserError(f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
+                            f"first (or `edsft run`, which runs every stage that is missing)")
     for u in st.upstream:
         if not run.entry(u):
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -101,6 +102,10 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     invoked = lambda name: [e["event"] for e in run.child("sweep", "trials", name, "events.jsonl").read_jsonl()].count("invoked")  # noqa: E731
     before = {n: invoked(n) for n in ("random-b8-s0", "k_center-b8-s0")}
 
+    from ray import cloudpickle
+
+    # the hook travels to Tune's trial actors, which cannot import this test module by name
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     fail = FailOnce("k_center-b8-s0", str(lock))
     first = run_sweep(cfg, run, progress=False, trial_runner=run_trial, trial_callbacks=[fail])
     assert lock.exists() and first["executed"] == 2 and first["finished"] == 1 and first["errored"] == 1
