@@ -160,3 +160,33 @@ def test_store_writes_are_whole_and_leave_no_temporary_files(tmp_path):
     s.write_json({"x": 1})
     s.write_json({"x": 2})
     assert s.read_json() == {"x": 2} and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["m.json"]
+
+
+def test_commit_on_s3_has_no_staging_left_and_checks_row_counts(monkeypatch):
+    """The same commit on a real S3 protocol endpoint (moto server): S3 has no rename, the
+    manifest record after the copy is the commit."""
+    from _s3 import moto_s3
+
+    from edsft.storage import set_default_storage
+
+    env = {"AWS_ACCESS_KEY_ID": "AKIAEDSFTCOMMIT0001", "AWS_SECRET_ACCESS_KEY": "commit-test-secret"}
+    with moto_s3(env) as s3:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint_url"])  # restored after the test
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3["client"].create_bucket(Bucket="runs")
+        cfg = _cfg("s3://runs/r1", f"storage.endpoint_url={s3['endpoint_url']}", "storage.region=us-east-1")
+        try:
+            run_stage(cfg, "ingest")
+            keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket="runs")["Contents"]]
+            assert not [k for k in keys if STAGING in k or "_ingest_tmp" in k], keys
+            run = Run.open(cfg)
+            inv = run.manifest()["stages"]["ingest"]["inventory"]
+            assert inv["pool.parquet"]["rows"] == 60 and why_not_done(run, "ingest") is None
+            part = run.path("pool.parquet").parquet_files()[0]
+            partial = pq.read_table(part, filesystem=run.store.fs).slice(0, 7)
+            pq.write_table(partial, part, filesystem=run.store.fs)
+            assert "holds 7 rows, the commit recorded 60" in why_not_done(Run.open(cfg), "ingest")
+            assert not run_pipeline(cfg, stages=["ingest"])["ingest"].get("skipped")
+            assert why_not_done(Run.open(cfg), "ingest") is None
+        finally:
+            set_default_storage(None, None)
