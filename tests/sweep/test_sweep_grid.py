@@ -132,3 +132,12 @@ def test_grid_order_is_seed_then_budget_then_selector():
     # a sweep stopped early has every selector at the first budgets: comparable partial results
     specs, _ = S.expand_grid(_cfg(selectors=["random", "k_center"], budgets=[4, 8], seeds=[0, 1]))
     assert [s["name"] for s in specs][:4] == ["random-b4-s0", "k_center-b4-s0", "random-b8-s0", "k_center-b8-s0"]
+
+
+def test_default_config_sweeps_a_subset_of_its_selectors():
+    from edsft.config import load_config
+
+    cfg = load_config(None, ["sweep.selectors=[random, k_center]"])  # the quickstart's sweep.params name others
+    assert set(cfg.sweep.params) - {"random", "k_center"}
+    specs, notes = S.expand_grid(cfg)
+    assert {s["selector"] for s in specs} == {"random", "k_center"} and any("ignored" in n for n in notes)
