@@ -5,7 +5,8 @@
     edsft select selection.name=k_center selection.budget=500
     edsft report runs/quickstart
 
-Exit codes: 0 ok, 2 bad config or input, 1 failure.
+Exit codes: 0 ok, 2 bad config or input (an :class:`edsft.errors.UserError`: its message says what
+to fix, no traceback), 1 failure (anything else: a bug or the environment; with its traceback).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import json
 import sys
 import traceback
 
-from .config import ConfigError, load_config, to_yaml
+from .config import load_config, to_yaml
+from .errors import UserError
 
 STAGE_VERBS = ("ingest", "score", "select", "annotate", "train", "evaluate", "sweep")
 
@@ -52,12 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 def _report_config(run_dir: str, overrides: list[str]):
     """`edsft report RUN_DIR` reports the run with the config it ran with (from its manifest)."""
     from .config import apply_overrides, config_from_dict
+    from .pipeline import read_manifest
     from .storage import get_store
 
-    manifest = get_store(run_dir).child("manifest.json")
-    if not manifest.exists():
+    manifest = read_manifest(get_store(run_dir))
+    if "config" not in manifest:
         return None
-    return config_from_dict(apply_overrides(manifest.read_json()["config"], overrides))
+    return config_from_dict(apply_overrides(manifest["config"], overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,22 +84,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.verb == "run":
             pipeline.run_pipeline(cfg, force=args.force)
+        elif args.verb == "sweep":
+            # the sweep reads the run's pool and scores: build them first when they are missing
+            pipeline.run_pipeline(cfg, stages=["ingest", "score"])
+            pipeline.run_stage(cfg, "sweep")
         elif args.verb == "report":
             entry = pipeline.run_stage(cfg, "report")
             print(json.dumps(entry["summary"], indent=2, default=str))
         else:
             pipeline.run_stage(cfg, args.verb)
         return EXIT_OK
-    except ConfigError as e:
-        print(f"edsft: {e}", file=sys.stderr)
+    except UserError as e:
+        # ConfigError, PoolError, AnnotationError, ...: the message names the field or file and the fix
+        print(f"edsft: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FileNotFoundError as e:
         print(f"edsft: missing input: {e}. Run the earlier stages first (or `edsft run`).", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValueError as e:
-        # Stages raise ValueError (PoolError, AnnotationError, selector parameters, ...) for bad
-        # input, with the fix in it.
-        print(f"edsft: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("edsft: interrupted; re-run the same command to continue", file=sys.stderr)

@@ -4,35 +4,51 @@
     score  -> scores.parquet/, score_quarantine.jsonl
     select -> selection.parquet
     annotate -> annotated.parquet   (first stage that reads the pool's response column)
-    train  -> train/adapter/, train/train_summary.json
-    evaluate -> metrics.json
-    sweep  -> sweep/results.parquet  (select/annotate/train/evaluate per Tune trial)
-    report -> report/report.md, report/*.png
+    train  -> train/ (adapter/, train_summary.json)
+    evaluate -> metrics.json, predictions.jsonl
+    sweep  -> sweep/results.parquet  (each Tune trial runs select/annotate/train/evaluate on a
+              child run in sweep/trials/<trial>/ whose ingest and score artifacts are this run's)
+    report -> report/ (report.md, *.png)
 
-``manifest.json`` records the resolved config, library versions and, per stage, the hash of the
-config it ran with, its wall time and its summary. ``run`` skips a stage whose artifact exists with
-the same hash (``force=True`` recomputes), so a crashed run picks up where it stopped.
+Crash safety. A stage writes into ``_staging/<stage>/`` and nothing else; only when it returns are
+its outputs moved into place and its commit recorded in ``manifest.json``. The manifest is the
+commit marker, for local folders and ``s3://`` alike (S3 has no rename, so a move there is a copy
+that a kill can interrupt): before the move the stage's entry says ``committing``, after it
+``done`` with an inventory of what was committed (every file's size, the Parquet row counts).
+A stage counts as done only if its entry is ``done``, its config hash and its inputs' commits
+are the current ones and the inventory still matches what is on disk, so a killed stage is
+never skipped with a partial artifact: ``run`` simply runs it again. A failed stage removes its
+staging folder (a resumable stage, train, keeps it: the next attempt continues from its last
+checkpoint). ``manifest.json`` also records the resolved config and library versions.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Config, config_hash, config_to_dict
+from .errors import UserError
 from .pools.sources import open_source
 from .storage import Store, get_store, set_default_storage
 from .validate import check_config
 
-__all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "StageNotBuilt", "stage_plan"]
+__all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "run_trial", "StageNotBuilt", "ManifestError", "read_manifest", "stage_plan"]
+
+STAGING = "_staging"
 
 
 class StageNotBuilt(RuntimeError):
-    """A stage whose implementation is missing from this install."""
+    """A stage whose optional dependency is missing from this install."""
+
+
+class ManifestError(UserError):
+    """``manifest.json`` cannot be read: it says where it is and how to recover."""
 
 
 def _log(msg: str) -> None:
@@ -52,10 +68,16 @@ def library_versions() -> dict[str, str | None]:
 
 @dataclass
 class Run:
-    """The run folder: where every artifact of one config lives (local or s3://)."""
+    """The run folder: where every artifact of one config lives (local or s3://).
+
+    A child run (a sweep trial) reads the artifacts of the ``inherited`` stages from ``parent``
+    and writes its own stages into its own folder."""
 
     cfg: Config
     store: Store
+    parent: "Run | None" = None
+    inherited: tuple[str, ...] = ()
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, cfg: Config) -> "Run":
@@ -65,12 +87,36 @@ class Run:
     def path(self, *parts: str) -> Store:
         return self.store.child(*parts)
 
+    def owner(self, stage: str) -> "Run":
+        """The run whose folder holds ``stage``'s artifacts."""
+        return self.parent if stage in self.inherited and self.parent is not None else self
+
+    def input(self, *parts: str) -> Store:
+        """An artifact of an earlier stage (the parent's, for an inherited stage)."""
+        return self.owner(producer("/".join(parts))).path(*parts)
+
+    def hash(self, name: str) -> str:
+        """The stage's config hash (memoised: the ingest hash lists the pool's files)."""
+        if name not in self._hashes:
+            st = STAGES[name]
+            extra: dict[str, Any] = {u: self.hash(u) for u in st.upstream}
+            if name == "ingest":
+                fp = _pool_fingerprint(self.cfg)
+                if fp is not None:
+                    extra["pool_files"] = fp
+            self._hashes[name] = config_hash(self.cfg, st.sections, extra=extra)
+        return self._hashes[name]
+
     # ---- manifest ------------------------------------------------------------------------
     def manifest(self) -> dict:
-        m = self.path("manifest.json")
-        return m.read_json() if m.exists() else {}
+        return read_manifest(self.store)
+
+    def entry(self, stage: str) -> dict:
+        """The manifest entry of ``stage`` in the run that owns it ({} when none)."""
+        return self.owner(stage).manifest().get("stages", {}).get(stage, {})
 
     def record(self, stage: str, entry: dict) -> None:
+        """Write the stage's entry (one whole-file write: the manifest is never half-written)."""
         m = self.manifest()
         m["edsft"] = library_versions().get("edsft")
         m["versions"] = library_versions()
@@ -80,69 +126,102 @@ class Run:
         self.path("manifest.json").write_json(m)
 
 
+def read_manifest(run: Store) -> dict:
+    """The run folder's ``manifest.json`` ({} when there is none yet)."""
+    m = run.child("manifest.json")
+    if not m.exists():
+        return {}
+    try:
+        data = m.read_json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(
+            f"{m.uri} is damaged ({type(e).__name__}: {e}); it records which stages of this run finished. "
+            f"Move it aside (e.g. rename it to manifest.json.broken) and re-run: every stage then runs again "
+            f"(artifacts without a readable commit are never trusted)"
+        ) from e
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ManifestError(f"{m.uri} is not an edsft manifest (expected an object with 'stages'): move it aside and re-run")
+    return data
+
+
+def _pool_fingerprint(cfg: Config) -> str | None:
+    from .pools.fingerprint import fingerprint
+
+    return fingerprint(cfg.pool, cfg.storage.endpoint_url, cfg.storage.region)
+
+
 # --------------------------------------------------------------------------------------------
-# Stage definitions: which config sections each depends on, its artifact, and how to run it.
+# Stage definitions: which config sections each depends on, its outputs, and how to run it.
+# Every stage function gets the run (to read inputs with run.input) and its staging folder
+# ``out`` (to write its outputs into), and returns its summary.
 # --------------------------------------------------------------------------------------------
+
+# Optional third-party packages a stage may need; only their absence is "not available in this
+# install". An ImportError from anything else (edsft's own modules included) is a bug and surfaces.
+_OPTIONAL = {"ray", "torch", "transformers", "peft", "deepspeed", "sentence_transformers", "matplotlib", "pandas", "mlflow", "tensorboard"}
 
 
 def _impl(module: str, name: str, stage: str) -> Callable:
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise StageNotBuilt(f"stage {stage!r} is not available in this install ({module}.{name}: {e})") from e
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing in _OPTIONAL:
+            raise StageNotBuilt(f"stage {stage!r} needs {missing!r}, which is not installed: pip install 'edsft[all]' (or {missing})") from e
+        raise
+    return getattr(mod, name)
 
 
-def _ingest(run: Run, progress: bool) -> dict:
+def _ingest(run: Run, out: Store, progress: bool) -> dict:
     cfg = run.cfg
-    source_is_many = open_source(cfg).parallel
-    if source_is_many:
+    if open_source(cfg).parallel:  # many files: one Ray task per file
         fn = _impl("edsft.distributed.ingest", "ingest_pool_ray", "ingest")
         _ray(cfg)
     else:
         fn = _impl("edsft.pools.ingest", "ingest_pool", "ingest")
-    return fn(cfg, run.store, progress=progress)
+    return fn(cfg, out, progress=progress)
 
 
-def _score(run: Run, progress: bool) -> dict:
+def _score(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.scoring", "score_pool", "score")
-    return fn(run.cfg, run.path("pool.parquet"), run.path("scores.parquet"), run.path("score_quarantine.jsonl"), progress=progress)
+    return fn(run.cfg, run.input("pool.parquet"), out.child("scores.parquet"), out.child("score_quarantine.jsonl"), progress=progress)
 
 
-def _select(run: Run, progress: bool) -> dict:
+def _select(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.coresets", "select_subset", "select")
-    return fn(run.cfg, run.path("scores.parquet"), run.path("selection.parquet"), progress=progress)
+    return fn(run.cfg, run.input("scores.parquet"), out.child("selection.parquet"), progress=progress)
 
 
-def _annotate(run: Run, progress: bool) -> dict:
+def _annotate(run: Run, out: Store, progress: bool) -> dict:
     from .annotation import annotate
 
-    return annotate(run.cfg, run.path("selection.parquet"), run.path("pool.parquet"), run.path("annotated.parquet"), run.store)
+    return annotate(run.cfg, run.input("selection.parquet"), run.input("pool.parquet"), out.child("annotated.parquet"), out)
 
 
-def _train(run: Run, progress: bool) -> dict:
+def _train(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.train", "train_sft", "train")
-    return fn(run.cfg, run.path("annotated.parquet"), run.path("train"), progress=progress)
+    return fn(run.cfg, run.input("annotated.parquet"), out.child("train"), progress=progress)
 
 
-def _evaluate(run: Run, progress: bool) -> dict:
+def _evaluate(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.evaluate", "evaluate_models", "evaluate")
-    adapter = run.path("train", "adapter")
-    return fn(run.cfg, run.path("eval.parquet"), adapter if adapter.exists() else None, run.path("metrics.json"), progress=progress)
+    adapter = run.input("train", "adapter")
+    return fn(run.cfg, run.input("eval.parquet"), adapter if adapter.exists() else None, out.child("metrics.json"), progress=progress)
 
 
-def _sweep(run: Run, progress: bool) -> dict:
+def _sweep(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.sweep", "run_sweep", "sweep")
-    return fn(run.cfg, run.store, progress=progress)
+    return fn(run.cfg, run.store, progress=progress, results=out.child("sweep", "results.parquet"), trial_runner=run_trial)
 
 
-def _report(run: Run, progress: bool) -> dict:
+def _report(run: Run, out: Store, progress: bool) -> dict:
     fn = _impl("edsft.report", "build_report", "report")
-    return fn(run.store, metric=run.cfg.sweep.metric)
+    return fn(run.store, metric=run.cfg.sweep.metric, out=out.child("report"))
 
 
 def _ray(cfg: Config) -> None:
@@ -152,26 +231,44 @@ def _ray(cfg: Config) -> None:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    sections: tuple[str, ...]  # config sections whose change invalidates the artifact
-    upstream: tuple[str, ...]  # stages whose hash feeds this one
-    artifact: str  # path in the run folder that proves the stage finished
-    fn: Callable[[Run, bool], dict]
+    sections: tuple[str, ...]  # config sections whose change invalidates the outputs
+    upstream: tuple[str, ...]  # stages whose hash (and commit) feeds this one
+    outputs: tuple[str, ...]  # paths in the run folder the stage writes (those it produced are committed)
+    fn: Callable[[Run, Store, bool], dict]
+    needs: tuple[str, ...] = ()  # upstream artifacts it reads, checked before it starts
+    resumable: bool = False  # keep the staging folder across attempts with the same hash
+    keep_on_failure: tuple[str, ...] = ()  # diagnostics moved into the run folder even when the stage fails
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("ingest", ("pool",), (), "pool.parquet", _ingest),
-        Stage("score", ("scoring",), ("ingest",), "scores.parquet", _score),
-        Stage("select", ("selection",), ("score",), "selection.parquet", _select),
-        Stage("annotate", ("annotation",), ("select", "ingest"), "annotated.parquet", _annotate),
-        # training.model defaults to scoring.model, so scoring is part of train's identity
-        Stage("train", ("training", "scoring"), ("annotate",), "train/adapter", _train),
-        Stage("evaluate", ("evaluation",), ("train",), "metrics.json", _evaluate),
-        Stage("sweep", ("sweep", "selection", "annotation", "training", "evaluation"), ("score",), "sweep/results.parquet", _sweep),
-        Stage("report", (), ("sweep",), "report/report.md", _report),
+        # a failed ingest keeps quarantine.jsonl: it says which rows were bad and why
+        Stage("ingest", ("pool",), (), ("pool.parquet", "eval.parquet", "quarantine.jsonl"), _ingest,
+              keep_on_failure=("quarantine.jsonl",)),
+        Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score, needs=("pool.parquet",)),
+        Stage("select", ("selection",), ("score",), ("selection.parquet",), _select, needs=("scores.parquet",)),
+        Stage("annotate", ("annotation",), ("select", "ingest"), ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv"), _annotate,
+              needs=("selection.parquet", "pool.parquet")),
+        # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
+        # Train's checkpoints live in the staging folder until the run finishes
+        Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, needs=("annotated.parquet",), resumable=True),
+        Stage("evaluate", ("evaluation",), ("train", "ingest"), ("metrics.json", "predictions.jsonl"), _evaluate, needs=("eval.parquet",)),
+        # the trials are child runs with their own manifests (committed stage by stage), and Tune
+        # keeps its own experiment state: only the results table is staged
+        Stage("sweep", ("sweep", "selection", "annotation", "training", "evaluation"), ("score", "ingest"), ("sweep/results.parquet",), _sweep,
+              needs=("pool.parquet", "eval.parquet", "scores.parquet")),
+        Stage("report", (), ("sweep",), ("report",), _report, needs=("sweep/results.parquet",)),
     ]
 }
+
+
+def producer(artifact: str) -> str:
+    """The stage whose outputs hold ``artifact`` (a path in the run folder)."""
+    for st in STAGES.values():
+        if any(artifact == o or artifact.startswith(o + "/") for o in st.outputs):
+            return st.name
+    raise KeyError(f"no stage writes {artifact!r}")
 
 
 def stage_plan(cfg: Config) -> list[str]:
@@ -185,36 +282,147 @@ def stage_plan(cfg: Config) -> list[str]:
 
 
 def stage_hash(cfg: Config, name: str) -> str:
+    return Run.open(cfg).hash(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Commit bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs(run: Run, st: Stage) -> dict[str, str | None]:
+    """Which commit of each upstream stage this one read: an upstream stage that re-ran since
+    (e.g. with --force) makes this stage stale too."""
+    return {u: run.entry(u).get("finished_at") for u in st.upstream}
+
+
+def why_not_done(run: Run, name: str) -> str | None:
+    """None when ``name`` is committed for the current config and its outputs are intact on
+    disk; else the reason it must run."""
     st = STAGES[name]
-    return config_hash(cfg, st.sections, extra={u: stage_hash(cfg, u) for u in st.upstream})
+    owner = run.owner(name)
+    e = run.entry(name)
+    if not e:
+        return "never ran"
+    if e.get("state") != "done" or "inventory" not in e:
+        return "its last attempt did not commit"
+    if e.get("hash") != run.hash(name):
+        return "the config or the input files changed"
+    if e.get("inputs") != _inputs(owner, st):
+        return "an upstream stage re-ran since"
+    for o, recorded in e["inventory"].items():
+        found = owner.path(o).inventory()
+        if found != recorded:
+            return _describe_change(owner.path(o).uri, recorded, found)
+    return None
+
+
+def _describe_change(uri: str, recorded: dict | None, found: dict | None) -> str:
+    if found is None:
+        return f"{uri} is missing"
+    if recorded is None:
+        return f"{uri} appeared after the commit"
+    if recorded.get("rows") != found.get("rows"):
+        return f"{uri} holds {found.get('rows')} rows, the commit recorded {recorded.get('rows')}"
+    return f"{uri} changed on disk since the commit"
+
+
+def _check_upstream(run: Run, st: Stage) -> None:
+    """Refuse to read an upstream artifact whose stage did not commit (a killed or failed run) or
+    that was built with another config. An upstream stage without any manifest entry is allowed:
+    its artifacts were brought from elsewhere (e.g. a hand-made results table for ``report``)."""
+    for need in st.needs:
+        if not run.input(need).exists():
+            raise UserError(f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
+                            f"first (or `edsft run`, which runs every stage that is missing)")
+    for u in st.upstream:
+        if not run.entry(u):
+            continue
+        why = why_not_done(run, u)
+        if why is not None:
+            where = "" if run.owner(u) is run else f" in {run.owner(u).store.uri}"
+            raise UserError(f"stage {st.name!r} needs the {u!r} stage's outputs{where}, which are not usable ({why}): "
+                            f"run `edsft {u}` (or `edsft run`, which runs what is missing) first")
+
+
+def _rebase(obj: Any, old: str, new: str) -> Any:
+    """Point the paths in a summary (or message) from the staging folder at the committed place."""
+    if isinstance(obj, str):
+        return obj.replace(old, new)
+    if isinstance(obj, dict):
+        return {k: _rebase(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebase(v, old, new) for v in obj)
+    return obj
+
+
+def _execute(run: Run, st: Stage, progress: bool, force: bool) -> dict:
+    """Run the stage in its staging folder, then commit its outputs."""
+    staging = run.path(STAGING, st.name)
+    h = run.hash(st.name)
+    marker = staging.child("_attempt.json")
+    keep = st.resumable and not force and marker.exists() and marker.read_json().get("hash") == h
+    if not keep:
+        staging.remove()  # leftovers of a killed attempt, or of another config
+    marker.write_json({"hash": h, "started_at": _now()})
+    inputs = _inputs(run, st)
+    t0 = time.time()
+    try:
+        summary = st.fn(run, staging, progress) or {}
+    except BaseException as e:  # KeyboardInterrupt too: never leave a half-written stage behind
+        for o in st.keep_on_failure:
+            if staging.child(o).exists():
+                staging.child(o).move_to(run.path(o))
+        if not st.resumable:
+            _remove_staging(run, staging)
+        e.args = tuple(_rebase(a, staging.uri, run.store.uri) for a in e.args)
+        raise
+    wall = time.time() - t0
+    produced = [o for o in st.outputs if staging.child(o).exists()]
+    entry = {"hash": h, "inputs": inputs, "wall_s": round(wall, 3), "finished_at": _now(),
+             "artifact": run.path(produced[0] if produced else st.outputs[0]).uri,
+             "summary": _rebase(summary, staging.uri, run.store.uri)}
+    # The commit: say so first, move, then record what is on disk. A kill anywhere in between
+    # leaves "committing", which is never taken for done.
+    run.record(st.name, {**entry, "state": "committing"})
+    for o in produced:
+        staging.child(o).move_to(run.path(o))
+    run.record(st.name, {**entry, "state": "done", "inventory": {o: run.path(o).inventory() for o in produced}})
+    _remove_staging(run, staging)
+    return entry
+
+
+def _remove_staging(run: Run, staging: Store) -> None:
+    staging.remove()
+    if not run.path(STAGING).list():  # the last stage in staging: leave no empty folder behind
+        run.path(STAGING).remove()
 
 
 def run_stage(cfg: Config, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
-    """Run one stage (always, unless ``skip_done`` and its artifact matches the config hash)."""
+    """Run one stage (always, unless ``skip_done`` and it is committed for this config)."""
     check_config(cfg)  # selector names and params, sweep grid, metric: a typo fails here, not after scoring
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}: valid stages are {list(STAGES)}")
-    run = Run.open(cfg)
+        raise UserError(f"unknown stage {name!r}: valid stages are {list(STAGES)}")
+    return _run(Run.open(cfg), name, force=force, progress=progress, skip_done=skip_done)
+
+
+def _run(run: Run, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
     st = STAGES[name]
-    h = stage_hash(cfg, name)
-    progress = cfg.output.progress if progress is None else progress
-    recorded = run.manifest().get("stages", {})
-    done = recorded.get(name, {})
-    # An upstream stage that re-ran since (e.g. with --force) makes this artifact stale too.
-    inputs = {u: recorded.get(u, {}).get("finished_at") for u in st.upstream}
-    if skip_done and not force and done.get("hash") == h and done.get("inputs") == inputs and run.path(st.artifact).exists():
-        _log(f"{name}: up to date (config hash {h}), skipped -> {run.path(st.artifact).uri}")
-        return {**done, "skipped": True}
+    progress = run.cfg.output.progress if progress is None else progress
+    if skip_done and not force:
+        why = why_not_done(run, name)
+        if why is None:
+            done = run.entry(name)
+            _log(f"{name}: up to date (config hash {done['hash']}), skipped -> {done.get('artifact')}")
+            return {**done, "skipped": True}
+        if run.entry(name):
+            _log(f"{name}: runs again: {why}")
+    _check_upstream(run, st)
+    _log(f"{name}: running (config hash {run.hash(name)})")
     if force and st.name == "train":
-        # A forced retrain must not resume the previous run's checkpoints.
-        run.path("train").remove()
-    t0 = time.time()
-    summary = st.fn(run, progress) or {}
-    wall = time.time() - t0
-    entry = {"hash": h, "inputs": inputs, "wall_s": round(wall, 3), "finished_at": _now(),
-             "artifact": run.path(st.artifact).uri, "summary": summary}
-    run.record(name, entry)
-    _log(f"{name}: {_headline(name, summary)} in {wall:.1f} s -> {run.path(st.artifact).uri}")
+        run.path("train").remove()  # a forced retrain must not resume the previous run's checkpoints
+    entry = _execute(run, st, progress, force)
+    _log(f"{name}: {_headline(name, entry['summary'])} in {entry['wall_s']:.1f} s -> {entry['artifact']}")
     return entry
 
 
@@ -240,9 +448,7 @@ def _headline(name: str, s: dict) -> str:
     if isinstance(val, list):
         val = len(val)
     extra = ""
-    if name == "ingest" and "rows_quarantined" in s:
-        extra = f", {s['rows_quarantined']} quarantined"
-    if name == "score" and "rows_quarantined" in s:
+    if name in ("ingest", "score") and "rows_quarantined" in s:
         extra = f", {s['rows_quarantined']} quarantined"
     if name == "select" and "objective" in s:
         extra = f", objective {s['objective']:.4g}" if isinstance(s["objective"], (int, float)) else ""
@@ -250,7 +456,7 @@ def _headline(name: str, s: dict) -> str:
 
 
 def run_pipeline(cfg: Config, *, force: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
-    """All stages of the plan in order, skipping those already done with the same config."""
+    """All stages of the plan in order, skipping those already committed with the same config."""
     results = {}
     for name in stages or stage_plan(cfg):
         results[name] = run_stage(cfg, name, force=force, skip_done=True)
@@ -260,3 +466,19 @@ def run_pipeline(cfg: Config, *, force: bool = False, stages: list[str] | None =
     elif "evaluate" in results:
         _log(f"metrics: {run.path('metrics.json').uri}")
     return results
+
+
+# The stages a sweep trial runs itself; the rest it inherits from the sweep's run.
+TRIAL_STAGES = ("select", "annotate", "train", "evaluate")
+
+
+def run_trial(cfg: Config, parent_uri: str) -> dict[str, dict]:
+    """One sweep trial: the pipeline's own select -> annotate -> train -> evaluate on the child run
+    ``cfg.output.dir``, whose pool, scores and eval split are the parent run's (``parent_uri``).
+
+    Stages the child already committed for this config are skipped, so a trial that finished
+    under another grid (or was killed half-way) is reused or continued. Returns {stage: entry}."""
+    child = Run.open(cfg)
+    parent = Run(cfg, get_store(parent_uri, cfg.storage.endpoint_url, cfg.storage.region))
+    child = Run(cfg, child.store, parent=parent, inherited=("ingest", "score"))
+    return {name: _run(child, name, skip_done=True, progress=False) for name in TRIAL_STAGES}

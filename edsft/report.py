@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from .results import METRICS
+
 __all__ = [
     "METRICS",
     "higher_is_better",
@@ -36,8 +38,6 @@ __all__ = [
     "build_report",
 ]
 
-# The metrics a sweep reports for the finetuned model; base-model columns carry a `base_` prefix.
-METRICS = ("exact_match", "rouge_l", "loss")
 _LOWER_IS_BETTER = {"loss"}
 _LABELS = {
     "exact_match": "exact match (fraction of eval prompts)",
@@ -423,8 +423,8 @@ def _efficiency_table(eff: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def build_report(run, metric: str | None = None, metrics: Iterable[str] | None = None) -> dict:
-    """Write ``run/report/`` (report.md, one learning-curve PNG per metric, the label-efficiency
+def build_report(run, metric: str | None = None, metrics: Iterable[str] | None = None, out=None) -> dict:
+    """Write ``out`` (default ``run/report/``: report.md, one learning-curve PNG per metric, the label-efficiency
     plot and CSV) from ``run/sweep/results.parquet``; ``metric`` (default: the sweep's
     ``sweep.metric`` from the run manifest, else exact_match) drives the headline.
     Returns {"report": uri, "headline": {...}, "plots": [...], "trials": n}."""
@@ -447,7 +447,7 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     if metric not in metrics:
         metrics = [metric] + metrics
 
-    out = run.child("report")
+    out = out if out is not None else run.child("report")
     plots = []
     sections = []
     head = None

@@ -8,13 +8,15 @@ written anywhere. No torch, no ray: every layer may use this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -66,9 +68,14 @@ class Store:
             return f.read()
 
     def write_bytes(self, data: bytes) -> None:
+        """Write the whole file at once: a reader (or a crash) never sees half of it.
+
+        An S3 PUT is atomic already; locally the bytes go to a temporary name in the same folder
+        and are renamed over the target (rename is atomic within a filesystem)."""
         self._mkparent()
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
+        with self._atomic_local() as path:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -99,7 +106,23 @@ class Store:
 
     def write_table(self, table: pa.Table) -> None:
         self._mkparent()
-        pq.write_table(table, self.path, filesystem=self.fs)
+        with self._atomic_local() as path:
+            pq.write_table(table, path, filesystem=self.fs)
+
+    @contextlib.contextmanager
+    def _atomic_local(self) -> Iterator[str]:
+        """The path to write to: a temporary sibling renamed over ``self.path`` on success
+        (locally), or ``self.path`` itself on S3, where an object appears whole or not at all."""
+        if is_remote(self.uri):
+            yield self.path
+            return
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            yield tmp
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def parquet_files(self) -> list[str]:
         """Paths (inside fs) of the Parquet parts of a dataset folder, sorted; a file gives itself."""
@@ -124,6 +147,44 @@ class Store:
             self.fs.delete_dir(self.path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
+
+    def move_to(self, dest: "Store") -> None:
+        """Move this file or folder to ``dest`` (replacing what is there), on the same filesystem.
+
+        Locally a rename (atomic); on S3, which has no rename, a copy of every object then a
+        delete of the source: callers that need the move to look atomic record a commit marker
+        after it (the pipeline's manifest does)."""
+        dest.remove()
+        if not is_remote(self.uri):
+            Path(dest.path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, dest.path)
+            return
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.File:
+            self.fs.copy_file(self.path, dest.path)
+        else:
+            for i in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True)):
+                if i.type == pafs.FileType.File:
+                    self.fs.copy_file(i.path, posixpath.join(dest.path, posixpath.relpath(i.path, self.path)))
+        self.remove()
+
+    def inventory(self) -> dict | None:
+        """What is here, to compare with what a commit recorded: every file's size and the row
+        count of the Parquet files (from their footers); None when nothing is here."""
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            return None
+        if info.type == pafs.FileType.File:
+            files = {"": info.size}
+        else:
+            sel = pafs.FileSelector(self.path, recursive=True)
+            files = {posixpath.relpath(i.path, self.path): i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
+        rows = None
+        for rel in sorted(files):
+            if rel.endswith(".parquet") or (rel == "" and self.path.endswith(".parquet")):
+                path = posixpath.join(self.path, rel) if rel else self.path
+                rows = (rows or 0) + pq.read_metadata(path, filesystem=self.fs).num_rows
+        return {"files": dict(sorted(files.items())), "rows": rows}
 
     def list(self) -> list[str]:
         """Names directly inside this folder."""

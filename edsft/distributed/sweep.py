@@ -1,11 +1,12 @@
 """Ray Tune sweep over selector x budget x seed (x selector hyperparameters).
 
-The pool is scored once (``run/scores.parquet``); every trial then runs
+The pool is scored once (``run/scores.parquet``); every trial then runs the pipeline's own
 
     select -> annotate -> train (Ray Train, launched from inside the trial) -> evaluate
 
-into ``run/sweep/trials/<selector>[-params]-b<budget>-s<seed>/`` and reports the eval metrics
-to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
+stages (``trial_runner``, :func:`edsft.pipeline.run_trial`) on a child run in
+``run/sweep/trials/<selector>[-params]-b<budget>-s<seed>/`` whose pool, scores and eval split
+are the run's, and reports the eval metrics (:class:`edsft.results.EvalResult`) to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
 *function* trainable that only drives its TorchTrainer, so it asks for a sliver of a CPU
 (``sweep.cpus_per_trial``) and the trainer's workers hold the real resources. Concurrency is
 capped by ``max_concurrent_trials`` (from the cluster when null) so that trials do not start
@@ -13,8 +14,9 @@ trainers the cluster cannot place.
 
 Restarts: the Tune experiment lives in ``run/sweep/tune/<name>`` (name from the grid's config
 hash); re-running the same sweep restores it and runs only the trials that did not finish.
-A trial also writes ``result.json`` in its folder, keyed by the trial's config hash, so a trial
-that finished under a different grid (one more budget, say) is not recomputed either.
+A trial's child run commits stage by stage like any run, so a trial that finished under a
+different grid (one more budget, say) is not recomputed, and a killed one continues. Its
+``result.json`` (its results row, keyed by the trial's config hash) is written last.
 Results: ``run/sweep/results.parquet``, one row per trial.
 """
 
@@ -27,20 +29,21 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
 from ..config import Config, config_from_dict, config_hash, config_to_dict
+from ..errors import UserError
+from ..results import METRICS, EvalResult
 from ..storage import Store, get_store
 
 __all__ = ["run_sweep", "collect_results", "expand_grid", "trial_name", "default_max_concurrent_trials", "check_trial_fits", "RESULT_COLUMNS"]
 
-METRIC_NAMES = ("exact_match", "rouge_l", "loss")
 RESULT_COLUMNS = (
     ["trial_id", "selector", "params", "budget", "seed"]
-    + list(METRIC_NAMES)
-    + [f"base_{m}" for m in METRIC_NAMES]
+    + list(METRICS)
+    + [f"base_{m}" for m in METRICS]
     + ["objective", "train_steps", "wall_s", "status", "error", "metrics"]
 )
 # Config sections that decide a trial's result (sweep itself only decides which trials exist).
@@ -62,7 +65,7 @@ def _param_grid(selector: str, spec: Any) -> list[dict]:
     if spec is None:
         return [{}]
     if not isinstance(spec, dict):
-        raise ValueError(
+        raise UserError(
             f"sweep.params.{selector}={spec!r} must map parameter names to a value or a list of values, "
             f"e.g. sweep.params={{{selector}: {{lambda_: [0.3, 0.7]}}}}"
         )
@@ -72,7 +75,7 @@ def _param_grid(selector: str, spec: Any) -> list[dict]:
         v = spec[k]
         v = list(v) if isinstance(v, (list, tuple)) else [v]
         if not v:
-            raise ValueError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
+            raise UserError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
         values.append(v)
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
@@ -93,13 +96,21 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     notes = []
     selectors = list(dict.fromkeys(cfg.sweep.selectors))  # drop duplicates, keep order
     if not selectors:
-        raise ValueError("sweep.selectors=[] is empty: name at least one selector, e.g. [random, facility_location]")
+        raise UserError("sweep.selectors=[] is empty: name at least one selector, e.g. [random, facility_location]")
     if "random" not in selectors:
         selectors.insert(0, "random")
         notes.append("sweep.selectors has no 'random': added it (the label-efficiency ratio is measured against random)")
-    unknown = [s for s in cfg.sweep.params if s not in selectors]
+    from ..selection import SELECTORS
+
+    unknown = [s for s in cfg.sweep.params if s not in SELECTORS]
     if unknown:
-        raise ValueError(f"sweep.params names selectors {unknown} that are not in sweep.selectors={selectors}: add them or remove their params")
+        raise UserError(f"sweep.params names selectors {unknown} that do not exist: valid names are {sorted(SELECTORS)}")
+    # Params of known selectors this sweep does not run are ignored, not an error: a config's
+    # sweep.params (the quickstart's included) may hold settings for more selectors than one sweep
+    # picks, e.g. `edsft sweep sweep.selectors=[random,k_center]`.
+    unused = [s for s in cfg.sweep.params if s not in selectors]
+    if unused:
+        notes.append(f"sweep.params for {unused} ignored: not in sweep.selectors={selectors}")
     variants = []  # (selector, params) pairs
     for selector in selectors:
         base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
@@ -115,7 +126,7 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
+        raise UserError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
     return specs, notes
 
 
@@ -174,7 +185,7 @@ def check_trial_fits(cfg: Config, cluster: dict[str, float]) -> None:
         if need > have + 1e-9:
             workers = cfg.training.num_workers
             per = (have - (cfg.sweep.cpus_per_trial if res == "CPU" else 0.0)) / workers
-            raise ValueError(
+            raise UserError(
                 f"one sweep trial needs {need:g} {res} (training.num_workers={workers} x "
                 f"training.resources_per_worker.{res} plus sweep.cpus_per_trial={cfg.sweep.cpus_per_trial:g}) but the "
                 f"cluster has {have:g}: its trainer could never start. Set training.resources_per_worker.{res} <= "
@@ -198,39 +209,9 @@ def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_tria
 # --------------------------------------------------------------------------------------------
 
 
-def _flat_metrics(metrics: dict) -> dict:
-    """Pull the headline numbers out of evaluate_models' metrics.json.
-
-    Accepts {"finetuned": {"overall": {...}, "macro": {...}, "per_task": {...}}, "base": {...}}
-    and flat forms; macro averages win over overall (micro) ones when both are present: every task
-    family counts the same, as in the task-balanced eval split."""
-
-    def pick(block: Any) -> dict:
-        if not isinstance(block, dict):
-            return {}
-        out = {}
-        macro = block.get("macro") if isinstance(block.get("macro"), dict) else {}
-        overall = block.get("overall") if isinstance(block.get("overall"), dict) else {}
-        for m in METRIC_NAMES:
-            for cand in (macro.get(m), block.get(f"macro_{m}"), overall.get(m), block.get(m)):
-                if isinstance(cand, (int, float)) and not isinstance(cand, bool):
-                    out[m] = float(cand)
-                    break
-        return out
-
-    ft = pick(metrics.get("finetuned", metrics.get("model", metrics)))
-    base = pick(metrics.get("base", {}))
-    return {**ft, **{f"base_{k}": v for k, v in base.items()}}
-
-
-def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, fail_once: dict | None = None) -> None:
-    """Tune function trainable: select -> annotate -> train -> evaluate, then tune.report."""
+def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, trial_runner: Callable, callbacks: Sequence[Callable]) -> None:
+    """Tune function trainable: the pipeline's trial stages on the trial's child run, then tune.report."""
     from ray import tune
-
-    from ..annotation import annotate
-    from .coresets import select_subset
-    from .evaluate import evaluate_models
-    from .train import train_sft
 
     os.chdir(cwd)  # Tune moves trials into a scratch dir; relative paths in the config mean the driver's cwd
     spec = config["trial"]
@@ -238,45 +219,32 @@ def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, fail_onc
     run = get_store(run_uri, cfg.storage.endpoint_url, cfg.storage.region)
     trial = run.child("sweep", "trials", spec["name"])
     tcfg = trial_config(cfg, spec, trial)
-    thash = _trial_hash(tcfg)
     log = trial.child("events.jsonl")
 
     _append(log, {"event": "invoked", "time": time.time()})  # Tune ran this trial (counted by run_sweep)
-    if fail_once and spec["name"] in fail_once:  # fault injection for restore tests
-        lock = fail_once[spec["name"]]
-        if not os.path.exists(lock):
-            open(lock, "w").close()
-            raise RuntimeError(f"injected failure of trial {spec['name']} (lock file {lock} now exists)")
-    done = trial.child("result.json")
-    if done.exists():
-        prev = done.read_json()
-        if prev.get("trial_hash") == thash:  # finished before (maybe under another grid): reuse
-            _append(log, {"event": "reused", "time": time.time()})
-            tune.report(prev["report"])
-            return
-    _append(log, {"event": "start", "time": time.time(), "trial_hash": thash})
-
+    for cb in callbacks:
+        cb(spec=dict(spec), trial=trial.uri)
     t0 = time.time()
-    sel = select_subset(tcfg, run.child("scores.parquet"), trial.child("selection.parquet"), progress=False) or {}
-    ann = annotate(tcfg, trial.child("selection.parquet"), run.child("pool.parquet"), trial.child("annotated.parquet"), trial)
-    tr = train_sft(tcfg, trial.child("annotated.parquet"), trial.child("train"), progress=False) or {}
-    adapter = trial.child("train", "adapter")
-    ev = evaluate_models(tcfg, run.child("eval.parquet"), adapter if adapter.exists() else None, trial.child("metrics.json"), progress=False) or {}
-    metrics = trial.child("metrics.json").read_json() if trial.child("metrics.json").exists() else ev
-    flat = _flat_metrics(metrics)
+    entries = trial_runner(tcfg, run.uri)
+    # Every stage already committed for this trial's config (e.g. under another grid): reused.
+    computed = not all(e.get("skipped") for e in entries.values())
+    _append(log, {"event": "computed" if computed else "reused", "time": time.time()})
+
+    metrics = trial.child("metrics.json").read_json()
+    row = EvalResult.from_metrics(metrics).flat()
     base_file = run.child("sweep", "base_metrics.json")
     if base_file.exists():
-        flat.update({k: v for k, v in _flat_metrics({"base": base_file.read_json().get("base", {})}).items() if k.startswith("base_")})
-    objective = sel.get("objective")
+        row.update(EvalResult.from_metrics({"base": base_file.read_json().get("base")}).flat())
+    objective = entries["select"]["summary"].get("objective")
+    steps = entries["train"]["summary"].get("steps")
     report = {
-        **{k: v for k, v in flat.items() if v is not None},
+        **row,
         "objective": float(objective) if isinstance(objective, (int, float)) else float("nan"),
-        "train_steps": int(tr.get("steps", -1)) if isinstance(tr.get("steps"), (int, float)) else -1,
-        "annotated": int(ann.get("rows", spec["budget"])) if isinstance(ann, dict) else spec["budget"],
+        "train_steps": int(steps) if isinstance(steps, (int, float)) else -1,
+        "annotated": int(entries["annotate"]["summary"].get("rows", spec["budget"])),
         "trial_wall_s": time.time() - t0,
     }
-    done.write_json({"trial_hash": thash, "spec": spec, "report": report, "metrics": metrics})
-    _append(log, {"event": "end", "time": time.time()})
+    trial.child("result.json").write_json({"trial_hash": _trial_hash(tcfg), "spec": spec, "report": report, "metrics": metrics})
     tune.report(report)
 
 
@@ -313,14 +281,18 @@ def _base_metrics(cfg: Config, run: Store, progress: bool) -> dict | None:
     return rec
 
 
-def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dict[str, str] | None = None) -> dict:
+def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: Callable[[Config, str], dict],
+              results: Store | None = None, trial_callbacks: Sequence[Callable[..., None]] = ()) -> dict:
     """Run (or resume) the Tune sweep of ``cfg.sweep`` on the run folder ``run``.
 
-    Needs ``run/pool.parquet``, ``run/eval.parquet`` and ``run/scores.parquet``. Writes
-    ``run/sweep/results.parquet`` and returns {"trials", "finished", "errored", "executed" (trials
-    Tune ran in this call), "computed" (those that ran their stages rather than reuse a finished
-    result.json), "results", "experiment", "max_concurrent_trials"}. ``_fail_once`` (tests only) maps trial
-    names to lock files: the trial fails once, while its lock file does not exist yet."""
+    Needs ``run/pool.parquet``, ``run/eval.parquet`` and ``run/scores.parquet``. Every trial calls
+    ``trial_runner(trial_cfg, run.uri)``, which runs the trial's stages on the child run
+    ``trial_cfg.output.dir`` and returns {stage: manifest entry} (:func:`edsft.pipeline.run_trial`;
+    passed in because the pipeline layer sits above this one). ``trial_callbacks`` are called in
+    the trial's process as ``cb(spec=, trial=)`` before its stages run (to log, or to inject a
+    failure). Writes ``results`` (default ``run/sweep/results.parquet``) and returns {"trials",
+    "finished", "errored", "executed" (trials Tune ran in this call), "computed" (those that ran
+    stages rather than reuse committed ones), "results", "experiment", "max_concurrent_trials"}."""
     import ray
     from ray import tune
 
@@ -331,7 +303,7 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
         if not run.child(need).exists():
             raise FileNotFoundError(f"{run.child(need).uri} (the sweep reuses the run's {need}: run `edsft ingest` and `edsft score` first)")
     if cfg.annotation.mode == "export":
-        raise ValueError("annotation.mode='export' cannot run a sweep (it stops for human annotators): set annotation.mode=oracle or import")
+        raise UserError("annotation.mode='export' cannot run a sweep (it stops for human annotators): set annotation.mode=oracle or import")
     specs, notes = expand_grid(cfg)
     for n in notes:
         _log(n)
@@ -346,7 +318,7 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
 
     # Trials Tune runs now, and those of them that compute (vs reuse a finished result.json).
     invoked_before = _count_events(run, specs, "invoked")
-    starts_before = _count_events(run, specs, "start")
+    computed_before = _count_events(run, specs, "computed")
 
     tune_root = run.child("sweep", "tune")
     remote = tune_root.uri.startswith("s3://")
@@ -354,7 +326,8 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
     storage_path = tune_root.path if remote else tune_root.uri
     exp_path = tune_root.child(name).path if remote else tune_root.child(name).uri
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, cfg_dict=config_to_dict(cfg), run_uri=run.uri, cwd=os.getcwd(), fail_once=_fail_once),
+        tune.with_parameters(_run_trial, cfg_dict=config_to_dict(cfg), run_uri=run.uri, cwd=os.getcwd(),
+                             trial_runner=trial_runner, callbacks=list(trial_callbacks)),
         {"CPU": cfg.sweep.cpus_per_trial},
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -388,11 +361,11 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, _fail_once: dic
         if r.error is not None and spec:
             errors[spec["name"]] = f"{type(r.error).__name__}: {r.error}"[:2000]
     table = _collect(run, cfg, specs, errors, base)
-    out = run.child("sweep", "results.parquet")
+    out = results if results is not None else run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
     executed = _count_events(run, specs, "invoked") - invoked_before
-    computed = _count_events(run, specs, "start") - starts_before
+    computed = _count_events(run, specs, "computed") - computed_before
     summary = {
         "trials": len(specs), "finished": statuses.count("TERMINATED"), "errored": statuses.count("ERROR"),
         "executed": executed, "computed": computed, "results": out.uri, "experiment": tune_root.child(name).uri,
@@ -427,7 +400,7 @@ def _count_events(run: Store, specs: list[dict], event: str) -> int:
 def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str], base: dict | None) -> pa.Table:
     """One row per trial from the trials' result.json (the source of truth, also across
     restores); trials without a result are ERROR (with Tune's error) or PENDING."""
-    base_flat = _flat_metrics({"base": base.get("base", {})}) if base else {}
+    base_flat = EvalResult.from_metrics({"base": base.get("base")}).flat() if base else {}
     rows = []
     for s in specs:
         trial = run.child("sweep", "trials", s["name"])
@@ -439,7 +412,7 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
         # sweep does not make a trial that failed now count as finished.
         if s["name"] not in errors and rec is not None and rec.get("trial_hash") == _trial_hash(trial_config(cfg, s, trial)):
             rep = rec["report"]
-            for m in METRIC_NAMES:
+            for m in METRICS:
                 row[m] = rep.get(m)
                 row[f"base_{m}"] = rep.get(f"base_{m}", base_flat.get(f"base_{m}"))
             row.update(objective=rep.get("objective"), train_steps=rep.get("train_steps"), wall_s=rep.get("trial_wall_s"),
@@ -449,7 +422,7 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
         rows.append(row)
     schema = pa.schema(
         [("trial_id", pa.string()), ("selector", pa.string()), ("params", pa.string()), ("budget", pa.int64()), ("seed", pa.int64())]
-        + [(m, pa.float64()) for m in METRIC_NAMES] + [(f"base_{m}", pa.float64()) for m in METRIC_NAMES]
+        + [(m, pa.float64()) for m in METRICS] + [(f"base_{m}", pa.float64()) for m in METRICS]
         + [("objective", pa.float64()), ("train_steps", pa.int64()), ("wall_s", pa.float64()), ("status", pa.string()),
            ("error", pa.string()), ("metrics", pa.string())]
     )

@@ -51,3 +51,15 @@ def test_report_uses_the_config_the_run_ran_with(tmp_path):
     m = run.child("manifest.json").read_json()
     assert m["config"]["pool"]["size"] == 1234 and "report" in m["stages"]
     assert run.child("report/report.md").exists()
+
+
+def test_sweep_verb_builds_the_pool_and_scores_it_needs(ray_cluster, tmp_path, capsys):
+    """`edsft sweep` on a fresh folder runs ingest and score first instead of failing for their
+    artifacts (here the sweep itself then refuses export mode, before any trial)."""
+    out = tmp_path / "run"
+    rc = main(["sweep", "--config", "jobs/configs/smoke.yaml", f"output.dir={out}", "pool.size=40", "pool.eval_size=20",
+               "annotation.mode=export", "output.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "annotation.mode='export' cannot run a sweep" in err, err[-2000:]
+    assert (out / "pool.parquet").exists() and (out / "scores.parquet").exists()
+    assert "ingest: running" in err and "score: running" in err

@@ -23,6 +23,7 @@ RULES = {
     "annotation": (HEAVY, UPPER),
     "report": (HEAVY, UPPER),
     "validate": (HEAVY, UPPER),
+    "results": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"config", "storage", "selection", "pools", "annotation", "report"}),
     "models": ({"ray"}, {"distributed", "pipeline", "cli"}),
     "scoring": ({"ray"}, {"distributed", "pipeline", "cli"}),
     "training": ({"ray"}, {"distributed", "pipeline", "cli"}),

@@ -6,6 +6,7 @@ import pytest
 
 from edsft.config import Config, config_from_dict
 from edsft.distributed import sweep as S
+from edsft.results import METRICS, EvalResult
 
 
 def _cfg(**sweep) -> Config:
@@ -30,7 +31,7 @@ def test_grid_keeps_random_once_and_rejects_bad_params():
     specs, notes = S.expand_grid(_cfg(selectors=["random", "k_center", "random"], budgets=[5], seeds=[3]))
     assert [s["name"] for s in specs] == ["random-b5-s3", "k_center-b5-s3"] and notes == []
     with pytest.raises(ValueError, match="sweep.params names selectors"):
-        S.expand_grid(_cfg(selectors=["random"], params={"k_center": {"metric": "cosine"}}))
+        S.expand_grid(_cfg(selectors=["random"], params={"k_centre": {"metric": "cosine"}}))  # not a selector
     with pytest.raises(ValueError, match=r"sweep.params.k_center=.*must map"):
         S.expand_grid(_cfg(selectors=["k_center"], params={"k_center": 3}))
     with pytest.raises(ValueError, match="is empty"):
@@ -77,15 +78,43 @@ def test_explicit_max_concurrent_trials_wins():
     assert S.default_max_concurrent_trials(cfg, {"CPU": 1.0}, 2) == 2
 
 
-def test_flat_metrics_prefers_macro_and_prefixes_base():
+def test_eval_result_prefers_macro_and_prefixes_base():
     m = {"finetuned": {"exact_match": 0.2, "rouge_l": 0.5, "loss": 1.5, "macro": {"exact_match": 0.25, "rouge_l": 0.55}},
          "base": {"exact_match": 0.1, "loss": 2.0}}
-    assert S._flat_metrics(m) == {"exact_match": 0.25, "rouge_l": 0.55, "loss": 1.5, "base_exact_match": 0.1, "base_loss": 2.0}
+    assert EvalResult.from_metrics(m).flat() == {"exact_match": 0.25, "rouge_l": 0.55, "loss": 1.5, "base_exact_match": 0.1, "base_loss": 2.0}
 
 
-def test_flat_metrics_reads_overall_when_macro_lacks_a_metric():
-    m = {"finetuned": {"overall": {"exact_match": 0.3, "loss": 1.2}, "macro": {"exact_match": 0.35, "loss": None}, "per_task": {}}}
-    assert S._flat_metrics(m) == {"exact_match": 0.35, "loss": 1.2}
+def test_eval_result_reads_overall_when_macro_lacks_a_metric():
+    # the layout build_metrics writes: a variant block is the overall metrics plus "macro"
+    m = {"n": 4, "finetuned": {"exact_match": 0.3, "loss": 1.2, "macro": {"exact_match": 0.35, "loss": None}}, "base": None, "per_task": {}}
+    assert EvalResult.from_metrics(m).flat() == {"exact_match": 0.35, "loss": 1.2}
+
+
+def test_eval_result_reads_what_evaluation_writes():
+    """From build_metrics' own output, not a hand-written layout."""
+    from edsft.training.evaluation import build_metrics
+
+    rows = [{"row_id": f"r{i}", "task": t, "variant": v, "loss_sum": 2.0 * (i + 1), "n_tokens": 2, "exact_match": float(i % 2), "rouge_l": 0.5}
+            for i, t in enumerate(["a", "a", "b"]) for v in ("base", "finetuned")]
+    r = EvalResult.from_metrics(build_metrics(rows))
+    assert r.n == 3 and set(r.finetuned) == set(r.base) == set(METRICS)
+    assert r.finetuned["exact_match"] == pytest.approx((0.5 + 0.0) / 2)  # macro: task a 0.5, task b 0
+    assert r.flat()["base_loss"] == pytest.approx(((1.0 + 2.0) / 2 + 3.0) / 2)  # macro of per-task token-weighted loss
+
+
+def test_results_columns_and_report_share_one_metric_list():
+    from edsft import report
+
+    assert report.METRICS is METRICS
+    assert [c for c in S.RESULT_COLUMNS if c in METRICS] == list(METRICS)
+
+
+def test_params_of_selectors_outside_the_sweep_are_ignored_with_a_note():
+    # the default config's sweep.params names selectors a smaller sweep may leave out
+    cfg = _cfg(selectors=["random", "k_center"], params={"uncertainty": {"temperature": [1.0]}})
+    specs, notes = S.expand_grid(cfg)
+    assert {s["selector"] for s in specs} == {"random", "k_center"}
+    assert any("uncertainty" in n and "ignored" in n for n in notes)
 
 
 def test_trial_that_cannot_place_its_trainer_is_refused():
@@ -103,3 +132,12 @@ def test_grid_order_is_seed_then_budget_then_selector():
     # a sweep stopped early has every selector at the first budgets: comparable partial results
     specs, _ = S.expand_grid(_cfg(selectors=["random", "k_center"], budgets=[4, 8], seeds=[0, 1]))
     assert [s["name"] for s in specs][:4] == ["random-b4-s0", "k_center-b4-s0", "random-b8-s0", "k_center-b8-s0"]
+
+
+def test_default_config_sweeps_a_subset_of_its_selectors():
+    from edsft.config import load_config
+
+    cfg = load_config(None, ["sweep.selectors=[random, k_center]"])  # the quickstart's sweep.params name others
+    assert set(cfg.sweep.params) - {"random", "k_center"}
+    specs, notes = S.expand_grid(cfg)
+    assert {s["selector"] for s in specs} == {"random", "k_center"} and any("ignored" in n for n in notes)

@@ -7,11 +7,14 @@ the sweep reuses its scores.parquet like a real run does.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from edsft.config import config_from_dict
+from edsft.pipeline import run_trial
 from edsft.storage import get_store
 
 pytestmark = pytest.mark.slow
@@ -28,6 +31,22 @@ def _cfg(run_dir, **sweep):
         "sweep": {"enabled": True, **sweep},
         "output": {"dir": str(run_dir), "progress": False},
     })
+
+
+class FailOnce:
+    """Trial callback: fail trial ``name`` the first time it starts (a lock file remembers)."""
+
+    def __init__(self, name: str, lock: str):
+        self.name, self.lock = name, lock
+
+    def __call__(self, *, spec, trial):
+        if spec["name"] != self.name:
+            return
+        try:
+            os.close(os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # failed before: let the resumed trial run
+        raise RuntimeError(f"injected failure of trial {self.name} (lock file {self.lock} now exists)")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +66,7 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
 
     cfg = _cfg(scored_run, selectors=["k_center"], budgets=[8, 16], seeds=[0])
     run = get_store(scored_run)
-    out = run_sweep(cfg, run, progress=False)
+    out = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
     assert out["trials"] == 4 and out["finished"] == 4 and out["errored"] == 0
     assert out["executed"] == 4 and out["computed"] == 4
     t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
@@ -64,7 +83,7 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
         assert pq.read_table(trial / "annotated.parquet").num_rows == r.budget
         assert (trial / "metrics.json").exists() and r.train_steps == 2
     # re-running the finished sweep restores it and runs nothing
-    again = run_sweep(cfg, run, progress=False)
+    again = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
     assert again["executed"] == 0 and again["finished"] == 4  # Tune restored a finished experiment
     rep = build_report(run)
     assert (scored_run / "report" / "report.md").exists() and rep["trials"] == 4
@@ -74,7 +93,7 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
 def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     """A sweep whose k_center trial fails once: the re-run restores the Tune experiment and runs
     only that trial. (Its grid is a subset of the test above, so where that ran first the trials
-    reuse their finished result.json instead of training again; Tune's bookkeeping is the same.)"""
+    reuse their committed stages instead of training again; Tune's bookkeeping is the same.)"""
     from edsft.distributed.sweep import run_sweep
 
     cfg = _cfg(scored_run, selectors=["random", "k_center"], budgets=[8], seeds=[0])
@@ -83,14 +102,19 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     invoked = lambda name: [e["event"] for e in run.child("sweep", "trials", name, "events.jsonl").read_jsonl()].count("invoked")  # noqa: E731
     before = {n: invoked(n) for n in ("random-b8-s0", "k_center-b8-s0")}
 
-    first = run_sweep(cfg, run, progress=False, _fail_once={"k_center-b8-s0": str(lock)})
+    from ray import cloudpickle
+
+    # the hook travels to Tune's trial actors, which cannot import this test module by name
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    fail = FailOnce("k_center-b8-s0", str(lock))
+    first = run_sweep(cfg, run, progress=False, trial_runner=run_trial, trial_callbacks=[fail])
     assert lock.exists() and first["executed"] == 2 and first["finished"] == 1 and first["errored"] == 1
     t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas().set_index("trial_id")
     assert t.loc["k_center-b8-s0", "status"] == "ERROR" and "injected failure" in t.loc["k_center-b8-s0", "error"]
     assert t.loc["random-b8-s0", "status"] == "TERMINATED"
     assert math.isnan(t.loc["k_center-b8-s0", "exact_match"])
 
-    second = run_sweep(cfg, run, progress=False, _fail_once={"k_center-b8-s0": str(lock)})
+    second = run_sweep(cfg, run, progress=False, trial_runner=run_trial, trial_callbacks=[fail])
     assert second["executed"] == 1 and second["finished"] == 2 and second["errored"] == 0  # only the failed trial ran
     assert invoked("random-b8-s0") - before["random-b8-s0"] == 1  # once, in the first call
     assert invoked("k_center-b8-s0") - before["k_center-b8-s0"] == 2  # failed, then resumed
