@@ -121,12 +121,6 @@ class PoolGamma(PoolStatistic):
         return 1.0 / (2.0 * total_var) if total_var > 0 else 1.0
 
 
-def resolve_gamma(X: np.ndarray, metric: str, gamma: float | None) -> float | None:
-    if metric == "cosine":
-        return None
-    return float(gamma) if gamma is not None else default_gamma(X)
-
-
 def prepare(X: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows ready for dot products, squared norms or None). Cosine normalises once up front."""
     if metric == "cosine":

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _data import read_pool, write_scores  # noqa: E402
 
 from edsft.config import Config  # noqa: E402
+from edsft.errors import UserError  # noqa: E402
 from edsft.distributed.coresets import SELECTION_SCHEMA, resolve_mode, select_subset  # noqa: E402
 from edsft.selection import objective, select  # noqa: E402
 from edsft.storage import get_store  # noqa: E402
@@ -190,7 +191,7 @@ class TouchStage:
 
 def test_budget_over_pool(ray_cluster, pool, tmp_path):
     n = len(pool["ids"])
-    with pytest.raises(ValueError, match=r"selection.budget=5000 exceeds the scored pool \(2400 rows\)"):
+    with pytest.raises(UserError, match=r"selection.budget=5000 exceeds the scored pool \(2400 rows\)"):
         run(pool, tmp_path, "facility_location", budget=5000)
     cfg = Config().replace(**{"selection.name": "uncertainty", "selection.budget": 5000,
                               "selection.allow_budget_over_pool": True, "selection.mode": "distributed"})
@@ -209,15 +210,30 @@ def test_auto_mode_and_same_output_either_way(ray_cluster, pool, tmp_path):
     assert s_local["covering_radius"] == pytest.approx(s_dist["covering_radius"], rel=1e-12)
 
 
+def test_distributed_selection_joins_ray_through_the_session(ray_cluster, pool, tmp_path, monkeypatch):
+    """One ray.init path (session.init_ray): it also keeps credentials out of the runtime envs Tune records."""
+    from ray.tune.execution import class_cache
+
+    leaky = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) | {"AWS_SECRET_ACCESS_KEY"}
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", leaky)
+    run(pool, tmp_path, "k_center", m=2, fresh=True)
+    assert "AWS_SECRET_ACCESS_KEY" not in class_cache.ENV_VARS_TO_PROPAGATE
+
+
 def test_clear_errors(ray_cluster, pool, tmp_path):
-    with pytest.raises(ValueError, match="jitter=True"):
+    with pytest.raises(UserError, match="jitter=True"):
         run(pool, tmp_path, "uncertainty", {"jitter": True})
-    with pytest.raises(ValueError, match="selection.params.kappa=0"):
+    for name, params, match in (("k_center", {"top_q": 0.5}, "needs the whole pool at once"),
+                                ("task_balanced", {"inner": "random"}, "has no distributed form"),
+                                ("greedi", {"row_keys": [0, 1]}, "row_keys cannot be used")):
+        with pytest.raises(UserError, match=match):
+            run(pool, tmp_path, name, params)
+    with pytest.raises(UserError, match="selection.params.kappa=0"):
         run(pool, tmp_path, "facility_location", {"kappa": 0})
     cfg = Config().replace(**{"selection.embedding": "embedding_encoder"})
-    with pytest.raises(ValueError, match="selection.embedding='embedding_encoder' is not a column"):
+    with pytest.raises(UserError, match="selection.embedding='embedding_encoder' is not a column"):
         select_subset(cfg, get_store(pool["folder"]), get_store(tmp_path / "x.parquet"), progress=False)
-    with pytest.raises(ValueError, match="no Parquet files"):
+    with pytest.raises(UserError, match="no Parquet files"):
         select_subset(Config(), get_store(tmp_path / "missing"), get_store(tmp_path / "x.parquet"), progress=False)
 
 
