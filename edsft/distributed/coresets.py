@@ -69,6 +69,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..config import Config
 from ..errors import UserError
 from ..selection import (
+    MAX_STAT_PASSES,
     SELECTORS,
     ByTask,
     Draw,
@@ -101,7 +102,6 @@ STAGES = ("partition", "statistics", "round1", "reduce", "evaluate", "gather", "
 _NOT_SCORES = ("prompt_tokens", "response_tokens")  # numeric columns of scores.parquet that are not scores
 _ROWS_PER_READ = 100_000  # rows one partition task reads (whole row groups; a bigger row group is one unit)
 _MAX_RETRIES = 3
-_MAX_STAT_PASSES = 8
 _COMBINE: dict[str, Callable] = {"sum": sum, "max": max}  # in shard order: sum adds left to right
 
 Callback = Callable[..., None]
@@ -638,7 +638,7 @@ class _Distributed:
     def _bind(self, sel: Selector, values: Mapping[str, Any], task: str | None = None) -> Selector:
         """`sel` bound to the (task's) statistics, running a statistics map for those that need others first."""
         sel = sel.with_globals(values)
-        for _ in range(_MAX_STAT_PASSES):
+        for _ in range(MAX_STAT_PASSES):
             need = sel.unbound_statistics()
             if not need:
                 return sel

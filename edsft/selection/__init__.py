@@ -57,6 +57,7 @@ from typing import Any, Mapping
 from ..errors import UserError
 from .base import (
     HIGHER_IS_UNCERTAIN,
+    MAX_STAT_PASSES,
     SELECTORS,
     ByTask,
     Distribution,
@@ -110,6 +111,7 @@ def objective(name: str, indices, embeddings=None, scores=None, tasks=None, **pa
 
 __all__ = [
     "HIGHER_IS_UNCERTAIN",
+    "MAX_STAT_PASSES",
     "SELECTORS",
     "ByTask",
     "Distribution",

@@ -61,7 +61,7 @@ class SelectionResult:
         object.__setattr__(self, "objective", float(self.objective))
 
 
-_MAX_STAT_PASSES = 8  # statistics that depend on statistics: a few passes at most
+MAX_STAT_PASSES = 8  # statistics that depend on statistics: a few passes at most
 
 
 def take_rows(S: Mapping[str, np.ndarray] | None, rows) -> dict[str, np.ndarray] | None:
@@ -297,7 +297,7 @@ class Selector:
     def bound_to(self, X, S, T) -> "Selector":
         """This selector bound to the statistics of the given rows, for what it is not bound to yet."""
         sel = self
-        for _ in range(_MAX_STAT_PASSES):
+        for _ in range(MAX_STAT_PASSES):
             need = sel.unbound_statistics()
             if not need:
                 return sel
