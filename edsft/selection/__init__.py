@@ -25,7 +25,8 @@ Registry
   (+ lambda_ * sum of normalised uncertainty of the picks).
 - ``fl_uncertainty``: facility_location with lambda_=1.0, score="mean_entropy" (the hybrid).
 - ``task_balanced`` (score, inner, inner_params, size_aware): per-task quotas ~ 1 / mean confidence.
-- ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference.
+- ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference (m None:
+  4 shards in-process, selection.shards in the distributed stage).
 
 Bad parameters and inputs raise ``edsft.errors.UserError`` (a ValueError) naming the field, value and fix.
 

@@ -178,7 +178,8 @@ class TaskBalanced(Selector):
             if q == 0:
                 continue
             rows = np.flatnonzero(inv == t)
-            res = inner.select(int(q), None if X is None else X[rows], take_rows(S, rows), T[rows], seed)
+            res = inner.select(int(q), None if X is None else X[rows], take_rows(S, rows), T[rows], seed,
+                               compute_objective=False)  # the objective below is the whole pool's
             picks.append(rows[res.indices])
             gains.append(res.gains)
         idx = np.concatenate(picks)
