@@ -5,52 +5,59 @@ picks ``cfg.selection.budget`` rows and writes ``selection.parquet`` (row_id, ra
 It never reads a label/response column: only row_id, task, float score columns and the embedding.
 
 Small pools run the numpy selector in-process (``edsft.selection.select``). Large pools run a map-reduce
-whose local steps are the same numpy selectors (no selector is re-implemented here):
+that is plumbing only: it knows no selector, it asks the selector through the distributed contract of
+``edsft.selection.base`` (its pool statistics, its ``distribution()``, how its objective splits over
+shards) and every local step is that selector's own ``select`` (no selector is re-implemented here):
 
   footer scan (driver)   Parquet footers only: row counts, embedding width, read units (file x row groups).
   partition map          one task per read unit reads its columns with the store's filesystem (local or
                          s3://), hashes row_id to one of m shards with ``selection.shard_of`` (GreeDi's
-                         partition) and returns m Arrow pieces that stay in the Ray object store, plus
-                         small per-task statistics (score min/max, embedding moments) for the global
-                         normalisation. The driver keeps only ObjectRefs.
-  round 1 (shard map)    shard j's task receives its pieces (rows in pool order), runs the selector for
-                         kappa candidates (default: budget) and returns only those candidate rows.
-  round 2 (reduce)       one task runs the selector on the union of candidates (m * kappa rows).
-  evaluation map         each shard task returns, for the merged set and every shard-local set, the sum
-                         of its rows' best similarity to the set (facility location) or their largest
-                         distance to it (k-center); the driver adds/maxes them into WHOLE-pool values
-                         and keeps the best set (RandGreeDi, Barbosa et al. 2015; two-round k-center,
-                         Malkomes et al. 2015). Ties go to the earliest shard, then the merged set,
-                         exactly like the in-process ``greedi`` reference. ``gain`` in the output comes
-                         from the winning run (for a shard-local winner: gains within that shard).
+                         partition) and returns m Arrow pieces that stay in the Ray object store, plus the
+                         partial statistics the selector declared (``pool_statistics()``), merged on the
+                         driver into whole-pool values. The driver keeps only ObjectRefs.
+  statistics map         only for statistics that depend on others (task_balanced's per-task confidence
+                         needs the score's range first): one task per shard.
+  TwoRound:
+    round 1 (shard map)  shard j's task runs the bound selector on its rows (pool order) for kappa
+                         candidates (default: budget) and returns only those candidate rows.
+    round 2 (reduce)     one task runs it on the union of candidates (m * kappa rows, pool order).
+    evaluation map       each shard task returns its ``shard_objective`` of the merged set and of every
+                         shard-local set; the driver combines them (``combine``: sum or max) and adds
+                         ``chosen_objective`` into WHOLE-pool values and keeps the best set (RandGreeDi,
+                         Barbosa et al. 2015; two-round k-center, Malkomes et al. 2015). Ties go to the
+                         earliest shard, then the merged set, exactly like the in-process ``greedi``
+                         reference. ``gain`` comes from the winning run (for a shard-local winner: gains
+                         within that shard). ``exact`` plans (uncertainty) take the merged run as is.
+  PerTask                per-task quotas from the selector's bound statistics, then one two-round problem
+                         per task inside the same tasks; picks are written task by task in sorted label
+                         order, and the objective is the inner selector's on the whole pool.
+  Draw                   the selector draws B positions from the pool size alone; a lookup map returns just
+                         their row_ids (random).
+  Gather                 the default for a selector that declares no distributed form: the whole pool is
+                         gathered into one task, which runs the selector in-process.
 
 Memory: a task holds one shard (n/m rows) plus its selector's working set; the driver holds the
 candidate rows only, O(m * kappa * d). The object store holds the pool once (spilling to disk when it
 must); the pieces are released when ``select_subset`` returns.
 
-Global statistics: the hybrid's uncertainty min/max and the rbf/euclidean ``gamma`` come from the
-partition map over the whole (sub)pool, never from one shard, so every shard optimises the same
-function; with m = 1 the result is exactly the in-process selector's (cosine; rbf/euclidean agree up
-to the last bits of gamma). The in-process ``greedi`` reference normalises per shard instead, so the two
-agree exactly for cosine facility location and k-center, not for hybrids or a default rbf gamma.
-
-Exact distributed forms: ``uncertainty`` is the top-B of the union of each shard's top-B (ties to the
-lowest pool position, as in-process); ``random`` is the in-process seeded draw of B pool positions (it
-needs only n) followed by a row_id lookup of just those positions. ``task_balanced`` gets its per-task
-quotas from a map pass (per-task mean confidence, normalised with the whole pool's min/max), then runs
-one two-round problem per task in the same tasks; picks are written task by task in sorted label order.
+Global statistics come from the map over the whole (sub)pool, never from one shard, so every shard
+optimises the same function; with m = 1 the result is exactly the in-process selector's (cosine; rbf/
+euclidean agree up to the last bits of gamma). The in-process ``greedi`` reference normalises per shard
+instead, so the two agree exactly for cosine facility location and k-center, not for hybrids or a
+default rbf gamma.
 
 Tasks run with ``PlacementGroupSchedulingStrategy(placement_group=None)`` and fractional CPUs, so a call
 from inside a Tune trial does not wait forever on the trial's (full) placement group; a task whose worker
-dies is retried by Ray (``max_retries``) and, everything being seeded, gives the same set.
+dies is retried by Ray (``max_retries``) and, everything being seeded, gives the same set. ``callbacks``
+run at the start of every task as ``cb(stage=, shard=)`` (tracing, or fault injection in tests).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -60,38 +67,44 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import Config
+from ..errors import UserError
 from ..selection import (
-    FacilityLocation,
-    GreeDi,
-    KCenter,
-    RandomSelector,
-    TaskBalanced,
-    UncertaintySelector,
-    allocate_budget,
-    best_similarity,
+    MAX_STAT_PASSES,
+    SELECTORS,
+    ByTask,
+    Draw,
+    Gather,
+    NotDistributable,
+    PerTask,
+    PoolStatistic,
+    Selector,
+    TwoRound,
     get_selector,
-    k_center_greedy,
-    min_distance,
-    row_confidence,
     select,
     shard_of,
+    take_rows,
 )
-from ..selection.facility import build_graph, facility_location_greedy
-from ..selection.similarity import QUANT_SCALE
 from ..storage import Store
+from .session import init_ray
 
-__all__ = ["select_subset", "resolve_mode", "SELECTION_SCHEMA", "DISTRIBUTED_PARAMS"]
+__all__ = ["select_subset", "resolve_mode", "SELECTION_SCHEMA", "DISTRIBUTED_PARAMS", "STAGES"]
 
 # selection.parquet: one row per pick, in pick order.
 SELECTION_SCHEMA = pa.schema(
     [("row_id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()), ("selector", pa.string()),
      ("shard", pa.int64())]
 )
-# Keys of selection.params that steer the map-reduce and are not selector hyperparameters.
+# Keys of selection.params that steer the map-reduce and are not selector hyperparameters (unless the
+# selector takes one itself: greedi's kappa).
 DISTRIBUTED_PARAMS = ("kappa",)
+# The `stage` a callback sees; `shard` is the shard's index, None for read-unit and single tasks.
+STAGES = ("partition", "statistics", "round1", "reduce", "evaluate", "gather", "lookup")
 _NOT_SCORES = ("prompt_tokens", "response_tokens")  # numeric columns of scores.parquet that are not scores
 _ROWS_PER_READ = 100_000  # rows one partition task reads (whole row groups; a bigger row group is one unit)
 _MAX_RETRIES = 3
+_COMBINE: dict[str, Callable] = {"sum": sum, "max": max}  # in shard order: sum adds left to right
+
+Callback = Callable[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,38 +117,33 @@ def resolve_mode(mode: str, rows: int, local_max_rows: int) -> str:
     if mode == "auto":
         return "local" if rows < local_max_rows else "distributed"
     if mode not in ("local", "distributed"):
-        raise ValueError(f"selection.mode={mode!r} is not one of ['auto', 'local', 'distributed']")
+        raise UserError(f"selection.mode={mode!r} is not one of ['auto', 'local', 'distributed']")
     return mode
 
 
 def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True, *,
-                  _kill_once: str | None = None) -> dict:
+                  callbacks: Sequence[Callback] = ()) -> dict:
     """Pick `cfg.selection.budget` rows of the scored pool and write selection.parquet.
 
     `scores`: the folder (or file) of Parquet parts written by scoring. `out`: the selection.parquet file
     (a Store whose path ends in .parquet) or a folder to write ``selection.parquet`` into.
+    `callbacks` (distributed mode): called at the start of every Ray task as ``cb(stage=, shard=)``
+    (see STAGES), inside the task's worker, so they must be picklable.
     Returns the summary the pipeline puts in the manifest: selector, mode, shards, rows, budget,
-    objective (for k-center: the covering radius, also under ``covering_radius``), wall_s, ...
-    `_kill_once` (tests only): path of a lock file; the first round-1 task of shard 0 that finds it
-    missing creates it and kills its own worker, so Ray's retry is exercised.
+    objective (also under the selector's ``objective_name``, e.g. ``covering_radius``), wall_s, ...
     """
     t0 = time.perf_counter()
     sel_cfg = cfg.selection
     scan = _scan(scores, sel_cfg.embedding)
     budget = _check_budget(sel_cfg.budget, scan.rows, sel_cfg.allow_budget_over_pool)
-    params = dict(sel_cfg.params or {})
-    kappa = params.pop("kappa", None)
-    if kappa is not None and (isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1):
-        raise ValueError(f"selection.params.kappa={kappa!r} must be an integer >= 1 (candidates per shard)")
+    params, kappa = _split_params(sel_cfg.name, sel_cfg.params or {})
     mode = resolve_mode(sel_cfg.mode, scan.rows, sel_cfg.local_max_rows)
 
     if mode == "local":
-        if sel_cfg.name == "greedi" and kappa is not None:
-            params["kappa"] = kappa  # greedi's own parameter
         table, summary = _select_local(scan, sel_cfg.name, params, budget, sel_cfg.seed)
     else:
-        _ensure_ray(cfg)
-        runner = _Distributed(scan, cfg, budget, kappa, params, progress, _kill_once)
+        init_ray(cfg)
+        runner = _Distributed(scan, cfg, budget, kappa, params, progress, callbacks)
         table, summary = runner.run()
 
     target = out if out.uri.endswith(".parquet") else out.child("selection.parquet")
@@ -149,22 +157,32 @@ def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True,
     return summary
 
 
+def _split_params(name: str, params: Mapping[str, Any]) -> tuple[dict, int | None]:
+    """selection.params -> (selector hyperparameters, kappa for the map-reduce or None)."""
+    params = dict(params)
+    kappa = params.get("kappa")
+    if kappa is not None and (isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1):
+        raise UserError(f"selection.params.kappa={kappa!r} must be an integer >= 1 (candidates per shard)")
+    if "kappa" in _fields(name):  # the selector's own parameter (greedi): its distribution() passes it on
+        return params, None
+    params.pop("kappa", None)
+    return params, kappa
+
+
+def _fields(name: str) -> set[str]:
+    cls = SELECTORS.get(name)
+    return {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+
+
 def _check_budget(budget: int, n: int, allow_over: bool) -> int:
     if budget > n:
         if allow_over:
             return n
-        raise ValueError(
+        raise UserError(
             f"selection.budget={budget} exceeds the scored pool ({n} rows): lower selection.budget or set "
             "selection.allow_budget_over_pool=true to take the whole pool"
         )
     return budget
-
-
-def _ensure_ray(cfg: Config) -> None:
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
-                 object_store_memory=cfg.ray.object_store_memory, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +217,7 @@ def _scan(store: Store, emb_col: str) -> _Scan:
     """Footers only: which columns exist, the embedding width and the read units."""
     files = store.parquet_files()
     if not files:
-        raise ValueError(f"scores {store.uri!r} holds no Parquet files: run the scoring stage first")
+        raise UserError(f"scores {store.uri!r} holds no Parquet files: run the scoring stage first")
     units, pos, schema = [], 0, None
     for path in files:
         with store.fs.open_input_file(path) as f:
@@ -219,18 +237,18 @@ def _scan(store: Store, emb_col: str) -> _Scan:
             units.append(_Unit(path, tuple(group), pos, group_rows))
             pos += group_rows
     if pos == 0:
-        raise ValueError(f"scores {store.uri!r} has 0 rows: nothing to select")
+        raise UserError(f"scores {store.uri!r} has 0 rows: nothing to select")
     names = schema.names
     if "row_id" not in names:
-        raise ValueError(f"scores {store.uri!r} has no row_id column (columns: {names})")
+        raise UserError(f"scores {store.uri!r} has no row_id column (columns: {names})")
     if emb_col not in names:
-        raise ValueError(
+        raise UserError(
             f"selection.embedding={emb_col!r} is not a column of {store.uri!r} (columns: {names}): "
             "use 'embedding', or re-score with scoring.encoder set for 'embedding_encoder'"
         )
     t = schema.field(emb_col).type
     if not pa.types.is_fixed_size_list(t) or not pa.types.is_floating(t.value_type):
-        raise ValueError(f"column {emb_col!r} must be a fixed-size list of floats, got {t}")
+        raise UserError(f"column {emb_col!r} must be a fixed-size list of floats, got {t}")
     score_cols = tuple(
         f.name for f in schema
         if pa.types.is_floating(f.type) and f.name not in _NOT_SCORES and f.name != emb_col
@@ -247,7 +265,7 @@ def _arrays(table: pa.Table, emb_col: str, dim: int, score_cols) -> tuple:
     """(row_ids object array, tasks object array with null -> '', scores dict, embeddings float32 (n, d))."""
     emb = table.column(emb_col).combine_chunks()
     if emb.null_count:
-        raise ValueError(f"column {emb_col!r} has {emb.null_count} null embedding(s): re-score those rows")
+        raise UserError(f"column {emb_col!r} has {emb.null_count} null embedding(s): re-score those rows")
     X = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
     ids = table.column("row_id").to_numpy(zero_copy_only=False)
     if "task" in table.column_names:
@@ -263,13 +281,19 @@ def _select_local(scan: _Scan, name: str, params: dict, budget: int, seed: int):
     table = pa.concat_tables([_read_unit(scan, u, scan.columns) for u in scan.units])
     ids, tasks, S, X = _arrays(table, scan.emb_col, scan.dim, scan.score_cols)
     del table
-    if name == "greedi" and "row_keys" not in params:
-        params = {**params, "row_keys": ids}  # partition by row_id, like the distributed path
+    if "row_keys" in _fields(name) and "row_keys" not in params:
+        params = {**params, "row_keys": ids}  # partition by row_id, like the distributed path (greedi)
     res = select(name, budget, embeddings=X, scores=S, tasks=tasks, seed=seed, **params)
-    summary = {"objective": _finite(res.objective), "shards": 1}
-    if isinstance(get_selector(name, **params), KCenter):
-        summary["covering_radius"] = _finite(res.objective)
+    summary = _objective_summary(get_selector(name, **params), res.objective)
+    summary["shards"] = 1
     return _selection_table(ids[res.indices], res.gains, name, np.zeros(len(res.indices), np.int64)), summary
+
+
+def _objective_summary(sel: Selector, value) -> dict:
+    out = {"objective": _finite(value)}
+    if sel.objective_name != "objective":
+        out[sel.objective_name] = out["objective"]
+    return out
 
 
 def _selection_table(ids, gains, name: str, shards) -> pa.Table:
@@ -312,67 +336,20 @@ def _peak_rss_mb() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Problems: one two-round selection over the pool (or over one task's rows, for task_balanced)
+# Shards, statistics and problems
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Problem:
+    """One two-round selection: over every row (task None) or over one task's rows (PerTask)."""
+
     key: str
-    selector: Any  # FacilityLocation | KCenter | UncertaintySelector (frozen dataclasses)
+    selector: Selector  # bound to the (sub)pool's statistics
     budget: int
     kappa: int
-    task: str | None  # None: every row; else only rows of this task
-    gamma: float | None = None  # rbf/euclidean similarity of facility location, from the whole (sub)pool
-    score_range: tuple[float, float] | None = None  # raw min/max of the hybrid's score over the (sub)pool
-
-    @property
-    def kind(self) -> str:
-        if isinstance(self.selector, FacilityLocation):
-            return "fl"
-        if isinstance(self.selector, KCenter):
-            return "kc"
-        return "unc"
-
-
-def _bonus(p: _Problem, S: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The hybrid's lambda_ * normalised uncertainty with the (sub)pool's GLOBAL min/max.
-
-    FacilityLocation.bonus min-maxes over the rows it is given; appending the global raw min and max as
-    two extra values makes its min/max the global ones (orientation flips them together), so the numbers
-    are bit for bit those of an in-process run on the whole (sub)pool.
-    """
-    sel = p.selector
-    if not isinstance(sel, FacilityLocation) or sel.lambda_ == 0:
-        return None
-    v = np.concatenate([S[sel.score], np.asarray(p.score_range, dtype=np.float64)])
-    return sel.bonus({sel.score: v}, len(v))[:-2]
-
-
-def _run_selector(p: _Problem, X, S, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The numpy selector on one block of rows, with the problem's global gamma / normalisation."""
-    sel = p.selector
-    if p.kind == "fl":
-        # FacilityLocation._select, with gamma and the hybrid bonus taken from the whole (sub)pool
-        graph = build_graph(X, sel.metric, p.gamma, sel.dense_max_n, sel.n_neighbors, seed, False)
-        b = _bonus(p, S)
-        mod = None if b is None else np.rint(b * QUANT_SCALE).astype(np.int64)
-        return facility_location_greedy(graph, budget, sel.optimizer, mod, sel.epsilon, seed, sel.batch_size)
-    if p.kind == "kc":
-        picks, gains, _ = k_center_greedy(X, budget, sel.metric, seed)
-        return picks, gains
-    res = sel.select(budget, None, S, None, seed)
-    return res.indices, res.gains
-
-
-def _contribution(p: _Problem, X_rows: np.ndarray, X_set: np.ndarray) -> float:
-    """This shard's part of the whole-pool objective of a set: a sum (FL) or a max (k-center)."""
-    if len(X_rows) == 0:
-        return 0.0 if p.kind == "fl" else -np.inf
-    if p.kind == "fl":
-        metric = "rbf" if p.selector.metric == "euclidean" else p.selector.metric
-        return float(best_similarity(X_rows, X_set, metric, p.gamma).sum())
-    return float(min_distance(X_rows, X_set, p.selector.metric).max())
+    task: str | None
+    exact: bool
 
 
 class _Shard:
@@ -395,11 +372,35 @@ class _Shard:
         return np.arange(len(self.X)) if task is None else np.flatnonzero(self.tasks == task)
 
     def subset(self, rows):
-        return self.X[rows], {k: v[rows] for k, v in self.S.items()}
+        """(X, S, tasks) of some rows."""
+        return self.X[rows], take_rows(self.S, rows), self.tasks[rows]
 
 
 def _cand_arrays(rows_table: pa.Table, meta: dict):
     return _arrays(rows_table, meta["emb_col"], meta["dim"], meta["score_cols"])
+
+
+def _partials(stats: Mapping[str, PoolStatistic], X, S, T) -> dict | None:
+    """Every statistic's partial over one block of rows; None for an empty block (nothing to merge)."""
+    if len(X) == 0:
+        return None
+    return {k: s.partial(X, S, T) for k, s in stats.items()}
+
+
+def _merge_partials(stats: Mapping[str, PoolStatistic], parts: list) -> dict:
+    """Merge per-block partials in block order and finish them into values."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        if part is None:
+            continue
+        for k, v in part.items():
+            merged[k] = stats[k].merge(merged[k], v) if k in merged else v
+    return {k: stats[k].value(v) for k, v in merged.items()}
+
+
+def _run_callbacks(callbacks, stage: str, shard: int | None) -> None:
+    for cb in callbacks:
+        cb(stage=stage, shard=shard)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,50 +409,33 @@ def _cand_arrays(rows_table: pa.Table, meta: dict):
 
 
 @ray.remote
-def _partition_task(scan: _Scan, unit: _Unit, m: int, seed: int, want_moments: bool):
-    """Read one unit, split it into m shard pieces, and return per-task statistics of its rows."""
+def _partition_task(scan: _Scan, unit: _Unit, m: int, seed: int, stats: dict, callbacks):
+    """Read one unit, split it into m shard pieces, and return the partial statistics of its rows."""
+    _run_callbacks(callbacks, "partition", None)
     table = _read_unit(scan, unit, scan.columns)
     table = table.append_column("pos", pa.array(np.arange(unit.pos0, unit.pos0 + len(table), dtype=np.int64)))
     ids, tasks, S, X = _arrays(table, scan.emb_col, scan.dim, scan.score_cols)
     if table.column("row_id").null_count:
-        raise ValueError(f"{unit.path}: row_id has null values; scores.parquet must key every row")
+        raise UserError(f"{unit.path}: row_id has null values; scores.parquet must key every row")
     shard = shard_of(ids, m, seed)
     pieces = [table.take(pa.array(np.flatnonzero(shard == j))) for j in range(m)]
-    stats = {}
-    labels, inv = np.unique(tasks, return_inverse=True)
-    for t, label in enumerate(labels):
-        rows = np.flatnonzero(inv == t)
-        st = {"n": len(rows), "min": {c: float(S[c][rows].min()) for c in S},
-              "max": {c: float(S[c][rows].max()) for c in S}}
-        if want_moments:
-            x = X[rows].astype(np.float64)
-            mean = x.mean(axis=0)
-            st["moments"] = (len(rows), mean, ((x - mean) ** 2).sum(axis=0))
-        stats[str(label)] = st
-    return (*pieces, stats) if m > 1 else (pieces[0], stats)
+    partials = _partials(stats, X, S, tasks)
+    return (*pieces, partials) if m > 1 else (pieces[0], partials)
 
 
 @ray.remote
-def _confidence_task(meta: dict, score: str, hio, lo: float, hi: float, *pieces):
-    """Per-task (count, sum of row_confidence) with the whole pool's min/max (task_balanced's allocation)."""
+def _statistics_task(stats: dict, meta: dict, task: str | None, j: int, callbacks, *pieces):
+    """Partial statistics of the shard's rows (of one task, or all)."""
+    _run_callbacks(callbacks, "statistics", j)
     sh = _Shard(list(pieces), meta)
-    if len(sh.X) == 0:
-        return {}
-    v = np.concatenate([sh.S[score], [lo, hi]])  # global extremes: row_confidence's min-max becomes global
-    conf = row_confidence(v, score, hio)[:-2]
-    labels, inv = np.unique(sh.tasks, return_inverse=True)
-    sums = np.bincount(inv, weights=conf, minlength=len(labels))
-    counts = np.bincount(inv, minlength=len(labels))
-    return {str(lab): (int(counts[i]), float(sums[i])) for i, lab in enumerate(labels)}
+    return _partials(stats, *sh.subset(sh.rows(task)))
 
 
 @ray.remote
-def _round1_task(problems: list[_Problem], meta: dict, seed: int, kill_once: str | None, *pieces):
+def _round1_task(problems: list[_Problem], meta: dict, seed: int, j: int, callbacks, *pieces):
     """Shard-local selection of kappa candidates per problem; returns only the candidate rows."""
     _reset_peak_rss()
-    if kill_once is not None and not os.path.exists(kill_once):
-        open(kill_once, "w").close()
-        os._exit(1)  # simulate a dying worker (tests): Ray retries the task
+    _run_callbacks(callbacks, "round1", j)
     sh = _Shard(list(pieces), meta)
     out = {}
     for p in problems:
@@ -459,42 +443,72 @@ def _round1_task(problems: list[_Problem], meta: dict, seed: int, kill_once: str
         if len(rows) == 0:
             out[p.key] = (sh.table.slice(0, 0) if sh.table is not None else None, np.empty(0))
             continue
-        X, S = sh.subset(rows)
-        idx, gains = _run_selector(p, X, S, min(p.kappa, len(rows)), seed)
-        out[p.key] = (sh.table.take(pa.array(rows[idx])), np.asarray(gains, dtype=np.float64))
+        X, S, T = sh.subset(rows)
+        res = p.selector.select(min(p.kappa, len(rows)), X, S, T, seed, compute_objective=False)
+        out[p.key] = (sh.table.take(pa.array(rows[res.indices])), res.gains)
     return out, _peak_rss_mb()
 
 
 @ray.remote
-def _reduce_task(problems: list[_Problem], unions: dict, meta: dict, seed: int):
+def _reduce_task(problems: list[_Problem], unions: dict, meta: dict, seed: int, callbacks):
     """Selection on the union of the shard candidates (rows sorted by pool position)."""
     _reset_peak_rss()
+    _run_callbacks(callbacks, "reduce", None)
     out = {}
     for p in problems:
         table = unions[p.key]
         if table is None or len(table) < p.budget:
             out[p.key] = None
             continue
-        _, _, S, X = _cand_arrays(table, meta)
-        out[p.key] = _run_selector(p, X, S, p.budget, seed)
+        _, T, S, X = _cand_arrays(table, meta)
+        res = p.selector.select(p.budget, X, S, T, seed, compute_objective=False)
+        out[p.key] = (res.indices, res.gains)
     return out, _peak_rss_mb()
 
 
 @ray.remote
-def _evaluate_task(problems: list[_Problem], sets: dict, meta: dict, *pieces):
-    """This shard's contribution to the whole-(sub)pool objective of every candidate set."""
+def _evaluate_task(problems: list[_Problem], sets: dict, meta: dict, j: int, callbacks, *pieces):
+    """This shard's part of the whole-(sub)pool objective of every candidate set (None: no rows here)."""
     _reset_peak_rss()
+    _run_callbacks(callbacks, "evaluate", j)
     sh = _Shard(list(pieces), meta)
     out = {}
     for p in problems:
-        X_rows = sh.X[sh.rows(p.task)]
-        out[p.key] = [_contribution(p, X_rows, X_set) for X_set in sets[p.key]]
+        rows = sh.rows(p.task)
+        if len(rows) == 0:
+            out[p.key] = None  # an empty block has no part: leave it out of the combination
+            continue
+        X_rows, S_rows, _ = sh.subset(rows)
+        out[p.key] = [p.selector.shard_objective(X_rows, S_rows, X_set, S_set) for X_set, S_set in sets[p.key]]
     return out, _peak_rss_mb()
 
 
 @ray.remote
-def _lookup_task(scan: _Scan, unit: _Unit, positions: np.ndarray):
-    """row_id of the given pool positions inside one unit (random selection reads nothing else)."""
+def _gather_task(meta: dict, positions: np.ndarray, j: int, callbacks, *pieces):
+    """(positions, embeddings, score columns) of the shard's rows at the given pool positions."""
+    _run_callbacks(callbacks, "gather", j)
+    sh = _Shard(list(pieces), meta)
+    rows = np.flatnonzero(np.isin(sh.pos, positions))
+    return sh.pos[rows], sh.X[rows], take_rows(sh.S, rows)
+
+
+@ray.remote
+def _select_gathered_task(selector: Selector, budget: int, meta: dict, seed: int, callbacks, *pieces):
+    """Gather plans: the whole pool in pool order in this one task, and the selector in-process."""
+    _reset_peak_rss()
+    _run_callbacks(callbacks, "gather", None)
+    table = pa.concat_tables(pieces)
+    table = table.take(pc.sort_indices(table, [("pos", "ascending")]))
+    ids, tasks, S, X = _cand_arrays(table, meta)
+    del table
+    res = selector.select(budget, X, S, tasks, seed)
+    return (ids[res.indices], res.gains, res.objective), _peak_rss_mb()
+
+
+@ray.remote
+def _lookup_task(scan: _Scan, unit: _Unit, positions: np.ndarray, callbacks):
+    """row_id of the given pool positions inside one unit (Draw plans read nothing else)."""
+    _run_callbacks(callbacks, "lookup", None)
     table = _read_unit(scan, unit, ["row_id"])
     return table.column("row_id").to_numpy(zero_copy_only=False)[positions - unit.pos0]
 
@@ -506,46 +520,28 @@ def _lookup_task(scan: _Scan, unit: _Unit, positions: np.ndarray):
 
 class _Distributed:
     def __init__(self, scan: _Scan, cfg: Config, budget: int, kappa: int | None, params: dict,
-                 progress: bool, kill_once: str | None):
+                 progress: bool, callbacks: Sequence[Callback]):
         s = cfg.selection
         self.scan, self.budget, self.seed, self.name = scan, budget, s.seed, s.name
-        self.progress, self.kill_once = progress, kill_once
-        self.selector = get_selector(s.name, **params)  # validates the parameters before any task runs
-        self.m = s.shards
-        self.kappa = kappa
-        if isinstance(self.selector, GreeDi):  # greedi is the in-process reference: run its inner selector
-            g = self.selector
-            if g.row_keys is not None:
-                raise ValueError("selection.params.row_keys cannot be used with mode=distributed: rows are keyed by row_id")
-            self.selector = get_selector(g.inner, **dict(g.inner_params))
-            self.m = g.m if "m" in params else s.shards
-            self.kappa = kappa or g.kappa
+        self.progress, self.callbacks = progress, tuple(callbacks)
+        selector = get_selector(s.name, **params)  # validates the parameters before any task runs
+        self.plan = selector.distribution()
+        if isinstance(self.plan, NotDistributable):
+            raise UserError(self.plan.reason)
+        self.m = self.plan.shards or s.shards
+        self.kappa = kappa or self.plan.kappa
         self.opts = dict(num_cpus=s.cpus_per_task, max_retries=_MAX_RETRIES,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
         self.meta = {"emb_col": scan.emb_col, "dim": scan.dim, "score_cols": scan.score_cols}
         self.rss: list[float] = []
-        self._check_supported(self.selector)
-
-    # -- helpers --------------------------------------------------------------------------------
-    def _check_supported(self, sel) -> None:
-        if isinstance(sel, TaskBalanced):
-            inner = get_selector(sel.inner, **dict(sel.inner_params))
-            if isinstance(inner, RandomSelector):
-                raise ValueError("task_balanced with inner='random' has no distributed form: use mode=local")
-            self._check_supported(inner)
-        if isinstance(sel, KCenter) and (sel.top_q is not None or sel.initial):
-            raise ValueError(
-                f"{self.name} with top_q/initial needs the whole pool at once: use selection.mode=local"
-            )
-        if isinstance(sel, UncertaintySelector) and sel.jitter:
-            raise ValueError("uncertainty with jitter=True draws one key per pool row: use selection.mode=local")
-        for need in sel.score_names():
-            if need not in self.scan.score_cols:
-                raise ValueError(
-                    f"score column {need!r} is missing from {self.scan.store.uri!r}: available columns are "
-                    f"{list(self.scan.score_cols)}; pass score=<one of them>"
+        for need in selector.score_names():
+            if need not in scan.score_cols:
+                raise UserError(
+                    f"score column {need!r} is missing from {scan.store.uri!r}: available columns are "
+                    f"{list(scan.score_cols)}; pass score=<one of them>"
                 )
 
+    # -- helpers --------------------------------------------------------------------------------
     def _get(self, refs: list, desc: str) -> list:
         """ray.get with a progress bar over finished tasks (results in submission order)."""
         if self.progress and len(refs) > 1:
@@ -566,114 +562,97 @@ class _Distributed:
             outs.append(value)
         return outs
 
+    def _per_shard(self, task, *args, desc: str) -> list:
+        """One `task` per shard: task(*args, j, callbacks, *pieces of shard j), results in shard order."""
+        return self._get(
+            [task.options(**self.opts).remote(*args, j, self.callbacks, *self.pieces[j]) for j in range(self.m)],
+            desc,
+        )
+
+    def _table(self, ids, gains, summary: dict):
+        self.pieces = None  # release the object store copy of the pool
+        summary["max_task_rss_mb"] = round(max(self.rss), 1) if self.rss else None
+        return _selection_table(ids, gains, self.name, shard_of(ids, self.m, self.seed)), summary
+
     # -- main -----------------------------------------------------------------------------------
     def run(self):
-        sel = self.selector
-        if isinstance(sel, RandomSelector):
-            return self._random()
-        self._partition(want_moments=self._wants_gamma(sel))
-        if isinstance(sel, TaskBalanced):
-            problems, order = self._task_balanced_problems(sel)
-        else:
-            problems, order = [self._problem("all", sel, self.budget, None)], ["all"]
+        plan = self.plan
+        if isinstance(plan, Draw):
+            return self._draw(plan)
+        # every statistic the plan needs, computed while partitioning: the runner's own, and for PerTask
+        # the inner selector's per task (its problems) and over the whole pool (the objective of all picks)
+        wanted = {f"own:{k}": st for k, st in plan.selector.pool_statistics().items()}
+        if isinstance(plan, PerTask):
+            for k, st in plan.inner.pool_statistics().items():
+                wanted[f"task:{k}"], wanted[f"pool:{k}"] = ByTask(st), st
+        values = self._partition(wanted)
+        if isinstance(plan, Gather):
+            return self._gather(plan)
+
+        def of(prefix):
+            return {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith(prefix + ":")}
+
+        owner = self._bind(plan.selector, of("own"))
+        plan = owner.distribution()  # asked again: a bound selector can say more (PerTask's quotas)
+        if isinstance(plan, PerTask):
+            return self._per_task(plan, of("task"), of("pool"))
+        if not isinstance(plan, TwoRound):
+            raise TypeError(f"selector {self.name!r}: unknown distribution {type(plan).__name__}")
+        p = _Problem("all", owner, self.budget, self.kappa or self.budget, None, plan.exact)
+        c = self._two_round([p])["all"]
+        summary = {"shards": self.m, "kappa": p.kappa, "partition": "shard_of(row_id, m, seed)",
+                   **_objective_summary(owner, c["objective"]),
+                   "merged_objective": c["merged_objective"], "winner": c["winner"]}
+        return self._table(c["ids"], c["gains"], summary)
+
+    def _per_task(self, plan: PerTask, by_task: dict, pool: dict):
+        quotas = plan.quotas(self.budget)
+        problems = []
+        for label, q in quotas.items():
+            if q > 0:
+                inner = self._bind(plan.inner, {k: v[label] for k, v in by_task.items()}, task=label)
+                problems.append(_Problem(label, inner, int(q), self.kappa or int(q), label,
+                                         inner.distribution().exact))
         chosen = self._two_round(problems)
+        order = [p.key for p in problems]
+        summary = {"shards": self.m, "kappa": self.kappa, "partition": "shard_of(row_id, m, seed)",
+                   "allocation": {k: int(chosen[k]["budget"]) for k in order},
+                   "objective": self._whole_pool_objective(self._bind(plan.inner, pool), chosen, order)}
         ids = np.concatenate([chosen[k]["ids"] for k in order])
         gains = np.concatenate([chosen[k]["gains"] for k in order])
-        shards = np.concatenate([chosen[k]["shard"] for k in order])
-        # kappa: candidates per shard (default: the budget; for task_balanced: each task's quota)
-        kappa = self.kappa or (None if isinstance(sel, TaskBalanced) else self.budget)
-        summary = {"shards": self.m, "kappa": kappa, "partition": "shard_of(row_id, m, seed)"}
-        if isinstance(sel, TaskBalanced):
-            summary["allocation"] = {k: int(chosen[k]["budget"]) for k in order}
-            summary["objective"] = self._whole_pool_objective(sel, chosen, order)
-        else:
-            c = chosen["all"]
-            summary.update(objective=c["objective"], merged_objective=c["merged_objective"], winner=c["winner"])
-            if isinstance(sel, KCenter):
-                summary["covering_radius"] = c["objective"]
-        summary["max_task_rss_mb"] = round(max(self.rss), 1) if self.rss else None
-        self.pieces = None  # release the object store copy of the pool
-        return _selection_table(ids, gains, self.name, shards), summary
-
-    @staticmethod
-    def _wants_gamma(sel) -> bool:
-        if isinstance(sel, TaskBalanced):
-            sel = get_selector(sel.inner, **dict(sel.inner_params))
-        return isinstance(sel, FacilityLocation) and sel.metric != "cosine" and sel.gamma is None
+        return self._table(ids, gains, summary)
 
     # -- partition map: pieces in the object store, statistics merged on the driver ------------
-    def _partition(self, want_moments: bool) -> None:
+    def _partition(self, stats: dict) -> dict:
         m = self.m
         refs = [
-            _partition_task.options(num_returns=m + 1, **self.opts).remote(self.scan, u, m, self.seed, want_moments)
+            _partition_task.options(num_returns=m + 1, **self.opts).remote(
+                self.scan, u, m, self.seed, stats, self.callbacks)
             for u in self.scan.units
         ]
-        # refs[u][j] = unit u's piece of shard j (kept as refs), refs[u][m] = its statistics
-        stats = self._get([r[m] for r in refs], "partition")
+        # refs[u][j] = unit u's piece of shard j (kept as refs), refs[u][m] = its partial statistics
+        parts = self._get([r[m] for r in refs], "partition")
         self.pieces = [[r[j] for r in refs] for j in range(m)]
-        merged: dict[str, dict] = {}
-        for st in stats:
-            for label, s in st.items():
-                if label not in merged:
-                    merged[label] = {"n": 0, "min": dict(s["min"]), "max": dict(s["max"]), "moments": None}
-                g = merged[label]
-                g["n"] += s["n"]
-                for c in s["min"]:
-                    g["min"][c] = min(g["min"][c], s["min"][c])
-                    g["max"][c] = max(g["max"][c], s["max"][c])
-                if "moments" in s:
-                    g["moments"] = _merge_moments(g["moments"], s["moments"])
-        total = {"n": 0, "min": {}, "max": {}, "moments": None}
-        for g in merged.values():
-            total["n"] += g["n"]
-            for c in g["min"]:
-                total["min"][c] = min(total["min"].get(c, np.inf), g["min"][c])
-                total["max"][c] = max(total["max"].get(c, -np.inf), g["max"][c])
-            if g["moments"] is not None:
-                total["moments"] = _merge_moments(total["moments"], g["moments"])
-        self.stats, self.total = merged, total
+        return _merge_partials(stats, parts)
 
-    def _problem(self, key: str, sel, budget: int, task: str | None) -> _Problem:
-        st = self.total if task is None else self.stats[task]
-        gamma = score_range = None
-        if isinstance(sel, FacilityLocation):
-            if sel.metric != "cosine":
-                gamma = sel.gamma if sel.gamma is not None else _gamma_from_moments(st["moments"])
-            if sel.lambda_ > 0:
-                score_range = (st["min"][sel.score], st["max"][sel.score])
-        return _Problem(key, sel, budget, self.kappa or budget, task, gamma, score_range)
-
-    # -- task_balanced: allocation by a map pass, then one problem per task ----------------------
-    def _task_balanced_problems(self, tb: TaskBalanced):
-        lo, hi = self.total["min"][tb.score], self.total["max"][tb.score]
-        parts = self._get(
-            [_confidence_task.options(**self.opts).remote(self.meta, tb.score, tb.higher_is_uncertain, lo, hi, *p)
-             for p in self.pieces],
-            "task confidence",
-        )
-        labels = sorted(self.stats)  # np.unique order, like TaskBalanced
-        counts = {k: 0 for k in labels}
-        sums = {k: 0.0 for k in labels}
-        for part in parts:
-            for k, (c, s) in part.items():
-                counts[k] += c
-                sums[k] += s
-        sizes = np.array([counts[k] for k in labels])
-        mean_conf = np.array([sums[k] / counts[k] for k in labels])
-        alloc = allocate_budget(self.budget, sizes, mean_conf, tb.size_aware, tb.min_confidence)
-        inner = get_selector(tb.inner, **dict(tb.inner_params))
-        problems = [self._problem(k, inner, int(q), k) for k, q in zip(labels, alloc) if q > 0]
-        return problems, [p.key for p in problems]
+    def _bind(self, sel: Selector, values: Mapping[str, Any], task: str | None = None) -> Selector:
+        """`sel` bound to the (task's) statistics, running a statistics map for those that need others first."""
+        sel = sel.with_globals(values)
+        for _ in range(MAX_STAT_PASSES):
+            need = sel.unbound_statistics()
+            if not need:
+                return sel
+            parts = self._per_shard(_statistics_task, need, self.meta, task, desc="statistics")
+            more = _merge_partials(need, parts)
+            if set(more) != set(need):  # only for a task without rows, which gets no problem
+                raise RuntimeError(f"task {task!r} has no rows to compute {sorted(set(need) - set(more))} on")
+            sel = sel.with_globals(more)
+        raise RuntimeError(f"selector {self.name!r} keeps declaring unbound statistics: {sorted(need)}")
 
     # -- the two rounds and the whole-pool comparison -------------------------------------------
     def _two_round(self, problems: list[_Problem]) -> dict:
         m = self.m
-        r1 = self._collect(self._get(
-            [_round1_task.options(**self.opts).remote(problems, self.meta, self.seed,
-                                                        self.kill_once if j == 0 else None, *self.pieces[j])
-             for j in range(m)],
-            "shard selection",
-        ))
+        r1 = self._collect(self._per_shard(_round1_task, problems, self.meta, self.seed, desc="shard selection"))
         # Candidates to the driver: m * kappa rows per problem, sorted by pool position (like np.unique).
         unions, local_runs = {}, {}
         for p in problems:
@@ -690,152 +669,111 @@ class _Distributed:
                     first = cand.column("pos").to_numpy()[: p.budget]
                     runs.append((f"shard:{j}", np.searchsorted(pos, first), gains[: p.budget]))
             local_runs[p.key] = runs
-        merged, rss = ray.get(_reduce_task.options(**self.opts).remote(problems, unions, self.meta, self.seed))
+        merged, rss = ray.get(_reduce_task.options(**self.opts).remote(
+            problems, unions, self.meta, self.seed, self.callbacks))
         self.rss += [rss] if rss is not None else []
 
-        chosen = {}
         to_eval = {}
         for p in problems:
             runs = list(local_runs[p.key])
             if merged[p.key] is not None:
                 idx, gains = merged[p.key]
                 runs.append(("merged", np.asarray(idx, np.int64), np.asarray(gains, np.float64)))
+            if p.exact:  # the merged run is the answer (e.g. the top-B of the union of per-shard top-B)
+                runs = [r for r in runs if r[0] == "merged"]
             if not runs:
-                raise ValueError(
+                raise UserError(
                     f"no shard or merged run reached budget={p.budget} for {p.key!r}: raise kappa or lower m={m}"
                 )
-            if p.kind == "unc":  # exact: top-B of the union of per-shard top-B is the global top-B
-                runs = [r for r in runs if r[0] == "merged"]
             to_eval[p.key] = runs
-            chosen[p.key] = {"runs": runs}
 
-        values = self._evaluate(problems, unions, to_eval)
+        # Each distinct set is evaluated once, in its first run's pick order. A run that picked the same
+        # set in another order (with m = 1 the merged run re-picks the shard's set) then ties exactly
+        # instead of winning by the last bits of a sum taken in another order.
+        sets, which = {}, {}
+        for p in problems:
+            _, _, S_u, X_u = _cand_arrays(unions[p.key], self.meta)
+            distinct: dict[bytes, int] = {}  # the set (sorted) -> its place in sets[p.key]
+            sets[p.key], which[p.key] = [], []
+            for _, idx, _ in to_eval[p.key]:
+                key = np.sort(idx).tobytes()
+                if key not in distinct:
+                    distinct[key] = len(sets[p.key])
+                    sets[p.key].append((X_u[idx], take_rows(S_u, idx)))
+                which[p.key].append(distinct[key])
+        set_values = self._evaluate(problems, sets)
+        chosen = {}
         for p in problems:
             union, runs = unions[p.key], to_eval[p.key]
-            vals = values[p.key]
+            vals = [set_values[p.key][k] for k in which[p.key]]
             best = None  # strict improvement only: ties go to the earliest shard, then merged (like greedi)
             for (label, idx, gains), val in zip(runs, vals):
-                if best is None or (val > best[3] if p.kind != "kc" else val < best[3]):
+                if best is None or (val > best[3] if p.selector.maximize else val < best[3]):
                     best = (label, idx, gains, val)
             label, idx, gains, val = best
             merged_val = next((v for (lab, _, _), v in zip(runs, vals) if lab == "merged"), None)
-            ids = union.column("row_id").to_numpy(zero_copy_only=False)[idx]
             chosen[p.key] = {
-                "ids": ids, "gains": gains, "shard": shard_of(ids, m, self.seed), "budget": p.budget,
-                "objective": _finite(val), "merged_objective": _finite(merged_val), "winner": label,
-                "positions": union.column("pos").to_numpy()[idx],
+                "ids": union.column("row_id").to_numpy(zero_copy_only=False)[idx], "gains": gains,
+                "budget": p.budget, "objective": _finite(val), "merged_objective": _finite(merged_val),
+                "winner": label, "positions": union.column("pos").to_numpy()[idx],
             }
         return chosen
 
-    def _evaluate(self, problems, unions, runs) -> dict:
-        """Whole-(sub)pool objective of every run: map over the shards, then sum (FL) or max (k-center)."""
+    def _evaluate(self, problems: list[_Problem], sets: dict) -> dict:
+        """Whole-(sub)pool objective of every set: `combine` of the shards' parts plus the chosen rows' part.
+
+        Selectors whose objective reads only the chosen rows (combine None) need no map at all."""
+        mapped = [p for p in problems if p.selector.combine is not None]
+        parts = []
+        if mapped:
+            sets_ref = ray.put({p.key: sets[p.key] for p in mapped})
+            parts = self._collect(self._per_shard(_evaluate_task, mapped, sets_ref, self.meta, desc="objective"))
         values = {}
-        needs_map = [p for p in problems if p.kind in ("fl", "kc")]
         for p in problems:
-            if p.kind == "unc":
-                _, _, S_u, _ = _cand_arrays(unions[p.key], self.meta)
-                values[p.key] = [float(p.selector._oriented(S_u)[idx].sum()) for _, idx, _ in runs[p.key]]
-        if not needs_map:
-            return values
-        sets = {}
-        for p in needs_map:
-            _, _, _, X_u = _cand_arrays(unions[p.key], self.meta)
-            sets[p.key] = [X_u[idx] for _, idx, _ in runs[p.key]]
-        sets_ref = ray.put(sets)
-        parts = self._collect(self._get(
-            [_evaluate_task.options(**self.opts).remote(needs_map, sets_ref, self.meta, *self.pieces[j])
-             for j in range(self.m)],
-            "objective",
-        ))
-        for p in needs_map:
-            per_run = np.array([part[p.key] for part in parts], dtype=np.float64)  # (m, runs)
-            if p.kind == "fl":
-                vals = per_run.sum(axis=0)
-                _, _, S_u, _ = _cand_arrays(unions[p.key], self.meta)
-                b = _bonus(p, S_u)
-                if b is not None:
-                    vals = vals + np.array([b[idx].sum() for _, idx, _ in runs[p.key]])
-            else:
-                vals = per_run.max(axis=0)
-            values[p.key] = [float(v) for v in vals]
+            vals = []
+            for r, (X_set, S_set) in enumerate(sets[p.key]):
+                v = 0.0
+                if p.selector.combine is not None:
+                    v = _COMBINE[p.selector.combine](part[p.key][r] for part in parts if part[p.key] is not None)
+                vals.append(float(v + p.selector.chosen_objective(X_set, S_set)))
+            values[p.key] = vals
         return values
 
-    def _whole_pool_objective(self, tb: TaskBalanced, chosen: dict, order: list[str]) -> float | None:
-        """task_balanced's objective: its inner objective of all picks on the whole pool (one map pass)."""
-        inner = get_selector(tb.inner, **dict(tb.inner_params))
-        p = self._problem("all", inner, self.budget, None)
-        if p.kind == "unc":
-            return _finite(sum(float(np.nansum(chosen[k]["gains"])) for k in order))
-        # the picks' embeddings come back from the shard pieces: the driver holds O(budget * d)
+    def _whole_pool_objective(self, sel: Selector, chosen: dict, order: list[str]) -> float | None:
+        """The objective of all picks on the whole pool (PerTask): the picks' rows come back from the
+        shard pieces, so the driver holds O(budget * d); then one evaluation map."""
         positions = np.sort(np.concatenate([chosen[k]["positions"] for k in order]))
-        X_set = np.concatenate(self._get(
-            [_gather_task.options(**self.opts).remote(self.meta, positions, *self.pieces[j]) for j in range(self.m)],
-            "gather picks",
-        ))
-        parts = self._collect(self._get(
-            [_evaluate_task.options(**self.opts).remote([p], {"all": [X_set]}, self.meta, *self.pieces[j])
-             for j in range(self.m)],
-            "objective",
-        ))
-        vals = np.array([part["all"][0] for part in parts])
-        if p.kind == "kc":
-            return _finite(vals.max())
-        total = float(vals.sum())
-        if inner.lambda_ > 0:  # the hybrid's bonus of the picks, normalised over the whole pool
-            S_picks = np.concatenate(self._get(
-                [_gather_task.options(**self.opts).remote(self.meta, positions, *self.pieces[j], score=inner.score)
-                 for j in range(self.m)],
-                "gather scores",
-            ))
-            total += float(_bonus(p, {inner.score: S_picks}).sum())
-        return _finite(total)
+        got = self._per_shard(_gather_task, self.meta, positions, desc="gather picks")
+        in_pool_order = np.argsort(np.concatenate([pos for pos, _, _ in got]), kind="stable")
+        X_set = np.concatenate([x for _, x, _ in got])[in_pool_order]
+        S_set = {c: np.concatenate([s[c] for _, _, s in got])[in_pool_order] for c in self.meta["score_cols"]}
+        p = _Problem("pool", sel, len(positions), len(positions), None, False)
+        return _finite(self._evaluate([p], {"pool": [(X_set, S_set)]})["pool"][0])
 
-    # -- random: the in-process draw, then a row_id lookup ---------------------------------------
-    def _random(self):
-        n = self.scan.rows
-        # RandomSelector only needs the pool size: a zero-byte broadcast view stands in for the rows.
-        res = self.selector.select(self.budget, None, None, np.broadcast_to(np.int8(0), (n,)), self.seed)
+    # -- Gather: the default for a selector without a distributed form ---------------------------
+    def _gather(self, plan: Gather):
+        all_pieces = [ref for shard in self.pieces for ref in shard]
+        (ids, gains, objective), rss = ray.get(_select_gathered_task.options(**self.opts).remote(
+            plan.selector, self.budget, self.meta, self.seed, self.callbacks, *all_pieces))
+        self.rss += [rss] if rss is not None else []
+        summary = {"shards": self.m, "plan": "gather", **_objective_summary(plan.selector, objective)}
+        return self._table(ids, gains, summary)
+
+    # -- Draw: positions from the pool size, then a row_id lookup ---------------------------------
+    def _draw(self, plan: Draw):
+        res = plan.draw(self.scan.rows, self.budget, self.seed)
         order = np.argsort(res.indices, kind="stable")
         pos_sorted = res.indices[order]
         refs, spans = [], []
         for u in self.scan.units:
             lo, hi = np.searchsorted(pos_sorted, [u.pos0, u.pos0 + u.rows])
             if hi > lo:
-                refs.append(_lookup_task.options(**self.opts).remote(self.scan, u, pos_sorted[lo:hi]))
+                refs.append(_lookup_task.options(**self.opts).remote(self.scan, u, pos_sorted[lo:hi], self.callbacks))
                 spans.append((lo, hi))
         ids_sorted = np.empty(len(pos_sorted), dtype=object)
         for (lo, hi), ids in zip(spans, self._get(refs, "lookup")):
             ids_sorted[lo:hi] = ids
         ids = np.empty_like(ids_sorted)
         ids[order] = ids_sorted
-        table = _selection_table(ids, res.gains, self.name, shard_of(ids, self.m, self.seed))
-        return table, {"shards": self.m, "objective": None}
-
-
-@ray.remote
-def _gather_task(meta: dict, positions: np.ndarray, *pieces, score: str | None = None):
-    """Embeddings (or one score column) of the shard's rows at the given pool positions, in position order."""
-    sh = _Shard(list(pieces), meta)
-    rows = np.flatnonzero(np.isin(sh.pos, positions))
-    rows = rows[np.argsort(sh.pos[rows], kind="stable")]
-    return sh.S[score][rows] if score is not None else sh.X[rows]
-
-
-def _merge_moments(a, b):
-    """Chan et al.'s parallel update of (count, mean, M2) per embedding dimension (float64)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * (nb / n), m2a + m2b + delta**2 * (na * nb / n)
-
-
-def _gamma_from_moments(moments) -> float:
-    """selection.default_gamma from merged moments: 1 / (2 * total population variance)."""
-    n, _, m2 = moments
-    total_var = float((m2 / n).sum()) if n > 1 else 0.0
-    return 1.0 / (2.0 * total_var) if total_var > 0 else 1.0
+        return _selection_table(ids, res.gains, self.name, shard_of(ids, self.m, self.seed)), {
+            "shards": self.m, **_objective_summary(plan.selector, res.objective)}

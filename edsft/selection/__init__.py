@@ -8,7 +8,7 @@ Entry points
     X: float32 (n, d) or None; S: mapping score name -> (n,) array, or None; T: (n,) task labels or None.
 ``SELECTORS[name]``: frozen dataclass of the selector's hyperparameters (what Tune sweeps), e.g.
     ``SELECTORS["facility_location"](metric="cosine", optimizer="lazy").select(budget, X, S, T, seed)``.
-    ``SELECTORS[name].from_params(**params)`` raises a ValueError listing the valid parameters.
+    ``SELECTORS[name].from_params(**params)`` raises a UserError (a ValueError) listing the valid parameters.
 ``objective(name, indices, embeddings=X, scores=S, tasks=T, **params)``: the selector's objective on any set.
 
 Registry
@@ -25,7 +25,17 @@ Registry
   (+ lambda_ * sum of normalised uncertainty of the picks).
 - ``fl_uncertainty``: facility_location with lambda_=1.0, score="mean_entropy" (the hybrid).
 - ``task_balanced`` (score, inner, inner_params, size_aware): per-task quotas ~ 1 / mean confidence.
-- ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference.
+- ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference (m None:
+  4 shards in-process, selection.shards in the distributed stage).
+
+Bad parameters and inputs raise ``edsft.errors.UserError`` (a ValueError) naming the field, value and fix.
+
+The distributed contract (details in ``base``)
+---------------------------------------------
+``edsft.distributed.coresets`` runs any selector through these methods, never through its type:
+``pool_statistics()`` (PoolStatistic per name: ScoreRange, PoolGamma, ByTask, TaskConfidence),
+``with_globals(values)`` / ``globals``, ``distribution()`` (TwoRound, Draw, PerTask, Gather,
+NotDistributable) and, for TwoRound, ``combine`` + ``shard_objective`` + ``chosen_objective``.
 
 Pieces for the distributed stage
 --------------------------------
@@ -45,18 +55,36 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import HIGHER_IS_UNCERTAIN, SELECTORS, SelectionResult, Selector, uncertainty
+from ..errors import UserError
+from .base import (
+    HIGHER_IS_UNCERTAIN,
+    MAX_STAT_PASSES,
+    SELECTORS,
+    ByTask,
+    Distribution,
+    Draw,
+    Gather,
+    NotDistributable,
+    PerTask,
+    PoolStatistic,
+    ScoreRange,
+    SelectionResult,
+    Selector,
+    TwoRound,
+    take_rows,
+    uncertainty,
+)
 from .basic import RandomSelector, UncertaintySelector
-from .composite import GreeDi, TaskBalanced, allocate_budget, row_confidence, shard_of
+from .composite import GreeDi, TaskBalanced, TaskConfidence, allocate_budget, row_confidence, shard_of
 from .facility import FacilityLocation, FacilityLocationUncertainty, facility_location_gains, facility_location_greedy
 from .kcenter import KCenter, UncertainKCenter, k_center_greedy
-from .similarity import best_similarity, default_gamma, dense_similarity, knn_graph, min_distance
+from .similarity import PoolGamma, best_similarity, default_gamma, dense_similarity, knn_graph, min_distance
 
 
 def get_selector(name: str, **params) -> Selector:
-    """Build a registered selector from its name and hyperparameters (clear ValueError on typos)."""
+    """Build a registered selector from its name and hyperparameters (clear UserError on typos)."""
     if name not in SELECTORS:
-        raise ValueError(f"unknown selector {name!r}: valid names are {sorted(SELECTORS)}")
+        raise UserError(f"unknown selector {name!r}: valid names are {sorted(SELECTORS)}")
     return SELECTORS[name].from_params(**params)
 
 
@@ -84,8 +112,20 @@ def objective(name: str, indices, embeddings=None, scores=None, tasks=None, **pa
 
 __all__ = [
     "HIGHER_IS_UNCERTAIN",
+    "MAX_STAT_PASSES",
     "SELECTORS",
+    "ByTask",
+    "Distribution",
+    "Draw",
+    "Gather",
     "GreeDi",
+    "NotDistributable",
+    "PerTask",
+    "PoolGamma",
+    "PoolStatistic",
+    "ScoreRange",
+    "TaskConfidence",
+    "TwoRound",
     "FacilityLocation",
     "FacilityLocationUncertainty",
     "KCenter",
@@ -109,5 +149,6 @@ __all__ = [
     "row_confidence",
     "select",
     "shard_of",
+    "take_rows",
     "uncertainty",
 ]

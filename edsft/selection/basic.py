@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import SelectionResult, Selector, register, uncertainty
+from .base import Draw, NotDistributable, SelectionResult, Selector, TwoRound, register, uncertainty
 
 
 @register("random")
@@ -18,10 +18,16 @@ class RandomSelector(Selector):
     def randomized(self) -> bool:
         return True
 
-    def _select(self, budget, X, S, T, seed):
-        n = _pool_size(X, S, T)
+    def draw(self, n: int, budget: int, seed: int) -> SelectionResult:
+        """The picks from the pool size alone (what a distributed run does on the driver)."""
         idx = np.random.default_rng(seed).choice(n, size=budget, replace=False)
         return SelectionResult(idx, np.full(budget, np.nan), float("nan"))
+
+    def _select(self, budget, X, S, T, seed):
+        return self.draw(_pool_size(X, S, T), budget, seed)
+
+    def distribution(self):
+        return Draw(self, self.draw)
 
 
 @register("uncertainty")
@@ -59,7 +65,19 @@ class UncertaintySelector(Selector):
         return SelectionResult(idx, u[idx], float(u[idx].sum()))
 
     def _objective(self, idx, X, S, T):
-        return float(self._oriented(S)[idx].sum())
+        return self.chosen_objective(None, {self.score: S[self.score][idx]})
+
+    # distributed: the top-B of the union of every shard's top-B is the pool's top-B (ties -> lowest
+    # position, as the union is in pool order), and the objective is a sum over the picks alone
+    def distribution(self):
+        if self.jitter:
+            return NotDistributable(
+                self, "uncertainty with jitter=True draws one key per pool row: use selection.mode=local"
+            )
+        return TwoRound(self, exact=True)
+
+    def chosen_objective(self, X_chosen, S_chosen) -> float:
+        return float(self._oriented(S_chosen).sum())
 
 
 def _pool_size(X, S, T) -> int:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from .base import SELECTORS, SelectionResult, Selector, check_choice, minmax, register, uncertainty
+from ..errors import UserError
+from .base import (
+    SELECTORS,
+    Gather,
+    NotDistributable,
+    PerTask,
+    PoolStatistic,
+    ScoreRange,
+    SelectionResult,
+    Selector,
+    TwoRound,
+    minmax,
+    oriented_range,
+    register,
+    take_rows,
+    uncertainty,
+)
+
+GREEDI_SHARDS = 4  # greedi's m in-process when none is given (a distributed run uses selection.shards)
 
 # Scores that are already a probability-like confidence gap in [0, 1].
 _CONF_IS_ONE_MINUS = ("least_confidence", "least_confidence_norm")  # 1 - p_max
@@ -17,23 +36,48 @@ _CONF_IS_VALUE = ("mean_margin", "min_margin")  # p_top1 - p_top2
 
 def inner_selector(name: str, params: Mapping[str, Any] | None) -> Selector:
     if name not in SELECTORS:
-        raise ValueError(f"inner={name!r} is not a selector: use one of {sorted(SELECTORS)}")
+        raise UserError(f"inner={name!r} is not a selector: use one of {sorted(SELECTORS)}")
     return SELECTORS[name].from_params(**dict(params or {}))
 
 
-def _subset(S, idx):
-    return {k: v[idx] for k, v in S.items()} if S else None
-
-
-def row_confidence(values: np.ndarray, score: str, higher_is_uncertain: bool | None = None) -> np.ndarray:
+def row_confidence(values: np.ndarray, score: str, higher_is_uncertain: bool | None = None,
+                   raw_range: tuple[float, float] | None = None) -> np.ndarray:
     """Model confidence per row in [0, 1] from a score column: 1 - least_confidence, the margin itself,
-    or 1 - min-max(oriented uncertainty) for any other column."""
+    or 1 - min-max(oriented uncertainty) for any other column (min-max over `values`, or with the pool's
+    `raw_range` = (min, max) of the raw column)."""
     v = np.asarray(values, dtype=np.float64)
     if score in _CONF_IS_ONE_MINUS:
         return np.clip(1.0 - v, 0.0, 1.0)
     if score in _CONF_IS_VALUE:
         return np.clip(v, 0.0, 1.0)
-    return 1.0 - minmax(uncertainty(v, score, higher_is_uncertain))
+    lo, hi = (None, None) if raw_range is None else oriented_range(raw_range, score, higher_is_uncertain)
+    return 1.0 - minmax(uncertainty(v, score, higher_is_uncertain), lo, hi)
+
+
+@dataclass(frozen=True)
+class TaskConfidence(PoolStatistic):
+    """Per task label: (rows, sum of row_confidence), with the pool's raw (min, max) of the score.
+
+    Sums are bincounts in row order and add up block by block, so one block gives exactly the
+    in-process numbers."""
+
+    score: str
+    higher_is_uncertain: bool | None
+    raw_range: tuple[float, float]
+
+    def partial(self, X, S, T):
+        conf = row_confidence(S[self.score], self.score, self.higher_is_uncertain, self.raw_range)
+        labels, inv = np.unique(T, return_inverse=True)
+        sums = np.bincount(inv, weights=conf, minlength=len(labels))
+        counts = np.bincount(inv, minlength=len(labels))
+        return {label: (int(c), float(v)) for label, c, v in zip(labels.tolist(), counts, sums)}
+
+    def merge(self, a, b):
+        out = dict(a)
+        for label, (c, v) in b.items():
+            c0, v0 = out.get(label, (0, 0.0))
+            out[label] = (c0 + c, v0 + v)
+        return out
 
 
 def allocate_budget(budget: int, sizes, mean_confidence, size_aware: bool = False, min_confidence: float = 1e-3):
@@ -43,7 +87,7 @@ def allocate_budget(budget: int, sizes, mean_confidence, size_aware: bool = Fals
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     if budget > sizes.sum():
-        raise ValueError(f"budget={budget} exceeds the pool size {int(sizes.sum())}")
+        raise UserError(f"budget={budget} exceeds the pool size {int(sizes.sum())}")
     w = 1.0 / np.maximum(np.asarray(mean_confidence, dtype=np.float64), min_confidence)
     if size_aware:
         w = w * sizes
@@ -89,7 +133,7 @@ class TaskBalanced(Selector):
 
     def __post_init__(self):
         if self.inner in ("task_balanced", "greedi"):
-            raise ValueError(f"inner={self.inner!r} cannot be nested inside task_balanced")
+            raise UserError(f"inner={self.inner!r} cannot be nested inside task_balanced")
         inner_selector(self.inner, self.inner_params)  # fail early on bad inner params
 
     @property
@@ -108,22 +152,34 @@ class TaskBalanced(Selector):
         inner = inner_selector(self.inner, self.inner_params).score_names()
         return tuple(dict.fromkeys((self.score, *inner)))
 
-    def allocation(self, budget, S, T):
-        labels, inv = np.unique(T, return_inverse=True)
-        conf = row_confidence(S[self.score], self.score, self.higher_is_uncertain)
-        sizes = np.bincount(inv, minlength=len(labels))
-        mean_conf = np.bincount(inv, weights=conf, minlength=len(labels)) / sizes
-        return labels, inv, allocate_budget(budget, sizes, mean_conf, self.size_aware, self.min_confidence)
+    def pool_statistics(self):
+        stats = {"score_range": ScoreRange(self.score)}
+        if "score_range" in self.globals:  # the confidence is normalised with the pool's range: a second pass
+            rng = self.globals["score_range"]
+            stats["task_confidence"] = TaskConfidence(self.score, self.higher_is_uncertain, rng)
+        return stats
+
+    def quotas(self, budget: int) -> dict:
+        """{task label: quota} for `budget` from the bound per-task confidence (labels in sorted order)."""
+        conf = self.globals["task_confidence"]
+        labels = sorted(conf)
+        sizes = np.array([conf[k][0] for k in labels], dtype=np.int64)
+        mean_conf = np.array([conf[k][1] / conf[k][0] for k in labels], dtype=np.float64)
+        alloc = allocate_budget(budget, sizes, mean_conf, self.size_aware, self.min_confidence)
+        return dict(zip(labels, alloc.tolist()))
 
     def _select(self, budget, X, S, T, seed):
         inner = inner_selector(self.inner, self.inner_params)
-        labels, inv, alloc = self.allocation(budget, S, T)
+        quotas = self.quotas(budget)
+        labels, inv = np.unique(T, return_inverse=True)
         picks, gains = [], []
-        for t, q in enumerate(alloc):
+        for t, label in enumerate(labels.tolist()):
+            q = quotas[label]
             if q == 0:
                 continue
             rows = np.flatnonzero(inv == t)
-            res = inner.select(int(q), None if X is None else X[rows], _subset(S, rows), T[rows], seed)
+            res = inner.select(int(q), None if X is None else X[rows], take_rows(S, rows), T[rows], seed,
+                               compute_objective=False)  # the objective below is the whole pool's
             picks.append(rows[res.indices])
             gains.append(res.gains)
         idx = np.concatenate(picks)
@@ -131,6 +187,20 @@ class TaskBalanced(Selector):
 
     def _objective(self, idx, X, S, T):
         return inner_selector(self.inner, self.inner_params).objective(idx, X, S, T)
+
+    def distribution(self):
+        inner = inner_selector(self.inner, self.inner_params)
+        plan = inner.distribution()
+        if isinstance(plan, Gather):  # an inner selector without a distributed form: all of it in one task
+            return Gather(self)
+        if isinstance(plan, NotDistributable):
+            return NotDistributable(self, plan.reason)
+        if not isinstance(plan, TwoRound):
+            return NotDistributable(
+                self, f"task_balanced with inner={self.inner!r} has no distributed form: use mode=local"
+            )
+        bound = "task_confidence" in self.globals
+        return PerTask(self, inner=inner, quotas=self.quotas if bound else None)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -146,10 +216,10 @@ def shard_of(row_keys, m: int, seed: int = 0) -> np.ndarray:
     machines. Integer keys: SplitMix64(key + SplitMix64(seed)); other keys: blake2b of str(key) with the
     seed as the hash key. GreeDi's partition; the distributed stage must use this same function."""
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"m={m!r} (number of shards) must be an integer >= 1")
+        raise UserError(f"m={m!r} (number of shards) must be an integer >= 1")
     keys = np.asarray(row_keys)
     if keys.ndim != 1:
-        raise ValueError(f"row_keys must be 1-d, got shape {keys.shape}")
+        raise UserError(f"row_keys must be 1-d, got shape {keys.shape}")
     if keys.dtype.kind in "iu":
         salt = _splitmix64(np.array([seed], dtype=np.uint64))[0]
         h = _splitmix64(keys.astype(np.uint64) + salt)
@@ -171,7 +241,8 @@ def shard_of(row_keys, m: int, seed: int = 0) -> np.ndarray:
 class GreeDi(Selector):
     """In-process reference of two-round distributed selection (GreeDi / RandGreeDi).
 
-    Rows are split into m shards by shard_of(row_keys or positions, m, seed); the inner selector picks
+    Rows are split into m shards (None: 4 in-process, selection.shards in a distributed run) by
+    shard_of(row_keys or positions, m, seed); the inner selector picks
     `kappa` (default budget) candidates per shard; it runs again on the union of the candidates; the
     answer is the best, by the inner objective on the WHOLE pool, of the merged selection and each
     shard's first `budget` picks (ties -> the earliest shard, then merged). gains come from the winning run.
@@ -179,22 +250,26 @@ class GreeDi(Selector):
 
     inner: str = "facility_location"
     inner_params: Mapping[str, Any] = field(default_factory=dict)
-    m: int = 4
+    m: int | None = None
     kappa: int | None = None
     row_keys: Any = None
 
     def __post_init__(self):
         if self.inner in ("greedi", "random"):
-            raise ValueError(f"inner={self.inner!r} has no objective to compare runs: use e.g. facility_location")
-        if isinstance(self.m, bool) or not isinstance(self.m, (int, np.integer)) or self.m < 1:
-            raise ValueError(f"m={self.m!r} must be an integer >= 1")
+            raise UserError(f"inner={self.inner!r} has no objective to compare runs: use e.g. facility_location")
+        if self.m is not None and (isinstance(self.m, bool) or not isinstance(self.m, (int, np.integer)) or self.m < 1):
+            raise UserError(f"m={self.m!r} must be an integer >= 1 or None")
         if self.kappa is not None and self.kappa < 1:
-            raise ValueError(f"kappa={self.kappa!r} must be >= 1 or None (= budget)")
+            raise UserError(f"kappa={self.kappa!r} must be >= 1 or None (= budget)")
         inner_selector(self.inner, self.inner_params)
 
     @property
+    def shards(self) -> int:
+        return GREEDI_SHARDS if self.m is None else int(self.m)
+
+    @property
     def randomized(self) -> bool:
-        return self.m > 1 or inner_selector(self.inner, self.inner_params).randomized
+        return self.shards > 1 or inner_selector(self.inner, self.inner_params).randomized
 
     @property
     def needs_embeddings(self) -> bool:  # type: ignore[override]
@@ -212,17 +287,17 @@ class GreeDi(Selector):
         n = len(X) if X is not None else len(next(iter(S.values())))
         keys = np.arange(n) if self.row_keys is None else np.asarray(self.row_keys)
         if len(keys) != n:
-            raise ValueError(f"row_keys has {len(keys)} entries for a pool of {n} rows")
-        shard = shard_of(keys, self.m, seed)
+            raise UserError(f"row_keys has {len(keys)} entries for a pool of {n} rows")
+        shard = shard_of(keys, self.shards, seed)
         kappa = self.kappa or budget
 
-        def run(rows, k):
-            res = inner.select(k, None if X is None else X[rows], _subset(S, rows),
-                               None if T is None else T[rows], seed)
+        def run(rows, k):  # the runs are compared by the whole-pool objective below, not their own
+            res = inner.select(k, None if X is None else X[rows], take_rows(S, rows),
+                               None if T is None else T[rows], seed, compute_objective=False)
             return rows[res.indices], res.gains
 
         runs, cands = [], []
-        for p in range(self.m):
+        for p in range(self.shards):
             rows = np.flatnonzero(shard == p)
             if len(rows) == 0:
                 continue
@@ -234,7 +309,7 @@ class GreeDi(Selector):
         if len(union) >= budget:
             runs.append(run(union, budget))
         if not runs:
-            raise ValueError(f"no shard or merged run reached budget={budget}: raise kappa or lower m={self.m}")
+            raise UserError(f"no shard or merged run reached budget={budget}: raise kappa or lower m={self.shards}")
         best, best_val = None, None
         for idx, g in runs:
             val = inner.objective(idx, X, S, T)
@@ -244,3 +319,13 @@ class GreeDi(Selector):
 
     def _objective(self, idx, X, S, T):
         return inner_selector(self.inner, self.inner_params).objective(idx, X, S, T)
+
+    def distribution(self):
+        # greedi IS the two-round scheme: distributed, its inner selector runs it on the real shards
+        if self.row_keys is not None:
+            return NotDistributable(
+                self, "selection.params.row_keys cannot be used with mode=distributed: rows are keyed by row_id"
+            )
+        plan = inner_selector(self.inner, self.inner_params).distribution()
+        return dataclasses.replace(plan, shards=self.m if self.m is not None else plan.shards,
+                                   kappa=self.kappa if self.kappa is not None else plan.kappa)

@@ -29,7 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .base import SelectionResult, Selector, check_choice, minmax, register, uncertainty
+from ..errors import UserError
+from .base import (
+    ScoreRange,
+    SelectionResult,
+    Selector,
+    TwoRound,
+    check_choice,
+    minmax,
+    oriented_range,
+    register,
+    take_rows,
+    uncertainty,
+)
 from .similarity import (
     QDTYPE,
     QUANT_SCALE,
@@ -42,8 +54,8 @@ from .similarity import (
     parallel,
     split_range,
     knn_graph,
+    PoolGamma,
     prepare,
-    resolve_gamma,
     sim_block,
 )
 
@@ -373,26 +385,27 @@ class FacilityLocation(Selector):
     progress: bool = False
 
     needs_embeddings = True
+    combine = "sum"  # sum_i max_j sim(i, j) is a sum over pool rows; the hybrid's bonus is a sum over picks
 
     def __post_init__(self):
         check_choice("metric", self.metric, SIM_METRICS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.metric == "cosine" and self.gamma is not None:
-            raise ValueError("gamma is only used by metric='rbf' or 'euclidean'; drop it for metric='cosine'")
+            raise UserError("gamma is only used by metric='rbf' or 'euclidean'; drop it for metric='cosine'")
         if self.gamma is not None and not self.gamma > 0:
-            raise ValueError(f"gamma={self.gamma!r} must be > 0")
+            raise UserError(f"gamma={self.gamma!r} must be > 0")
         if not 0 < self.epsilon < 1:
-            raise ValueError(f"epsilon={self.epsilon!r} must be in (0, 1)")
+            raise UserError(f"epsilon={self.epsilon!r} must be in (0, 1)")
         if self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors={self.n_neighbors!r} must be >= 1")
+            raise UserError(f"n_neighbors={self.n_neighbors!r} must be >= 1")
         if self.dense_max_n < 0:
-            raise ValueError(f"dense_max_n={self.dense_max_n!r} must be >= 0")
+            raise UserError(f"dense_max_n={self.dense_max_n!r} must be >= 0")
         if self.lambda_ < 0:
-            raise ValueError(f"lambda_={self.lambda_!r} must be >= 0 (0 = plain facility location)")
+            raise UserError(f"lambda_={self.lambda_!r} must be >= 0 (0 = plain facility location)")
         if self.lambda_ > 0 and self.score is None:
-            raise ValueError(f"lambda_={self.lambda_} needs score=<uncertainty column>, e.g. score='mean_entropy'")
+            raise UserError(f"lambda_={self.lambda_} needs score=<uncertainty column>, e.g. score='mean_entropy'")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be >= 1")
+            raise UserError(f"batch_size={self.batch_size!r} must be >= 1")
 
     @property
     def randomized(self) -> bool:
@@ -401,31 +414,53 @@ class FacilityLocation(Selector):
     def score_names(self):
         return (self.score,) if self.lambda_ > 0 else ()
 
-    def bonus(self, S, n: int) -> np.ndarray | None:
-        """Hybrid term lambda_ * u in [0, lambda_] per row (float64), or None for plain FL."""
+    def pool_statistics(self):
+        # the similarity and the hybrid's normalisation are functions of the whole pool: a shard must
+        # not use its own gamma or min/max, or every shard optimises a different function
+        stats = {}
+        if self.metric != "cosine" and self.gamma is None:
+            stats["gamma"] = PoolGamma()
+        if self.lambda_ > 0:
+            stats["score_range"] = ScoreRange(self.score)
+        return stats
+
+    @property
+    def _gamma(self) -> float | None:
+        """The similarity's gamma: the given one, else the (bound) pool's; None for cosine."""
+        return self.gamma if self.gamma is not None else self.globals.get("gamma")
+
+    def bonus(self, S) -> np.ndarray | None:
+        """Hybrid term lambda_ * u in [0, lambda_] per row of S (float64), u min-maxed with the pool's
+        range of the score; None for plain FL. Call on a bound selector (select binds it)."""
         if self.lambda_ == 0:
             return None
-        return self.lambda_ * minmax(uncertainty(S[self.score], self.score, self.higher_is_uncertain))
+        lo, hi = oriented_range(self.globals["score_range"], self.score, self.higher_is_uncertain)
+        return self.lambda_ * minmax(uncertainty(S[self.score], self.score, self.higher_is_uncertain), lo, hi)
 
     def _select(self, budget, X, S, T, seed):
-        gamma = resolve_gamma(X, self.metric, self.gamma)
-        graph = build_graph(X, self.metric, gamma, self.dense_max_n, self.n_neighbors, seed, self.progress)
-        b = self.bonus(S, len(X))
+        graph = build_graph(X, self.metric, self._gamma, self.dense_max_n, self.n_neighbors, seed, self.progress)
+        b = self.bonus(S)
         mod = None if b is None else np.rint(b * QUANT_SCALE).astype(np.int64)
         idx, gains = facility_location_greedy(
             graph, budget, self.optimizer, mod, self.epsilon, seed, self.batch_size, self.progress,
         )
         del graph
-        return SelectionResult(idx, gains, self._objective_gamma(idx, X, S, gamma))
-
-    def _objective_gamma(self, idx, X, S, gamma):
-        metric = "rbf" if self.metric == "euclidean" else self.metric
-        f = float(best_similarity(X, X[idx], metric, gamma).sum())
-        b = self.bonus(S, len(X))
-        return f if b is None else f + float(b[idx].sum())
+        return SelectionResult(idx, gains, float("nan"))  # select() adds the objective when asked
 
     def _objective(self, idx, X, S, T):
-        return self._objective_gamma(idx, X, S, resolve_gamma(X, self.metric, self.gamma))
+        X_c, S_c = X[idx], take_rows(S, idx)
+        return self.shard_objective(X, S, X_c, S_c) + self.chosen_objective(X_c, S_c)
+
+    def distribution(self):
+        return TwoRound(self)
+
+    def shard_objective(self, X_rows, S_rows, X_chosen, S_chosen) -> float:
+        metric = "rbf" if self.metric == "euclidean" else self.metric
+        return float(best_similarity(X_rows, X_chosen, metric, self._gamma).sum())
+
+    def chosen_objective(self, X_chosen, S_chosen) -> float:
+        b = self.bonus(S_chosen)
+        return 0.0 if b is None else float(b.sum())
 
 
 @register("fl_uncertainty")

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import SelectionResult, Selector, check_choice, register, uncertainty
+from ..errors import UserError
+from .base import NotDistributable, SelectionResult, Selector, TwoRound, check_choice, register, uncertainty
 from .similarity import DIST_METRICS, cell_labels, dist_block, min_distance, prepare
 
 BLOCKED_MIN_N = 20_000  # below this one matrix-vector product per step is cheaper than the bookkeeping
@@ -204,13 +205,15 @@ class KCenter(Selector):
 
     needs_embeddings = True
     maximize = False
+    objective_name = "covering_radius"
+    combine = "max"  # the covering radius of the pool is the largest of its shards' radii
 
     def __post_init__(self):
         check_choice("metric", self.metric, DIST_METRICS)
         if self.top_q is not None and not (self.top_q > 0):
-            raise ValueError(f"top_q={self.top_q!r} must be a fraction in (0, 1] or a count > 1")
+            raise UserError(f"top_q={self.top_q!r} must be a fraction in (0, 1] or a count > 1")
         if self.top_q is not None and self.initial:
-            raise ValueError("k_center: use either top_q or initial, not both")
+            raise UserError("k_center: use either top_q or initial, not both")
 
     @property
     def randomized(self) -> bool:
@@ -235,7 +238,7 @@ class KCenter(Selector):
         if self.initial:
             init = np.asarray(self.initial, dtype=np.int64)
             if init.min() < 0 or init.max() >= len(X):
-                raise ValueError(f"initial contains positions outside [0, {len(X)})")
+                raise UserError(f"initial contains positions outside [0, {len(X)})")
         picks, gains, radius = k_center_greedy(X[cand], budget, self.metric, seed, init, self.progress)
         return SelectionResult(cand[picks], gains, radius)
 
@@ -243,7 +246,18 @@ class KCenter(Selector):
         """Covering radius of the candidate rows (the whole pool without top_q) by the chosen rows."""
         cand = self.candidates(S, len(X), len(idx))
         chosen = idx if not self.initial else np.union1d(idx, np.asarray(self.initial))
-        return float(min_distance(X[cand], X[chosen], self.metric).max())
+        return self.shard_objective(X[cand], None, X[chosen], None)
+
+    def distribution(self):
+        if self.top_q is not None or self.initial:
+            # top_q ranks the whole pool; `initial` positions are pool positions: both need every row at once
+            return NotDistributable(
+                self, f"{self.name} with top_q/initial needs the whole pool at once: use selection.mode=local"
+            )
+        return TwoRound(self)
+
+    def shard_objective(self, X_rows, S_rows, X_chosen, S_chosen) -> float:
+        return float(min_distance(X_rows, X_chosen, self.metric).max())
 
 
 @register("uncertain_k_center")

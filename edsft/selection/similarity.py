@@ -24,8 +24,12 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
+
+from .base import PoolStatistic
 
 SIM_METRICS = ("cosine", "euclidean", "rbf")
 DIST_METRICS = ("cosine", "euclidean")
@@ -90,15 +94,31 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
 
 def default_gamma(X: np.ndarray) -> float:
     """1 / mean squared distance between two pool rows = 1 / (2 * total variance). Exact, O(n d)."""
-    X64 = np.asarray(X, dtype=np.float64)
-    total_var = float(X64.var(axis=0).sum()) if len(X64) > 1 else 0.0
-    return 1.0 / (2.0 * total_var) if total_var > 0 else 1.0
+    return PoolGamma().of(X, None, None)
 
 
-def resolve_gamma(X: np.ndarray, metric: str, gamma: float | None) -> float | None:
-    if metric == "cosine":
-        return None
-    return float(gamma) if gamma is not None else default_gamma(X)
+@dataclass(frozen=True)
+class PoolGamma(PoolStatistic):
+    """`default_gamma` of the whole pool from per-block moments: (count, mean, M2) per embedding
+    dimension in float64, merged with Chan et al.'s parallel update, so a sharded pool gets the gamma of
+    the whole pool (on one block this is numpy's own var, bit for bit)."""
+
+    def partial(self, X, S, T):
+        x = np.asarray(X, dtype=np.float64)
+        mean = x.mean(axis=0)
+        return len(x), mean, ((x - mean) ** 2).sum(axis=0)
+
+    def merge(self, a, b):
+        na, ma, m2a = a
+        nb, mb, m2b = b
+        n = na + nb
+        delta = mb - ma
+        return n, ma + delta * (nb / n), m2a + m2b + delta**2 * (na * nb / n)
+
+    def value(self, partial) -> float:
+        n, _, m2 = partial
+        total_var = float((m2 / n).sum()) if n > 1 else 0.0
+        return 1.0 / (2.0 * total_var) if total_var > 0 else 1.0
 
 
 def prepare(X: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -3,22 +3,28 @@ in-process GreeDi reference, approximation bounds against the centralised run, d
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _data import read_pool, write_scores  # noqa: E402
 
 from edsft.config import Config  # noqa: E402
+from edsft.errors import UserError  # noqa: E402
 from edsft.distributed.coresets import SELECTION_SCHEMA, resolve_mode, select_subset  # noqa: E402
 from edsft.selection import objective, select  # noqa: E402
 from edsft.storage import get_store  # noqa: E402
 
 BUDGET = 40
+# Ray workers cannot import this test module (tests/ is no package): ship the classes defined here (the
+# selectors, callbacks) by value. A selector in an installed package needs nothing of the kind.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,14 @@ def picked(table):
     return table.column("row_id").to_pylist()
 
 
+@ray.remote(num_cpus=0.25)
+def in_a_task(name, budget, X, S, T, params):
+    """The in-process selector, run where the shard tasks run: a fractional-CPU task gets one BLAS thread,
+    and OpenBLAS rounds float32 GEMMs differently at another thread count (seen on AMD EPYC, OpenBLAS
+    0.3.31), which int16 quantisation can turn into another pick. Same threads, same bits."""
+    return select(name, budget, embeddings=X, scores=S, tasks=T, seed=0, **params)
+
+
 # m = 1: one shard is the whole pool, so the map-reduce must reproduce the in-process selector exactly
 @pytest.mark.parametrize(
     "name,params",
@@ -67,7 +81,7 @@ def picked(table):
 )
 def test_one_shard_equals_in_process_selector(ray_cluster, pool, tmp_path, name, params):
     table, summary = run(pool, tmp_path, name, params, m=1)
-    ref = select(name, BUDGET, embeddings=pool["X"], scores=pool["S"], tasks=pool["tasks"], seed=0, **params)
+    ref = ray.get(in_a_task.remote(name, BUDGET, pool["X"], pool["S"], pool["tasks"], params))
     assert picked(table) == list(pool["ids"][ref.indices])
     np.testing.assert_array_equal(table.column("gain").to_numpy(), ref.gains)
     if np.isfinite(ref.objective):
@@ -129,17 +143,55 @@ def test_deterministic_per_seed(ray_cluster, pool, tmp_path):
     assert picked(a) != picked(c)  # another seed: another partition of the rows
 
 
+class KillOnce:
+    """A select_subset callback: kills the worker of `stage`'s task for `shard`, once (a lock file remembers)."""
+
+    def __init__(self, lock: str, stage: str = "round1", shard: int | None = 0):
+        self.lock, self.stage, self.shard = lock, stage, shard
+
+    def __call__(self, *, stage, shard):
+        if stage == self.stage and shard == self.shard:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return  # killed before: let the retry run
+            os.close(fd)
+            os._exit(1)  # a hard crash of the worker process, no exception
+
+
 def test_killed_shard_task_is_retried_with_the_same_result(ray_cluster, pool, tmp_path):
-    lock = tmp_path / "killed-once"
     calm, _ = run(pool, tmp_path / "calm", "facility_location", m=4)  # undisturbed (cached from above)
-    hit, _ = run(pool, tmp_path / "hit", "facility_location", m=4, _kill_once=str(lock))
-    assert lock.exists()  # the first attempt of shard 0's task really died
-    assert calm.equals(hit)
+    for stage, shard in (("round1", 0), ("reduce", None)):
+        lock = tmp_path / f"killed-{stage}"
+        hit, _ = run(pool, tmp_path / stage, "facility_location", m=4, callbacks=[KillOnce(str(lock), stage, shard)])
+        assert lock.exists()  # the first attempt of that task really died
+        assert calm.equals(hit)
+
+
+def test_callbacks_see_every_stage_of_a_two_round_run(ray_cluster, pool, tmp_path):
+    from edsft.distributed.coresets import STAGES
+
+    log = tmp_path / "stages"
+    log.mkdir()
+    run(pool, tmp_path, "fl_uncertainty", m=2, callbacks=[TouchStage(str(log))])
+    seen = {p.name for p in log.iterdir()}
+    assert seen == {"partition-None", "round1-0", "round1-1", "reduce-None", "evaluate-0", "evaluate-1"}
+    assert {s.split("-")[0] for s in seen} <= set(STAGES)
+
+
+class TouchStage:
+    """A select_subset callback that leaves one file per (stage, shard) it ran in."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, *, stage, shard):
+        Path(self.folder, f"{stage}-{shard}").touch()
 
 
 def test_budget_over_pool(ray_cluster, pool, tmp_path):
     n = len(pool["ids"])
-    with pytest.raises(ValueError, match=r"selection.budget=5000 exceeds the scored pool \(2400 rows\)"):
+    with pytest.raises(UserError, match=r"selection.budget=5000 exceeds the scored pool \(2400 rows\)"):
         run(pool, tmp_path, "facility_location", budget=5000)
     cfg = Config().replace(**{"selection.name": "uncertainty", "selection.budget": 5000,
                               "selection.allow_budget_over_pool": True, "selection.mode": "distributed"})
@@ -158,15 +210,30 @@ def test_auto_mode_and_same_output_either_way(ray_cluster, pool, tmp_path):
     assert s_local["covering_radius"] == pytest.approx(s_dist["covering_radius"], rel=1e-12)
 
 
+def test_distributed_selection_joins_ray_through_the_session(ray_cluster, pool, tmp_path, monkeypatch):
+    """One ray.init path (session.init_ray): it also keeps credentials out of the runtime envs Tune records."""
+    from ray.tune.execution import class_cache
+
+    leaky = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) | {"AWS_SECRET_ACCESS_KEY"}
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", leaky)
+    run(pool, tmp_path, "k_center", m=2, fresh=True)
+    assert "AWS_SECRET_ACCESS_KEY" not in class_cache.ENV_VARS_TO_PROPAGATE
+
+
 def test_clear_errors(ray_cluster, pool, tmp_path):
-    with pytest.raises(ValueError, match="jitter=True"):
+    with pytest.raises(UserError, match="jitter=True"):
         run(pool, tmp_path, "uncertainty", {"jitter": True})
-    with pytest.raises(ValueError, match="selection.params.kappa=0"):
+    for name, params, match in (("k_center", {"top_q": 0.5}, "needs the whole pool at once"),
+                                ("task_balanced", {"inner": "random"}, "has no distributed form"),
+                                ("greedi", {"row_keys": [0, 1]}, "row_keys cannot be used")):
+        with pytest.raises(UserError, match=match):
+            run(pool, tmp_path, name, params)
+    with pytest.raises(UserError, match="selection.params.kappa=0"):
         run(pool, tmp_path, "facility_location", {"kappa": 0})
     cfg = Config().replace(**{"selection.embedding": "embedding_encoder"})
-    with pytest.raises(ValueError, match="selection.embedding='embedding_encoder' is not a column"):
+    with pytest.raises(UserError, match="selection.embedding='embedding_encoder' is not a column"):
         select_subset(cfg, get_store(pool["folder"]), get_store(tmp_path / "x.parquet"), progress=False)
-    with pytest.raises(ValueError, match="no Parquet files"):
+    with pytest.raises(UserError, match="no Parquet files"):
         select_subset(Config(), get_store(tmp_path / "missing"), get_store(tmp_path / "x.parquet"), progress=False)
 
 

@@ -1,4 +1,4 @@
-"""Bad input fails early with a ValueError that names the problem and the fix."""
+"""Bad input fails early with a UserError (a ValueError) that names the problem and the fix."""
 
 import subprocess
 import sys
@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from edsft.errors import UserError
 from edsft.selection import SELECTORS, objective, select
 
 from selection_data import blobs, score_table
@@ -37,31 +38,31 @@ S = score_table(50)
     ],
 )
 def test_value_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):  # a ValueError, and the CLI's "bad input" (exit 2)
         select(**kwargs)
 
 
 def test_non_finite_inputs():
     bad = X.copy()
     bad[3, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or inf in 1 row"):
+    with pytest.raises(UserError, match="NaN or inf in 1 row"):
         select("facility_location", 3, embeddings=bad)
     s = dict(S, mean_entropy=S["mean_entropy"].copy())
     s["mean_entropy"][0] = np.inf
-    with pytest.raises(ValueError, match="'mean_entropy' has 1 NaN/inf"):
+    with pytest.raises(UserError, match="'mean_entropy' has 1 NaN/inf"):
         select("uncertainty", 3, scores=s)
-    with pytest.raises(ValueError, match="2-d"):
+    with pytest.raises(UserError, match="2-d"):
         select("k_center", 3, embeddings=np.zeros(50, dtype=np.float32))
 
 
 def test_objective_rejects_out_of_range_indices():
-    with pytest.raises(ValueError, match=r"positions in \[0, 50\)"):
+    with pytest.raises(UserError, match=r"positions in \[0, 50\)"):
         objective("facility_location", [0, 50], embeddings=X)
 
 
 def test_every_selector_lists_its_params_on_a_typo():
     for name, cls in SELECTORS.items():
-        with pytest.raises(ValueError, match=f"selector '{name}' has no parameter"):
+        with pytest.raises(UserError, match=f"selector '{name}' has no parameter"):
             cls.from_params(not_a_param=1)
 
 
