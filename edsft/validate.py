@@ -89,6 +89,9 @@ def config_problems(cfg: Config) -> list[str]:
             if bad:  # one line per selector: the first combination that fails shows the fix
                 problems.append(bad)
                 break
+    for name in sweep.params:
+        if name not in SELECTORS:
+            problems.append(f"sweep.params names {name!r}, which is not a selector: {did_you_mean(name, SELECTORS, 'selector')}")
     if sweep.metric not in sweep_metrics():
         problems.append(f"sweep.metric={sweep.metric!r} is not a metric of the report: "
                         f"{did_you_mean(sweep.metric, sweep_metrics(), 'metric')}")
