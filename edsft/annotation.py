@@ -280,6 +280,8 @@ def _reconcile(got: Annotations, selected: list[str]) -> dict:
     missing = [r for r in selected if r not in got.answers]
     conflicts, duplicates = [], []
     for rid, later in got.repeats.items():
+        if rid not in chosen:  # an id outside the selection is ignored, however often it comes
+            continue
         first, line = got.answers[rid]
         if any(resp != first for resp, _ in later):
             conflicts.append((rid, [line] + [ln for _, ln in later]))

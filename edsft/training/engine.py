@@ -219,6 +219,17 @@ class DeepSpeedEngine(Engine):
     def _zero_name(self) -> str:
         return f"zero_rank{self.rank}"
 
+    @contextlib.contextmanager
+    def _checkpoint_event(self):
+        """What DeepSpeed's save/load_checkpoint wrap around the optimizer state: under ZeRO-3 all
+        parameters partitioned first, the persistent ones gathered after (collective)."""
+        opt = self.wrapped.optimizer
+        if hasattr(opt, "checkpoint_event_prologue"):
+            opt.checkpoint_event_prologue()
+        yield
+        if hasattr(opt, "checkpoint_event_epilogue"):
+            opt.checkpoint_event_epilogue()
+
     def save(self, folder: Path) -> None:
         stage = self.cfg.zero_stage
         counters = {"zero_stage": stage, "global_steps": self.wrapped.global_steps,
@@ -230,7 +241,8 @@ class DeepSpeedEngine(Engine):
             # each rank's own partition of the optimizer state and of the fp32 master weights, from
             # DeepSpeed's own state dict. The loss scaler object is left out: edsft never enables
             # DeepSpeed's fp16 loss scaling (precision is autocast), so it is the constant 1.
-            sd = dict(self.wrapped.optimizer.state_dict())
+            with self._checkpoint_event():
+                sd = dict(self.wrapped.optimizer.state_dict())
             # param_slice_mappings (dataclasses) only serve DeepSpeed's offline universal-checkpoint
             # converter; loading into the same layout never reads them
             sd.pop("param_slice_mappings", None)
@@ -253,12 +265,9 @@ class DeepSpeedEngine(Engine):
             opt = self.wrapped.optimizer
             sd = load_state(folder, self._zero_name(), self.device)
             sd["loss_scaler"] = opt.loss_scaler  # the constant scaler it was saved with (see save)
-            if hasattr(opt, "checkpoint_event_prologue"):  # ZeRO-3: parameters partitioned first
-                opt.checkpoint_event_prologue()
-            # DeepSpeed picks this rank's entry of the list; load_from_fp32_weights: no precision loss
-            opt.load_state_dict([sd] * self.world_size, load_optimizer_states=True, load_from_fp32_weights=True)
-            if hasattr(opt, "checkpoint_event_epilogue"):
-                opt.checkpoint_event_epilogue()
+            with self._checkpoint_event():
+                # DeepSpeed picks this rank's entry of the list; load_from_fp32_weights: no precision loss
+                opt.load_state_dict([sd] * self.world_size, load_optimizer_states=True, load_from_fp32_weights=True)
         self.wrapped.global_steps = state["global_steps"]
         self.wrapped.global_samples = state["global_samples"]
         self.wrapped.skipped_steps = state["skipped_steps"]

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,93 @@ def test_gpu_config_sweep_grid_and_selectors_build():
     specs, _ = expand_grid(cfg)
     assert len(specs) == len(cfg.sweep.selectors) * len(cfg.sweep.budgets) * len(cfg.sweep.seeds)
     assert max(cfg.sweep.budgets) < 120_000 * (1 - cfg.pool.eval_fraction)
+
+
+# ---- token auth and private addresses (#14) --------------------------------------------------
+
+FAKE_CURL = r"""#!/bin/sh
+# The EC2 metadata service, IMDSv2: a session token first, then the private IP with that token.
+case "$*" in
+  *"-X PUT"*api/token*) [ -n "$IMDS_DOWN" ] && exit 22; echo imds-session ;;
+  *"X-aws-ec2-metadata-token: imds-session"*local-ipv4*) echo 10.0.3.17 ;;
+  *) exit 22 ;;
+esac
+"""
+FAKE_RAY = """#!/bin/sh
+echo "RAY_AUTH_MODE=$RAY_AUTH_MODE $*" >> "$RAY_CALLS"
+"""
+
+
+def _run_start_command(command: str, tmp_path: Path, **env: str) -> tuple[int, list[str]]:
+    """Run one of cluster.yaml's start commands in bash with curl and ray replaced by recorders."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("curl", FAKE_CURL), ("ray", FAKE_RAY)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RAY_CALLS": str(calls),
+                "RAY_HEAD_IP": "10.0.0.5", **env}
+    out = subprocess.run(["bash", "-c", command], env=full_env, capture_output=True, text=True, timeout=60)
+    return out.returncode, calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_every_ray_start_has_token_auth_and_the_private_ip(cluster, tmp_path, key):
+    from ray.scripts.scripts import start as ray_start_cli
+
+    start = next(c for c in cluster[key] if "ray start" in c)
+    code, calls = _run_start_command(start, tmp_path)
+    assert code == 0, calls
+    assert len(calls) == 1
+    env_part, args = calls[0].split(" ", 1)
+    assert env_part == "RAY_AUTH_MODE=token"  # set in the very shell that runs `ray start`
+    argv = args.split()
+    assert argv[0] == "start" and "--node-ip-address=10.0.3.17" in argv  # the IP the metadata service gave
+    if key.startswith("worker"):
+        assert "--address=10.0.0.5:6379" in argv
+    # every flag is one Ray 2.60's own `ray start` accepts (parsed by its click command, not run)
+    ray_start_cli.make_context("start", argv[1:])
+    assert not any("0.0.0.0" in a for a in argv)
+
+    # no metadata service: the node does not start Ray on a guessed address
+    code, calls = _run_start_command(start, tmp_path, IMDS_DOWN="1")
+    assert code != 0 and calls == []
+
+
+def test_the_token_reaches_every_node_and_stays_private(cluster):
+    mounts = cluster["file_mounts"]
+    assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"  # Ray's default token path, both sides
+    setup = cluster["setup_commands"]
+    assert "chmod 600 ~/.ray/auth_token" in setup
+    assert any("export RAY_AUTH_MODE=token" in c and ".bashrc" in c for c in setup)  # job drivers, `ray` CLI
+    text = CLUSTER.read_text()
+    assert "ray get-auth-token --generate" in text and "RAY_AUTH_MODE=token ray job submit" in text
+    assert "RAY_AUTH_TOKEN=" not in text  # the token itself is never in this file
+
+
+@pytest.mark.slow
+def test_token_auth_as_cluster_yaml_sets_it_refuses_a_driver_without_the_token(ray_head):
+    """The mechanism cluster.yaml relies on, on a real `ray start --head` (tests/cluster/conftest.py
+    starts it with RAY_AUTH_MODE=token, as cluster.yaml does): a driver joining through the GCS
+    port gets in with the cluster's token and is refused with another or none."""
+    import subprocess
+
+    from conftest import child_env
+
+    probe = f"import ray; ray.init(address={ray_head['gcs']!r}); print('joined', ray.cluster_resources().get('CPU'))"
+
+    def driver(**env: str) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in child_env().items() if not k.startswith("RAY_AUTH")}
+        return subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+    ok = driver(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"])
+    assert ok.returncode == 0 and "joined 2.0" in ok.stdout, ok.stderr[-2000:]
+    wrong = driver(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    none = driver(RAY_AUTH_MODE="disabled", HOME=ray_head["temp_dir"])  # no token file there either
+    for refused in (wrong, none):  # refused by token auth (Ray's message points to its token-auth page)
+        assert refused.returncode != 0 and "joined" not in refused.stdout
+        assert "token-auth" in refused.stderr, refused.stderr[-2000:]

@@ -113,9 +113,10 @@ def test_duplicates_are_counted_and_conflicts_are_an_error_naming_the_lines(run,
     assert s["rows"] == 3 and s["duplicate_ids"] == 1 and s["duplicate_examples"] == ["r7"] and s["conflicting_ids"] == 0
     assert "1 repeated with the same response" in capsys.readouterr().err
     clash = _jsonl(run, "clash.jsonl", [{"row_id": "r7", "response": "seven"}, {"row_id": "r2", "response": "two"},
-                                        {"row_id": "r9", "response": "nine"}, {"row_id": "r7", "response": "SEVEN"}])
-    with pytest.raises(AnnotationError, match=r"different responses.*'r7' on lines \[1, 4\]"):
-        _import(run, clash)
+                                        {"row_id": "r9", "response": "nine"}, {"row_id": "r7", "response": "SEVEN"},
+                                        {"row_id": "zz", "response": "a"}, {"row_id": "zz", "response": "b"}])
+    with pytest.raises(AnnotationError, match=r"^1 row_ids have different responses.*'r7' on lines \[1, 4\]\)"):
+        _import(run, clash)  # zz is not selected: its two answers do not matter
     assert "1 with conflicting responses" in capsys.readouterr().err
 
 

@@ -95,6 +95,7 @@ def _kill_at(step_to_kill: int):
     return cb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, stage", [("ddp", 0), ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)])
 def test_a_killed_run_resumes_to_the_same_weights_and_its_checkpoints_hold_no_pickle(tmp_path, backend, stage):
     tc = _cfg(backend, stage).training
@@ -128,6 +129,7 @@ class _Boom:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_is_refused_and_never_run(tmp_path):
     tc = _cfg("deepspeed", 2).training
     with pytest.raises(Killed):
@@ -148,6 +150,7 @@ def test_a_planted_pickle_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_zero_stage_is_a_clear_error(tmp_path):
     tc = _cfg("deepspeed", 2).training
     with pytest.raises(Killed):
