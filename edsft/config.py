@@ -78,7 +78,9 @@ class ScoringConfig:
     batch_size: int = 16
     embedding_layer: int = -1  # hidden-state layer mean-pooled into `embedding`
     encoder: str | None = None  # e.g. builtin:minilm for a second column `embedding_encoder`
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    # auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX / Arm BF16), else fp32; the
+    # uncertainty math is fp32 whatever the model runs in | float32 | bfloat16 | float16
+    dtype: str = "auto"
     num_actors: int = 1  # max actors of the scoring pool (one per GPU on clusters)
     min_actors: int = 1
     num_gpus_per_actor: float = 0.0
@@ -135,7 +137,9 @@ class TrainingConfig:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # cosine | linear | constant
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    # auto: bf16 (bf16 base weights, fp32 LoRA/optimizer, autocast) on GPU and on CPUs with native bf16,
+    # else fp32 | bf16 | fp32
+    precision: str = "auto"
     lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -166,6 +170,7 @@ class EvaluationConfig:
     local_max_rows: int = 300  # auto: evaluate in-process up to this many rows
     cpus_per_actor: float = 0.5  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
     num_gpus_per_actor: float = 0.0
+    dtype: str = "auto"  # as scoring.dtype: auto (bf16 where native) | float32 | bfloat16 | float16
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,7 @@ class Config:
 _CHOICES: dict[str, tuple] = {
     "pool.format": ("auto", "jsonl", "json", "parquet"),
     "scoring.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "evaluation.dtype": ("auto", "float32", "bfloat16", "float16"),
     "scoring.generation": ("auto", "dynamic", "static"),
     "selection.mode": ("auto", "local", "distributed"),
     "selection.embedding": ("embedding", "embedding_encoder"),

@@ -35,7 +35,7 @@ def _pool(n: int, responses: list[str]) -> pa.Table:
 @pytest.mark.slow
 def test_score_pool_on_ray(ray_cluster, tmp_path):
     cfg = Config().replace(**{
-        "scoring.model": "builtin:tiny-llama", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
+        "scoring.model": "builtin:tiny-llama", "scoring.dtype": "float32", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
         "scoring.num_actors": 2, "scoring.cpus_per_actor": 0.5, "scoring.max_prompt_tokens": 64,
         "output.dir": str(tmp_path),
     })
@@ -76,7 +76,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     # Ray and the direct scorer agree (different batching, same numbers)
     pool = _pool(N, [""] * N)
     pool = pool.filter(pc.not_equal(pool["row_id"], f"id{BAD:03d}"))
-    direct = Scorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
+    direct = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
         {c: pool[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")})
     for c in SCORE_COLUMNS:
         np.testing.assert_allclose(a[c].to_numpy(), direct[c], atol=1e-4, err_msg=c)
