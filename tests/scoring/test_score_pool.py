@@ -109,3 +109,7 @@ def test_actor_plan_one_actor_per_gpu_or_fractional_cpus():
     assert (gpu.num_gpus, gpu.concurrency, gpu.device, gpu.num_threads) == (1.0, (1, 4), "cuda", None)
     half = model_actor_plan(ScoringConfig(num_actors=2, min_actors=2, num_gpus_per_actor=0.5), gpus=1)
     assert (half.num_gpus, half.concurrency) == (0.5, (2, 2))
+    # CPU actors split the node's cores as torch threads: a lone actor on 2 cores runs 2 threads
+    assert model_actor_plan(ScoringConfig(num_actors=1), gpus=0, node_cpus=2).num_threads == 2
+    assert model_actor_plan(ScoringConfig(num_actors=2), gpus=0, node_cpus=2).num_threads == 1
+    assert model_actor_plan(ScoringConfig(num_actors=3), gpus=0, node_cpus=2).num_threads == 1
