@@ -55,6 +55,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     for s in (s1, s2):
         assert s["rows_in"] == N == s["rows_scored"] + s["rows_quarantined"]
         assert s["rows_quarantined"] == 1 and s["rows_per_s"] > 0 and s["tokens_per_s"] > 0
+        assert s["dtype"] == "float32"  # what the actors ran in lands in the stage summary (manifest.json)
     q = [json.loads(x) for x in (tmp_path / "scores.quarantine.jsonl").read_text().splitlines()]
     assert q == [{"row_id": f"id{BAD:03d}", "reason": "ValueError: prompt is empty after truncation"}]
 

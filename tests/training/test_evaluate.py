@@ -95,6 +95,7 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
     local = evaluate_models(cfg.replace(**{"evaluation.mode": "local"}), eval_path, str(adapter), str(tmp_path / "local.json"), progress=False)
     dist = evaluate_models(cfg.replace(**{"evaluation.mode": "distributed"}), eval_path, str(adapter), str(tmp_path / "d" / "metrics.json"), progress=False)
     assert dist["settings"]["mode"] == "distributed" and local["settings"]["mode"] == "local"
+    assert dist["settings"]["dtype"] == local["settings"]["dtype"] == "float32"  # recorded in metrics.json
     for variant in ("base", "finetuned"):
         for key in ("loss", "exact_match", "rouge_l", "n_tokens"):
             assert dist[variant][key] == pytest.approx(local[variant][key], rel=1e-4), (variant, key)
