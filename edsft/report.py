@@ -416,9 +416,17 @@ def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.
     ref_seeds = min(cells[(ref_label, b)][4] for b in ref_budgets)
     hib = higher_is_better(metric)
     q = (1 - confidence) / 2
+    # A flat random curve (e.g. exact match 0 at every budget) has no inverse: any budget "reaches" it,
+    # and the running best would call every tie a win for random at its smallest budget. No ratio then.
+    flat = bool(np.ptp(ref_point) <= 1e-12 * max(1.0, float(np.abs(ref_point).max())))
     per_budget, logs = [], {}
     for (label, budget), (selector, params, boot, mean, n_seeds) in cells.items():
         if label == ref_label:
+            continue
+        if flat:
+            per_budget.append(dict(label=label, selector=selector, params=params, budget=budget, mean=mean, ratio=np.nan, ratio_bound="",
+                                   lo=np.nan, hi=np.nan, n_seeds=n_seeds, n_seeds_random=ref_seeds, censored=np.nan))
+            logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
         ratio_boot = budget / rb
@@ -439,7 +447,8 @@ def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.
     per_sel = pd.DataFrame(per_sel, columns=["label", "ratio", "lo", "hi", "n_budgets"])
     min_seeds = int(min([ref_seeds] + per_budget["n_seeds"].tolist()))
     return {"per_budget": per_budget, "per_selector": per_sel, "resampled": resampled, "n_boot": n_boot,
-            "confidence": confidence, "min_seeds": min_seeds}
+            "confidence": confidence, "min_seeds": min_seeds, "flat": flat,
+            "random_curve": dict(zip(ref_budgets, ref_point[0].tolist()))}
 
 
 def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = None) -> dict:
@@ -458,6 +467,11 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
     base = {"metric": metric, "resampled": boot["resampled"], "significant_budgets": [], "interval": None}
     if pb.empty:
         return {**base, "selector": None, "ratio": None, "text": f"no selector besides random: no label-efficiency ratio for {metric}"}
+    if boot.get("flat"):
+        curve = ", ".join(f"B={b}: {v:.3g}" for b, v in boot["random_curve"].items())
+        return {**base, "selector": None, "ratio": None,
+                "text": (f"no headline: random's {metric} does not change across its budgets ({curve}), so no budget is "
+                         f"'random's equivalent' of a selector's value; the metric carries no signal at these budgets.")}
     if boot["min_seeds"] < 2:
         return {**base, "selector": None, "ratio": None,
                 "text": (f"no headline: a single seed per selector and budget gives no interval, and without one a "
@@ -502,10 +516,14 @@ def interval_table(boot: dict) -> str:
                 cells.append("-")
                 continue
             r = g.loc[b]
+            if not np.isfinite(r["ratio"]):
+                cells.append("n/a")
+                continue
             mark = " **<1**" if r["hi"] < 1 else " **>1**" if r["lo"] > 1 else ""
             cells.append(f"{r['ratio_bound']}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]{mark}")
         s = ps.set_index("label").loc[label]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['ratio']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] |")
+        gm = f"{s['ratio']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]" if np.isfinite(s["ratio"]) else "n/a (random's curve is flat)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {gm} |")
     return "\n".join(lines)
 
 

@@ -356,3 +356,15 @@ def test_build_report_resamples_prompts_from_the_trials_predictions(tmp_path):
     out = R.build_report(run)
     assert out["headline"]["selector"] is None and "no headline" in out["headline"]["text"]
     assert "no headline" in (tmp_path / "run" / "report" / "report.md").read_text()
+
+
+def test_flat_random_curve_gives_no_ratio_and_no_claim():
+    # exact match 0 everywhere (a model that learned nothing): ties, not "random needs fewer labels"
+    trials, ex = _per_example_experiment({"random": 1.0, "fl": 2.0}, budgets=(8, 16, 32), seeds=(0, 1))
+    trials["exact_match"] = 0.0
+    ex["exact_match"] = 0.0
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=100)
+    assert boot["flat"] and boot["per_budget"]["ratio"].isna().all()
+    h = R.significance_headline(boot, "exact_match")
+    assert h["selector"] is None and "does not change across its budgets" in h["text"]
+    assert "n/a" in R.interval_table(boot)
