@@ -243,7 +243,7 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     Columns: label, selector, params, budget, mean, random_budget, bound, ratio, ratio_bound.
     ``bound`` qualifies random_budget (">": random needs more than its largest budget, so the
     ratio is an upper bound, ratio_bound "<"; "<": random needs less than its smallest budget,
-    ratio_bound ">")."""
+    ratio_bound ">"; "flat": random's curve does not change with the budget, ratio NaN)."""
     ref = summary[(summary["selector"] == reference) & (summary["params"].isin(["{}", ""]))]
     if ref.empty:
         ref = summary[summary["selector"] == reference]
@@ -251,8 +251,14 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
         raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
     ref = ref.sort_values("budget")
     hib = higher_is_better(metric)
+    # random's curve flat (e.g. exact match 0 everywhere): no inverse, every budget "reaches" it
+    flat = float(np.ptp(ref["mean"].to_numpy(dtype=float))) <= 1e-12 * max(1.0, float(ref["mean"].abs().max()))
     rows = []
     for _, r in summary[summary["label"] != ref["label"].iloc[0]].iterrows():
+        if flat:
+            rows.append(dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"],
+                             random_budget=float("nan"), bound="flat", ratio=float("nan"), ratio_bound=""))
+            continue
         rb, bound = random_equivalent_budget(ref["budget"], ref["mean"], float(r["mean"]), hib)
         ratio = r["budget"] / rb
         ratio_bound = {"": "", ">": "<", "<": ">"}[bound]
@@ -608,7 +614,7 @@ def plot_label_efficiency(eff: pd.DataFrame, metric: str, ax=None):
         g = g.sort_values("budget")
         c = colors[k % 10]
         exact = g[g["bound"] == ""]
-        cens = g[g["bound"] != ""]
+        cens = g[~g["bound"].isin(["", "flat"])]  # flat: no ratio to draw
         # Lines join interpolated points only: a bound is not a value and must not look like one.
         ax.plot(exact["budget"], exact["ratio"], color=c, linestyle="-", marker="s", markersize=5, label=label)
         ax.scatter(cens["budget"], cens["ratio"], facecolors="none", edgecolors=c, marker="s", s=36, zorder=3)
@@ -649,7 +655,7 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
     ratio = {}
     if eff is not None:
         for _, r in eff.iterrows():
-            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x"
+            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "no ratio (random's curve is flat)"
     labels = sorted(summary["label"].unique(), key=lambda s: (s != "random", s))
     for label in labels:
         g = summary[summary["label"] == label].set_index("budget")
@@ -673,7 +679,8 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
 def _efficiency_table(eff: pd.DataFrame) -> str:
     lines = ["| selector | B | mean | random needs | B / B_random |", "|---|---|---|---|---|"]
     for _, r in eff.iterrows():
-        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)"}[r["bound"]]
+        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)",
+                "flat": "undefined (random's curve is flat)"}[r["bound"]]
         lines.append(f"| {r['label']} | {r['budget']} | {_fmt(r['mean'])} | {need} | {r['ratio_bound']}{r['ratio']:.2f} |")
     return "\n".join(lines)
 

@@ -368,3 +368,15 @@ def test_flat_random_curve_gives_no_ratio_and_no_claim():
     h = R.significance_headline(boot, "exact_match")
     assert h["selector"] is None and "does not change across its budgets" in h["text"]
     assert "n/a" in R.interval_table(boot)
+
+
+def test_flat_random_curve_report_says_no_ratio(tmp_path):
+    df = _curves({"random": 1.0, "fl": 2.0}, budgets=(8, 16, 32), seeds=(0, 1))
+    df["exact_match"] = 0.0
+    eff = R.label_efficiency(R.summarize(df, "exact_match"), "exact_match")
+    assert eff["ratio"].isna().all() and set(eff["bound"]) == {"flat"}
+    run = get_store(tmp_path / "run")
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(df, preserve_index=False))
+    out = R.build_report(run)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert out["headline"]["selector"] is None and "random's curve is flat" in md and "2.00x" not in md
