@@ -220,3 +220,18 @@ def test_probcover_bad_params(kwargs, match):
     if "n_neighbors" in kwargs or "metric" in kwargs:
         with pytest.raises(ValueError, match=match):
             TypiClust(**kwargs)
+
+
+def test_approximate_paths_pick_like_the_exact_ones():
+    # the k-NN (inverted-file) paths that large pools take, forced on a small pool
+    X, lab = blobs(1500, 8, k=6, seed=7)
+    exact = select("typiclust", 6, embeddings=X, seed=0)
+    approx = select("typiclust", 6, embeddings=X, seed=0, exact_max_n=50)
+    assert sorted(lab[exact.indices]) == sorted(lab[approx.indices])  # the same blobs ...
+    t = typicality(X, 20)
+    assert np.median(t[approx.indices]) >= 0.95 * np.median(t[exact.indices])  # ... and as typical rows
+    pe = ProbCover(n_neighbors=100, n_clusters=6)
+    pa = ProbCover(n_neighbors=100, n_clusters=6, exact_max_n=50)
+    ce = pe.select(12, X, seed=0).objective
+    ca = pa.select(12, X, seed=0).objective
+    assert ce > 0.1 and ca == pytest.approx(ce, abs=0.02) and pe.resolve_delta(X, 12) == pytest.approx(pa.resolve_delta(X, 12), rel=0.1)
