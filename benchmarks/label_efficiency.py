@@ -297,32 +297,41 @@ def publish(run, results, tables, mode: str, plan: Plan, cfg: Config, wall: floa
 COVERAGE_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center")
 
 
-def pool_embeddings(n: int, cache: Path, layers=(-1,), encoder: bool = True):
-    """builtin:tasks rows (prompt as ingest builds it) with SmolLM2 mean-pooled prompt embeddings (the
-    scorer's own, one new token generated) per hidden layer, and MiniLM sentence embeddings; cached in
-    ``cache`` (npz). Returns (tasks, {name: float32 (n, d)})."""
+def pool_embeddings(n: int, cache: Path, kinds=("minilm", "smollm2_last"), chunk: int = 250):
+    """builtin:tasks rows (prompt as ingest builds it) and their embeddings: MiniLM sentence embeddings
+    and SmolLM2's mean-pooled last-layer prompt embedding (the scorer's own; one new token generated).
+    Cached per kind and per chunk of rows under ``cache`` (npy), so an interrupted run keeps its
+    progress. Returns (tasks, {kind: float32 (n, d)}) for the kinds that are complete."""
     import numpy as np
 
     from edsft.pools.builtin_tasks import iter_tasks
 
-    rows = [r for chunk in iter_tasks(n, seed=0, split="train") for r in chunk]
+    rows = [r for chunk_ in iter_tasks(n, seed=0, split="train") for r in chunk_]
     prompts = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in rows]
     tasks = np.array([r["task"] for r in rows])
-    if cache.exists():
-        z = np.load(cache)
-        return tasks, {k: z[k] for k in z.files}
-    from edsft.scoring.scorer import Scorer
-
+    cache.mkdir(parents=True, exist_ok=True)
     embs = {}
-    for layer in layers:
-        sc = Scorer("builtin:smollm2-135m", max_new_tokens=1, embedding_layer=layer, batch_size=32,
-                    encoder="builtin:minilm" if encoder and layer == layers[0] else None, device="cpu")
-        out = sc({"row_id": np.arange(n), "prompt": np.array(prompts, dtype=object)})
-        embs[f"smollm2_layer{layer}"] = out["embedding"]
-        if "embedding_encoder" in out:
-            embs["minilm"] = out["embedding_encoder"]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **embs)
+    for kind in kinds:
+        model = None
+        parts = []
+        for s in range(0, n, chunk):
+            f = cache / f"{kind}_{n}_{s}.npy"
+            if not f.exists():
+                if model is None:
+                    if kind == "minilm":
+                        from edsft.scoring.scorer import load_encoder
+
+                        enc = load_encoder("builtin:minilm")
+                        model = lambda p: enc.encode(p, batch_size=64, normalize_embeddings=True)  # noqa: E731
+                    else:
+                        from edsft.scoring.scorer import Scorer
+
+                        sc = Scorer("builtin:smollm2-135m", max_new_tokens=1, batch_size=32, device="cpu")
+                        model = lambda p: sc({"row_id": np.arange(len(p)), "prompt": np.array(p, dtype=object)})["embedding"]  # noqa: E731
+                np.save(f, np.asarray(model(prompts[s : s + chunk]), dtype=np.float32))
+                print(f"[coverage] {kind}: rows {s}-{min(n, s + chunk)} embedded", flush=True)
+            parts.append(np.load(f))
+        embs[kind] = np.concatenate(parts)
     return tasks, embs
 
 
@@ -340,7 +349,7 @@ def coverage_stats(tasks, picks, pool_freq: dict) -> dict:
 
 
 def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 1, 2), out: Path | None = None,
-                      cache: Path = ROOT / "runs" / "label_efficiency_coverage" / "embeddings.npz") -> str:
+                      cache: Path = ROOT / "runs" / "label_efficiency_coverage", kinds=("minilm", "smollm2_last")) -> str:
     """Family coverage vs frequency of every selector's picks on builtin:tasks, per embedding (mean over
     seeds; deterministic selectors still vary with the seed where they are randomized). Also the picks'
     density: median distance to the 20 nearest pool rows, relative to the pool's median (1 = typical,
@@ -353,7 +362,7 @@ def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 
 
     t0 = time.time()
     load0 = os.getloadavg()
-    tasks, embs = pool_embeddings(n, cache, layers=(-1,))
+    tasks, embs = pool_embeddings(n, cache, kinds)
     fam, cnt = np.unique(tasks, return_counts=True)
     pool_freq = dict(zip(fam.tolist(), (cnt / cnt.sum()).tolist()))
     top3 = sorted(pool_freq, key=lambda f: -pool_freq[f])[:3]
@@ -402,13 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="parent folder of the run folders (default runs/)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, the trial count and a time estimate only")
     ap.add_argument("--coverage", action="store_true", help="no training: family coverage vs frequency of every selector's picks")
+    ap.add_argument("--embeddings", nargs="+", choices=["minilm", "smollm2_last"], default=["minilm", "smollm2_last"],
+                    help="--coverage: which embeddings (SmolLM2 costs ~10x MiniLM on CPU)")
     ap.add_argument("--no-publish", action="store_true", help="do not write benchmarks/results")
     ap.add_argument("--publish-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     mode = "gpu" if args.gpu else "tiny" if args.tiny else "cpu"
     if args.coverage:
         dest = None if args.no_publish else Path(args.publish_dir) / "label_efficiency_coverage.md"
-        print(coverage_analysis(out=dest))
+        print(coverage_analysis(out=dest, kinds=tuple(args.embeddings)))
         return 0
     out_root = Path(args.out or ROOT / "runs")
     summary = {}
