@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edsft import console
 from edsft.config import Config
 from edsft.storage import Store, get_store
 from edsft.training.data import load_examples
@@ -111,6 +112,7 @@ def evaluate_models(
             step = max(1, ev.batch_size)
             for start in tqdm(range(0, len(rows), step), desc="evaluate", disable=not progress):
                 results += evaluator.evaluate(rows[start : start + step], generate=ev.generate, variants=variants)
+                console.progress(min(start + step, len(rows)), len(rows), "rows")
     else:
         results = _evaluate_distributed(cfg, rows, model_spec, adapter_store, settings)
         if not ev.base_model:
