@@ -457,8 +457,12 @@ def _headline(name: str, s: dict) -> str:
         extra = f", {s['rows_quarantined']} quarantined"
     if name == "score" and isinstance(s.get("rows_per_s"), (int, float)):
         extra += f", {s['rows_per_s']:.3g} rows/s"
-    if name == "select" and "objective" in s:
-        extra = f", objective {s['objective']:.4g}" if isinstance(s["objective"], (int, float)) else ""
+    if name == "select":
+        extra = f" of {s['rows']}" if "rows" in s else ""
+        extra += f", objective {s['objective']:.4g}" if isinstance(s.get("objective"), (int, float)) else ""
+    if name == "evaluate" and isinstance(s.get("delta"), dict):
+        extra = "".join(f", {m} {s['delta'][m]:+.3g}" for m in ("rouge_l", "loss") if isinstance(s["delta"].get(m), (int, float)))
+        extra = extra and f" (finetuned - base{extra})"
     return _count(name, s) + extra
 
 
@@ -467,7 +471,7 @@ def _count(name: str, s: dict) -> str:
     keys = {
         "ingest": ("rows_kept", "rows"),
         "score": ("rows_scored", "rows"),
-        "select": ("rows", "rows"),
+        "select": ("budget", "rows"),
         "annotate": ("rows", "rows"),
         "train": ("steps", "steps"),
         "evaluate": ("n", "eval rows"),

@@ -42,7 +42,8 @@ def pin_address() -> None:
 # (logs/runtime_env_agent.log): a secret key would end up in the session logs. Trials get
 # credentials like every other worker instead: inherited from this process on a local cluster,
 # from the instance role on cluster nodes.
-_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
+                              "WANDB_API_KEY"})
 
 
 def keep_credentials_out_of_runtime_envs() -> None:
