@@ -7,6 +7,9 @@
 
 Exit codes: 0 ok, 2 bad config or input (an :class:`edsft.errors.UserError`: its message says what
 to fix, no traceback), 1 failure (anything else: a bug or the environment; with its traceback).
+
+The console shows one line per stage (with its progress), a summary table and every error; Ray's
+and the libraries' output goes to ``<output.dir>/logs/edsft.log`` (``--verbose``: also live).
 """
 
 from __future__ import annotations
@@ -134,8 +137,13 @@ def _stop_ray_we_started(con) -> None:
 
 def _fail(e: BaseException, con=None) -> int:
     """Print what went wrong on the console (never only in the log) and return the exit code."""
-    say = con.line if con is not None else (lambda m: print(m, file=sys.stderr, flush=True))
-    where = f" (Ray's and the libraries' output: {con.log_path})" if con is not None else ""
+    code = _report_failure(e, con.line if con is not None else (lambda m: print(m, file=sys.stderr, flush=True)))
+    if con is not None:
+        con.line(f"edsft: Ray's and the libraries' output is in {con.log_path}")
+    return code
+
+
+def _report_failure(e: BaseException, say) -> int:
     if isinstance(e, UserError):
         # ConfigError, PoolError, AnnotationError, ...: the message names the field or file and the fix
         say(f"edsft: {type(e).__name__}: {e}")
@@ -153,9 +161,9 @@ def _fail(e: BaseException, con=None) -> int:
     if isinstance(e, StageNotBuilt):
         say(f"edsft: {e}")
         return EXIT_FAILURE
-    # a bug or the environment: the traceback goes to the console too (and into the log)
+    # a bug or the environment: its traceback, on the console too
     say("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
-    say(f"edsft: failed: {type(e).__name__}: {e}{where}")
+    say(f"edsft: failed: {type(e).__name__}: {e}")
     return EXIT_FAILURE
 
 
