@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"output.dir={args.run_dir}")
         cfg = _report_config(args.run_dir, overrides) if args.verb == "report" and args.run_dir and not args.config else None
         cfg = cfg or load_config(args.config, overrides)
+        if args.verb != "config":
+            from .validate import check_config
+
+            check_config(cfg)  # a bad config fails before anything (the log file included) is written
     except Exception as e:  # noqa: BLE001 - nothing ran yet: no console, no log file
         return _fail(e)
     if args.verb == "config":

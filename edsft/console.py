@@ -272,7 +272,7 @@ class Console:
         st = self._stage
         elapsed = time.monotonic() - st["t0"]
         if st["done"] is None:
-            return f"{PREFIX} {st['name']}: running, {format_seconds(elapsed)}"
+            return f"{PREFIX} {st['name']}: still running, {format_seconds(elapsed)}"
         return f"{PREFIX} {st['name']}: {_rate(st['done'], st['total'], st['unit'], elapsed)} ({format_seconds(elapsed)})"
 
     def _show(self, text: str) -> None:

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Sequence
 

@@ -130,6 +130,7 @@ def _edsft(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def smoke_console(tmp_path_factory):
     out = tmp_path_factory.mktemp("console_smoke")
     r = _edsft("run", "--config", SMOKE, f"output.dir={out}")
+    print(r.stdout + r.stderr)  # shown with -s: what a person sees
     return out, r
 
 
@@ -143,7 +144,7 @@ def test_smoke_run_console_is_short_and_the_rest_is_in_the_log(smoke_console):
     for stage in ["ingest", "score", "select", "annotate", "train", "evaluate"]:
         assert sum(bool(re.match(rf"\[edsft\] {stage}: running \(config hash", ln)) for ln in lines) == 1, stage
         assert sum(bool(re.match(rf"\[edsft\] {stage}: .* in [0-9.]+ s -> ", ln)) for ln in lines) == 1, stage
-        assert re.search(rf"^  {stage} +\S+ \S+ +[0-9.ms]+( s)?  {re.escape(str(out))}", console_text, re.M), stage
+        assert re.search(rf"^  {stage} +\d+ [a-z ]+ +[0-9.ms]+( s)?  {re.escape(str(out))}/", console_text, re.M), stage
     assert re.search(r"^  stage +rows +wall +artifact$", console_text, re.M)
     assert f"metrics: {out}/metrics.json" in console_text and f"log:     {out}/logs/edsft.log" in console_text
     # none of Ray's internals or the libraries' chatter on the console
