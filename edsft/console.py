@@ -266,6 +266,8 @@ class Console:
         with self._lock:
             if self._stage is None:
                 return
+            if unit != self._stage["unit"] or self._stage["done"] is None:  # a new count: its rate starts now
+                self._stage["t_unit"] = time.monotonic()
             self._stage.update(done=done, total=total, unit=unit)
 
     def _render(self) -> str:
@@ -273,7 +275,8 @@ class Console:
         elapsed = time.monotonic() - st["t0"]
         if st["done"] is None:
             return f"{PREFIX} {st['name']}: still running, {format_seconds(elapsed)}"
-        return f"{PREFIX} {st['name']}: {_rate(st['done'], st['total'], st['unit'], elapsed)} ({format_seconds(elapsed)})"
+        rate = _rate(st["done"], st["total"], st["unit"], time.monotonic() - st["t_unit"])
+        return f"{PREFIX} {st['name']}: {rate} ({format_seconds(elapsed)})"
 
     def _show(self, text: str) -> None:
         width = 200

@@ -370,6 +370,7 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
             ),
         )
     t0 = time.time()
+    console.progress(0, len(specs), "trials")  # the console's line counts trials from here on
     grid = tuner.fit()
     wall = time.time() - t0
 
