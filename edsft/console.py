@@ -255,7 +255,12 @@ class Console:
         with self._lock:
             self._stage = {"name": name, "t0": time.monotonic(), "done": None, "total": None, "unit": "rows",
                            "last": time.monotonic()}
-            self.line(f"{PREFIX} {name}: {text}")
+            if self.tty:  # one line per stage on a terminal: this one turns into its progress, then its result
+                self._log.write(f"{PREFIX} {name}: {text}\n")
+                self._show(f"{PREFIX} {name}: {text}")
+                self._stream.flush()
+            else:
+                self.line(f"{PREFIX} {name}: {text}")
 
     def stage_finished(self, text: str) -> None:
         with self._lock:
@@ -266,7 +271,11 @@ class Console:
         with self._lock:
             if self._stage is None:
                 return
-            if unit != self._stage["unit"] or self._stage["done"] is None:  # a new count: its rate starts now
+            # the rate is the average since the stage started; a stage that moves on to counting
+            # something else (a sweep: the base model's eval rows, then trials) starts it again
+            if self._stage["done"] is None:
+                self._stage["t_unit"] = self._stage["t0"]
+            elif unit != self._stage["unit"]:
                 self._stage["t_unit"] = time.monotonic()
             self._stage.update(done=done, total=total, unit=unit)
 

@@ -503,6 +503,8 @@ def summarize(cfg: Config, results: dict[str, dict]) -> None:
     lines = ["", *console.summary_table(rows)]
     if "report" in results:
         lines.append(f"report:  {run.path('report', 'report.md').uri}")
+    elif "sweep" in results:
+        lines.append(f"report:  edsft report {run.store.uri}")
     if "evaluate" in results:
         lines.append(f"metrics: {run.path('metrics.json').uri}")
     con = console.active()

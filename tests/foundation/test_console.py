@@ -82,10 +82,11 @@ def test_one_updating_line_on_a_terminal(tmp_path):
         time.sleep(1.3)  # the ticker redraws once a second
         con.stage_finished("sweep: 8 trials in 2.0 s -> sweep/results.parquet")
     out = screen.getvalue()
+    assert out.startswith("\r\x1b[K[edsft] sweep: running (config hash abc)")
     assert "\r\x1b[K[edsft] sweep: 3/8 trials" in out and "ETA" in out
-    # what is left on the screen once the \r-redraws are applied: the start and end lines only
+    # what is left on the screen once the \r-redraws are applied: the stage's result, one line
     shown = [re.split(r"\r\x1b\[K", line)[-1] for line in out.split("\n")]
-    assert shown == ["[edsft] sweep: running (config hash abc)", "[edsft] sweep: 8 trials in 2.0 s -> sweep/results.parquet", ""]
+    assert shown == ["[edsft] sweep: 8 trials in 2.0 s -> sweep/results.parquet", ""]
 
 
 def test_summary_table_aligns_its_columns():
