@@ -109,6 +109,16 @@ def test_log_path_of_local_and_s3_run_folders(tmp_path):
     assert s3.name == "edsft.log" and s3 == log_path_for("s3://bucket/runs/a") != log_path_for("s3://bucket/runs/b")
 
 
+def test_log_of_a_remote_run_folder_is_uploaded_on_close(tmp_path):
+    """An s3:// run folder's log is written locally, then copied to <run>/logs/edsft.log (any Store)."""
+    from edsft.storage import get_store
+
+    target = get_store(tmp_path / "bucket" / "run").child("logs", "edsft.log")
+    with Console(tmp_path / "scratch" / "edsft.log", stream=io.StringIO(), upload_to=target):
+        os.write(2, b"worker says hi\n")
+    assert "worker says hi" in target.read_bytes().decode()
+
+
 def test_without_a_console_progress_is_silent_and_notes_go_to_stderr(capsys):
     console.progress(1, 2)
     console.note("train: running")
