@@ -244,6 +244,10 @@ class TrainLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+            if is_remote(self.cfg.output.dir):
+                import wandb
+
+                wandb.teardown()  # W&B's service process writes the run files: let it finish before the upload
         if self._mlflow is not None:
             client, run_id = self._mlflow
             client.set_terminated(run_id, status=status)

@@ -175,12 +175,24 @@ def _wandb_records(path: Path):
             yield rec
 
 
-def _wandb_runs(root: Path) -> dict[str, dict]:
-    """{run display name: {"project", "config", "history": [{metric: value}, ...]}} of the offline runs under root."""
-    import json
+def _finished(f: Path) -> bool:
+    return any(rec.WhichOneof("record_type") == "exit" for rec in _wandb_records(f))
 
+
+def _wandb_runs(root: Path, timeout: float = 60) -> dict[str, dict]:
+    """{run display name: {"project", "config", "history": [{metric: value}, ...]}} of the offline runs under root.
+
+    W&B's service process writes the files: finish() can return before the last records are on
+    disk (seen under load), so wait for each run's exit record."""
+    import json
+    import time
+
+    files = sorted(root.rglob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not all(_finished(f) for f in files) and time.monotonic() < deadline:
+        time.sleep(0.5)
     runs = {}
-    for f in sorted(root.rglob("offline-run-*/run-*.wandb")):
+    for f in files:
         run = {"history": [], "config": {}}
         for rec in _wandb_records(f):
             kind = rec.WhichOneof("record_type")
