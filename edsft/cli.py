@@ -7,6 +7,9 @@
 
 Exit codes: 0 ok, 2 bad config or input (an :class:`edsft.errors.UserError`: its message says what
 to fix, no traceback), 1 failure (anything else: a bug or the environment; with its traceback).
+
+The console shows one line per stage (with its progress), a summary table and every error; Ray's
+and the libraries' output goes to ``<output.dir>/logs/edsft.log`` (``--verbose``: also live).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", "-c", help="YAML config (default: the embedded quickstart)")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. selection.budget=200")
+        sp.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's and the libraries' logs live (they always go to <output.dir>/logs/edsft.log)")
 
     for verb in STAGE_VERBS:
         sp = sub.add_parser(verb, help=f"run the {verb} stage")
@@ -77,42 +82,93 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"output.dir={args.run_dir}")
         cfg = _report_config(args.run_dir, overrides) if args.verb == "report" and args.run_dir and not args.config else None
         cfg = cfg or load_config(args.config, overrides)
-        if args.verb == "config":
-            sys.stdout.write(to_yaml(cfg))
-            return EXIT_OK
-        from . import pipeline
+        if args.verb != "config":
+            from .validate import check_config
 
-        if args.verb == "run":
-            pipeline.run_pipeline(cfg, force=args.force)
-        elif args.verb == "sweep":
-            # the sweep reads the run's pool and scores: build them first when they are missing
-            pipeline.run_pipeline(cfg, stages=["ingest", "score"])
-            pipeline.run_stage(cfg, "sweep")
-        elif args.verb == "report":
-            entry = pipeline.run_stage(cfg, "report")
-            print(json.dumps(entry["summary"], indent=2, default=str))
-        else:
-            pipeline.run_stage(cfg, args.verb)
+            check_config(cfg)  # a bad config fails before anything (the log file included) is written
+    except Exception as e:  # noqa: BLE001 - nothing ran yet: no console, no log file
+        return _fail(e)
+    if args.verb == "config":
+        sys.stdout.write(to_yaml(cfg))
         return EXIT_OK
-    except UserError as e:
-        # ConfigError, PoolError, AnnotationError, ...: the message names the field or file and the fix
-        print(f"edsft: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except FileNotFoundError as e:
-        print(f"edsft: missing input: {e}. Run the earlier stages first (or `edsft run`).", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("edsft: interrupted; re-run the same command to continue", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as e:  # noqa: BLE001 - the CLI boundary turns any failure into exit 1
-        from .pipeline import StageNotBuilt
+    # From here on Ray's and the libraries' output goes to the run's log file; the console shows
+    # one line per stage, the summary, and every error.
+    with _open_console(cfg, args.verbose) as con:
+        try:
+            _dispatch(args, cfg, con)
+            return EXIT_OK
+        except BaseException as e:  # noqa: BLE001 - the CLI boundary turns any failure into an exit code
+            return _fail(e, con)
+        finally:
+            _stop_ray_we_started(con)
 
-        if isinstance(e, StageNotBuilt):
-            print(f"edsft: {e}", file=sys.stderr)
-            return EXIT_FAILURE
-        traceback.print_exc()
-        print(f"edsft: failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+def _dispatch(args: argparse.Namespace, cfg, con) -> None:
+    from . import pipeline
+
+    if args.verb == "run":
+        pipeline.run_pipeline(cfg, force=args.force)
+    elif args.verb == "sweep":
+        # the sweep reads the run's pool and scores: build them first when they are missing
+        results = pipeline.run_pipeline(cfg, stages=["ingest", "score"], summary=False)
+        results["sweep"] = pipeline.run_stage(cfg, "sweep")
+        pipeline.summarize(cfg, results)
+    elif args.verb == "report":
+        entry = pipeline.run_stage(cfg, "report")
+        con.out(json.dumps(entry["summary"], indent=2, default=str))
+    else:
+        pipeline.run_stage(cfg, args.verb)
+
+
+def _open_console(cfg, verbose: bool):
+    from .console import Console, log_path_for
+    from .storage import get_store, is_remote
+
+    upload = get_store(cfg.output.dir, cfg.storage.endpoint_url, cfg.storage.region).child("logs", "edsft.log") \
+        if is_remote(cfg.output.dir) else None
+    con = Console(log_path_for(cfg.output.dir), verbose=verbose, upload_to=upload)
+    con.ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return con
+
+
+def _stop_ray_we_started(con) -> None:
+    """Shut down the local Ray cluster this command started while its output still goes to the
+    log (its shutdown messages would otherwise land on the console after the summary)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and not con.ray_before and ray.is_initialized():
+        ray.shutdown()
+
+
+def _fail(e: BaseException, con=None) -> int:
+    """Print what went wrong on the console (never only in the log) and return the exit code."""
+    code = _report_failure(e, con.line if con is not None else (lambda m: print(m, file=sys.stderr, flush=True)))
+    if con is not None:
+        con.line(f"edsft: Ray's and the libraries' output is in {con.log_path}")
+    return code
+
+
+def _report_failure(e: BaseException, say) -> int:
+    if isinstance(e, UserError):
+        # ConfigError, PoolError, AnnotationError, ...: the message names the field or file and the fix
+        say(f"edsft: {type(e).__name__}: {e}")
+        return EXIT_BAD_INPUT
+    if isinstance(e, FileNotFoundError):
+        say(f"edsft: missing input: {e}. Run the earlier stages first (or `edsft run`).")
+        return EXIT_BAD_INPUT
+    if isinstance(e, KeyboardInterrupt):
+        say("edsft: interrupted; re-run the same command to continue")
         return EXIT_FAILURE
+    if not isinstance(e, Exception):  # SystemExit and friends: not ours to translate
+        raise e
+    from .pipeline import StageNotBuilt
+
+    if isinstance(e, StageNotBuilt):
+        say(f"edsft: {e}")
+        return EXIT_FAILURE
+    # a bug or the environment: its traceback, on the console too
+    say("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
+    say(f"edsft: failed: {type(e).__name__}: {e}")
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

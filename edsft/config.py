@@ -329,7 +329,7 @@ class OutputConfig(_Section):
     section_name: ClassVar[str] = "output"
 
     dir: str = rule("runs/quickstart", nonempty="name a local folder or an s3:// prefix, e.g. runs/quickstart")
-    report_to: tuple[Literal["mlflow", "tensorboard"], ...] = ()
+    report_to: tuple[Literal["mlflow", "tensorboard", "wandb"], ...] = ()
     mlflow_tracking_uri: str | None = None  # None: a file store under the run dir
     progress: bool = True
 

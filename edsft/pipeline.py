@@ -32,13 +32,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import console
 from .config import Config, config_hash, config_to_dict
 from .errors import UserError
 from .pools.sources import open_source
 from .storage import Store, get_store, set_default_storage
 from .validate import check_config
 
-__all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "run_trial", "StageNotBuilt", "ManifestError", "read_manifest", "stage_plan"]
+__all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "summarize", "run_trial", "StageNotBuilt", "ManifestError", "read_manifest", "stage_plan"]
 
 STAGING = "_staging"
 
@@ -52,7 +53,7 @@ class ManifestError(UserError):
 
 
 def _log(msg: str) -> None:
-    print(f"[edsft] {msg}", file=sys.stderr, flush=True)
+    console.note(msg)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -158,7 +159,8 @@ def _pool_fingerprint(cfg: Config) -> str | None:
 
 # Optional third-party packages a stage may need; only their absence is "not available in this
 # install". An ImportError from anything else (edsft's own modules included) is a bug and surfaces.
-_OPTIONAL = {"ray", "torch", "transformers", "peft", "deepspeed", "sentence_transformers", "matplotlib", "pandas", "mlflow", "tensorboard"}
+_OPTIONAL = {"ray", "torch", "transformers", "peft", "deepspeed", "sentence_transformers", "matplotlib", "pandas", "mlflow", "tensorboard",
+             "wandb"}
 
 
 def _impl(module: str, name: str, stage: str) -> Callable:
@@ -409,6 +411,9 @@ def run_stage(cfg: Config, name: str, *, force: bool = False, progress: bool | N
 def _run(run: Run, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
     st = STAGES[name]
     progress = run.cfg.output.progress if progress is None else progress
+    con = console.active()
+    if con is not None and not con.verbose:
+        progress = False  # the stages' own bars would only clutter the log: the console shows progress
     if skip_done and not force:
         why = why_not_done(run, name)
         if why is None:
@@ -418,11 +423,25 @@ def _run(run: Run, name: str, *, force: bool = False, progress: bool | None = No
         if run.entry(name):
             _log(f"{name}: runs again: {why}")
     _check_upstream(run, st)
-    _log(f"{name}: running (config hash {run.hash(name)})")
+    t0 = time.time()
+    started = f"running (config hash {run.hash(name)})"
+    if con is not None:
+        con.stage_started(name, started)  # its progress line updates until the stage ends
+    else:
+        _log(f"{name}: {started}")
     if force and st.name == "train":
         run.path("train").remove()  # a forced retrain must not resume the previous run's checkpoints
-    entry = _execute(run, st, progress, force)
-    _log(f"{name}: {_headline(name, entry['summary'])} in {entry['wall_s']:.1f} s -> {entry['artifact']}")
+    try:
+        entry = _execute(run, st, progress, force)
+    except BaseException as e:
+        if con is not None:
+            con.stage_finished(f"{name}: failed after {console.format_seconds(time.time() - t0)}: {type(e).__name__}")
+        raise
+    done = f"{name}: {_headline(name, entry['summary'])} in {entry['wall_s']:.1f} s -> {entry['artifact']}"
+    if con is not None:
+        con.stage_finished(done)
+    else:
+        _log(done)
     return entry
 
 
@@ -433,10 +452,26 @@ def _now() -> str:
 
 def _headline(name: str, s: dict) -> str:
     """The one-line summary of a stage."""
+    extra = ""
+    if name in ("ingest", "score") and "rows_quarantined" in s:
+        extra = f", {s['rows_quarantined']} quarantined"
+    if name == "score" and isinstance(s.get("rows_per_s"), (int, float)):
+        extra += f", {s['rows_per_s']:.3g} rows/s"
+    if name == "select":
+        extra = f" of {s['rows']}" if "rows" in s else ""
+        extra += f", objective {s['objective']:.4g}" if isinstance(s.get("objective"), (int, float)) else ""
+    if name == "evaluate" and isinstance(s.get("delta"), dict):
+        extra = "".join(f", {m} {s['delta'][m]:+.3g}" for m in ("rouge_l", "loss") if isinstance(s["delta"].get(m), (int, float)))
+        extra = extra and f" (finetuned - base{extra})"
+    return _count(name, s) + extra
+
+
+def _count(name: str, s: dict) -> str:
+    """What a stage produced, counted: ``200 rows``, ``6 steps``, ``8 trials``."""
     keys = {
         "ingest": ("rows_kept", "rows"),
         "score": ("rows_scored", "rows"),
-        "select": ("rows", "rows"),
+        "select": ("budget", "rows"),
         "annotate": ("rows", "rows"),
         "train": ("steps", "steps"),
         "evaluate": ("n", "eval rows"),
@@ -448,25 +483,38 @@ def _headline(name: str, s: dict) -> str:
     val = s.get(key)
     if isinstance(val, list):
         val = len(val)
-    extra = ""
-    if name in ("ingest", "score") and "rows_quarantined" in s:
-        extra = f", {s['rows_quarantined']} quarantined"
-    if name == "select" and "objective" in s:
-        extra = f", objective {s['objective']:.4g}" if isinstance(s["objective"], (int, float)) else ""
-    return f"{val if val is not None else '?'} {unit}{extra}"
+    return f"{val if val is not None else '?'} {unit}"
 
 
-def run_pipeline(cfg: Config, *, force: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
-    """All stages of the plan in order, skipping those already committed with the same config."""
+def run_pipeline(cfg: Config, *, force: bool = False, stages: list[str] | None = None, summary: bool = True) -> dict[str, Any]:
+    """All stages of the plan in order, skipping those already committed with the same config;
+    then (``summary``) a table of them on the console."""
     results = {}
     for name in stages or stage_plan(cfg):
         results[name] = run_stage(cfg, name, force=force, skip_done=True)
-    run = Run.open(cfg)
-    if "report" in results:
-        _log(f"report: {run.path('report', 'report.md').uri}")
-    elif "evaluate" in results:
-        _log(f"metrics: {run.path('metrics.json').uri}")
+    if summary:
+        summarize(cfg, results)
     return results
+
+
+def summarize(cfg: Config, results: dict[str, dict]) -> None:
+    """The end of a run on the console: a table of the stages, then where to look."""
+    run = Run.open(cfg)
+    rows = [{"stage": name, "rows": _count(name, e.get("summary", {})), **e} for name, e in results.items()]
+    lines = ["", *console.summary_table(rows)]
+    if "report" in results:
+        lines.append(f"report:  {run.path('report', 'report.md').uri}")
+    elif "sweep" in results:
+        lines.append(f"report:  edsft report {run.store.uri}")
+    if "evaluate" in results:
+        lines.append(f"metrics: {run.path('metrics.json').uri}")
+    con = console.active()
+    if con is not None:
+        lines.append(f"log:     {con.log_path}")
+        for line in lines:
+            con.line(line)
+    else:
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 # The stages a sweep trial runs itself; the rest it inherits from the sweep's run.

@@ -66,6 +66,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .. import console
 from ..config import Config
 from ..errors import UserError
 from ..selection import (
@@ -544,11 +545,11 @@ class _Distributed:
     # -- helpers --------------------------------------------------------------------------------
     def _get(self, refs: list, desc: str) -> list:
         """ray.get with a progress bar over finished tasks (results in submission order)."""
-        if self.progress and len(refs) > 1:
+        if (self.progress or console.active() is not None) and len(refs) > 1:
             from tqdm.auto import tqdm
 
             pending = list(refs)
-            with tqdm(total=len(refs), desc=desc, leave=False) as bar:
+            with (console.bar(len(refs), f"{desc} tasks") or tqdm(total=len(refs), desc=desc, leave=False)) as bar:
                 while pending:
                     done, pending = ray.wait(pending, num_returns=1)
                     bar.update(len(done))

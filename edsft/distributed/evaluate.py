@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edsft import console
 from edsft.config import Config
 from edsft.storage import Store, get_store
 from edsft.training.data import load_examples
@@ -124,6 +125,7 @@ def evaluate_models(
             step = max(1, ev.batch_size)
             for start in tqdm(range(0, len(by_length), step), desc="evaluate", disable=not progress):
                 results += evaluator.evaluate(by_length[start : start + step], generate=ev.generate, variants=variants)
+                console.progress(min(start + step, len(by_length)), len(by_length), "rows")
             dtypes = {evaluator.dtype}
     else:
         results = _evaluate_distributed(cfg, by_length, model_spec, adapter_store, settings)

@@ -15,6 +15,11 @@ def init_ray(cfg: Config) -> None:
     Inside a job or a Tune trial Ray is already initialised: nothing to do. Credentials are
     never passed through the runtime env (Ray records it in its logs): a local cluster's workers
     inherit this process's environment, cluster nodes bring their own (instance roles).
+
+    ``log_to_driver=True``: Ray forwards the workers' stdout/stderr to this process, where the
+    CLI's console (:mod:`edsft.console`) has pointed fd 1/2 at ``<output.dir>/logs/edsft.log``, so
+    a run's log holds its workers' output next to the driver's (``--verbose`` also shows it live);
+    the full per-process logs stay in Ray's session folder (``/tmp/ray/session_*/logs``).
     """
     keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
@@ -42,7 +47,8 @@ def pin_address() -> None:
 # (logs/runtime_env_agent.log): a secret key would end up in the session logs. Trials get
 # credentials like every other worker instead: inherited from this process on a local cluster,
 # from the instance role on cluster nodes.
-_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
+                              "WANDB_API_KEY"})
 
 
 def keep_credentials_out_of_runtime_envs() -> None:

@@ -27,12 +27,12 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
+from .. import console
 from ..config import Config, config_from_dict, config_hash, config_to_dict
 from ..errors import UserError
 from ..results import METRICS, EvalResult
@@ -51,7 +51,24 @@ _TRIAL_SECTIONS = ("pool", "scoring", "selection", "annotation", "training", "ev
 
 
 def _log(msg: str) -> None:
-    print(f"[edsft.sweep] {msg}", file=sys.stderr, flush=True)
+    console.note(f"sweep: {msg}")
+
+
+def _trial_progress(total: int):
+    """A Tune callback (it runs in the driver) that puts ``trials done / total`` on the console."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ARG002 - Tune's signature
+            self.done += 1
+            console.progress(self.done, total, "trials")
+
+        on_trial_error = on_trial_complete
+
+    return TrialProgress()
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,10 +365,12 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 verbose=1 if progress else 0,
-                callbacks=make_tune_callbacks(cfg),  # MLflow / TensorBoard per trial (output.report_to)
+                # MLflow / TensorBoard / W&B per trial (output.report_to), trials done on the console
+                callbacks=[*make_tune_callbacks(cfg), _trial_progress(len(specs))],
             ),
         )
     t0 = time.time()
+    console.progress(0, len(specs), "trials")  # the console's line counts trials from here on
     grid = tuner.fit()
     wall = time.time() - t0
 

@@ -1,4 +1,4 @@
-"""Metrics to MLflow and TensorBoard (``output.report_to``), for training runs and Tune sweeps.
+"""Metrics to MLflow, TensorBoard and Weights & Biases (``output.report_to``), for training runs and Tune sweeps.
 
 Two entry points:
 
@@ -6,7 +6,8 @@ Two entry points:
   step (``logger.log({"loss": ...}, step)``, ``logger.close()``). It is a no-op when
   ``output.report_to`` is empty, so the training code calls it unconditionally.
 * :func:`make_tune_callbacks` - Ray Tune callbacks for the sweep: Ray's own
-  ``MLflowLoggerCallback`` and ``TBXLoggerCallback`` (one MLflow run / TB folder per trial).
+  ``MLflowLoggerCallback``, ``TBXLoggerCallback`` and ``WandbLoggerCallback`` (one MLflow run /
+  TB folder / W&B run per trial).
 
 Where things go (``<run>`` is ``output.dir``):
 
@@ -16,6 +17,13 @@ Where things go (``<run>`` is ``output.dir``):
   SQLAlchemy, so ``sqlite://`` is not an option).
 * TensorBoard: ``<run>/tensorboard/<run name>/events.out.tfevents.*``
   (``tensorboard --logdir <run>/tensorboard``).
+* W&B: through Ray's integration (``ray.air.integrations.wandb``: ``setup_wandb`` for training,
+  ``WandbLoggerCallback`` for Tune), project ``edsft-<run>`` (``-sweep`` for the sweep), local files
+  in ``$WANDB_DIR`` or else ``<run>/wandb``. ``WANDB_MODE=offline`` works without an account
+  (``wandb sync <run>/wandb/offline-run-*`` uploads later); online, the key comes from
+  ``WANDB_API_KEY`` or ``wandb login``. The key is never put into a Ray runtime env (Ray logs
+  those verbatim): the W&B logging actors inherit it like every other worker (see
+  :mod:`edsft.distributed.session`).
 
 Neither MLflow's file store nor TensorBoard writes to ``s3://`` with our endpoint settings, so
 for an ``s3://`` run folder both write to a local scratch folder and :func:`sync_tracking`
@@ -40,6 +48,7 @@ __all__ = [
     "tracking_local_dir",
     "mlflow_tracking_uri",
     "tensorboard_dir",
+    "wandb_dir",
     "experiment_name",
     "make_train_logger",
     "make_tune_callbacks",
@@ -74,6 +83,11 @@ def mlflow_tracking_uri(cfg: Config) -> str:
 
 def tensorboard_dir(cfg: Config) -> Path:
     return tracking_local_dir(cfg) / "tensorboard"
+
+
+def wandb_dir(cfg: Config) -> Path:
+    """Where W&B writes its run folders (``<dir>/wandb/``): ``$WANDB_DIR``, else the run folder."""
+    return Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else tracking_local_dir(cfg)
 
 
 def experiment_name(cfg: Config) -> str:
@@ -143,11 +157,14 @@ class TrainLogger:
         self.sinks = tuple(cfg.output.report_to)
         self._mlflow = None  # (client, run_id)
         self._tb = None
+        self._wandb = None
         self._closed = False
         if "mlflow" in self.sinks:
             self._mlflow = self._open_mlflow(params)
         if "tensorboard" in self.sinks:
             self._tb = self._open_tensorboard()
+        if "wandb" in self.sinks:
+            self._wandb = self._open_wandb(params)
 
     # -- sinks ------------------------------------------------------------------------------
     def _open_mlflow(self, params: Mapping[str, Any] | None):
@@ -183,6 +200,19 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(logdir), flush_secs=30)
 
+    def _open_wandb(self, params: Mapping[str, Any] | None):
+        from ray.air.integrations.wandb import setup_wandb
+
+        folder = wandb_dir(self.cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        # One W&B run per training run: its id is derived from the run folder and the run name,
+        # so a training run resumed from its checkpoint continues the same W&B run.
+        run_id = hashlib.sha256(f"{self.cfg.output.dir}|{self.run_name}".encode()).hexdigest()[:16]
+        return setup_wandb(config={**_flat_params(self.cfg), **{str(k): v for k, v in (params or {}).items()}},
+                           rank_zero_only=False,  # the caller creates the logger on rank 0 only
+                           trial_id=run_id, trial_name=self.run_name, group=experiment_name(self.cfg),
+                           project=experiment_name(self.cfg), dir=str(folder), resume="allow")
+
     # -- API --------------------------------------------------------------------------------
     @property
     def mlflow_run_id(self) -> str | None:
@@ -203,6 +233,8 @@ class TrainLogger:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
 
     def close(self, status: str = "FINISHED") -> None:
         if self._closed:
@@ -210,6 +242,12 @@ class TrainLogger:
         self._closed = True
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+            if is_remote(self.cfg.output.dir):
+                import wandb
+
+                wandb.teardown()  # W&B's service process writes the run files: let it finish before the upload
         if self._mlflow is not None:
             client, run_id = self._mlflow
             client.set_terminated(run_id, status=status)
@@ -251,6 +289,8 @@ def make_tune_callbacks(cfg: Config) -> list:
                                               tags={"edsft.output_dir": cfg.output.dir}, save_artifact=False))
     if "tensorboard" in cfg.output.report_to:
         callbacks.append(_run_dir_tbx_callback(tensorboard_dir(cfg) / "sweep"))
+    if "wandb" in cfg.output.report_to:
+        callbacks.append(_wandb_callback(cfg))
 
     class _SyncTracking(Callback):
         def on_experiment_end(self, trials, **info):  # noqa: ARG002 - Tune's signature
@@ -281,6 +321,36 @@ def _run_dir_tbx_callback(root: Path):
     return RunDirTBXLoggerCallback()
 
 
+def _wandb_callback(cfg: Config):
+    """Ray's WandbLoggerCallback, minus one thing: Ray puts ``WANDB_API_KEY`` into the runtime env
+    of its logging actors, and Ray's runtime-env agent logs runtime envs verbatim. Here the actors'
+    runtime env carries W&B's other settings (``WANDB_MODE``, ``WANDB_DIR``, ...: a cluster started
+    before they were set does not have them) and the key travels as an argument of the actor
+    (``wandb.Settings(api_key=...)``, in the object store, never logged)."""
+    import ray
+    from ray.air.integrations.wandb import WandbLoggerCallback, _force_on_current_node
+
+    class KeyFreeWandbLoggerCallback(WandbLoggerCallback):
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            if not self._remote_logger_class:
+                env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k not in _WANDB_SECRETS}
+                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env},
+                                                       max_restarts=-1, max_task_retries=-1)(self._logger_actor_cls)
+            if os.environ.get("WANDB_API_KEY") and "settings" not in wandb_init_kwargs:
+                import wandb
+
+                wandb_init_kwargs["settings"] = wandb.Settings(api_key=os.environ["WANDB_API_KEY"])
+            super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+    folder = wandb_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    return KeyFreeWandbLoggerCallback(project=experiment_name(cfg) + "-sweep", group=experiment_name(cfg),
+                                      dir=str(folder), upload_checkpoints=False)
+
+
+_WANDB_SECRETS = frozenset({"WANDB_API_KEY"})
+
+
 # --------------------------------------------------------------------------------------------
 # s3:// run folders
 # --------------------------------------------------------------------------------------------
@@ -298,6 +368,8 @@ def sync_tracking(cfg: Config) -> list[str]:
     run = get_store(cfg.output.dir, cfg.storage.endpoint_url, cfg.storage.region)
     written = []
     targets = [("tensorboard", tensorboard_dir(cfg))]
+    if wandb_dir(cfg) == local:  # W&B's files, unless $WANDB_DIR sends them elsewhere
+        targets.append(("wandb", local / "wandb"))
     if not cfg.output.mlflow_tracking_uri:
         targets.append(("mlruns", local / "mlruns"))
     for name, folder in targets:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .. import console
 from ..config import Config
 from ..storage import Store
 from .finalize import finalize, ingest_outputs, merge_results
@@ -82,6 +83,8 @@ def ingest_eval(cfg: Config, run: Store, source: PoolSource) -> dict:
 
 
 def progress_bar(progress: bool, total: int | None, desc: str):
+    if console.active() is not None:
+        return console.bar(total, "rows")  # the run's progress line, not a bar in the log
     if not progress:
         return None
     from tqdm.auto import tqdm

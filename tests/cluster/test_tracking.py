@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +129,145 @@ def test_s3_run_folder_gets_the_tracking_files(tmp_path, s3_secret_server):
     assert any(k.startswith("runs/t1/mlruns/") and k.endswith(f"{run_id}/metrics/loss") for k in keys), keys
     secret = s3_secret_server["secret"].encode()
     assert not any(secret in s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights & Biases (offline): the run files hold the logged metrics; the key is nowhere
+# --------------------------------------------------------------------------------------------
+
+WANDB_KEY = "edsft0secret0wandb0key0" + "x" * 17  # 40 chars, the shape of a real key
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    return tmp_path / "wandb_dir"
+
+
+def _wandb_records(path: Path):
+    """Every record of a W&B ``run-*.wandb`` file: a LevelDB-style log (32 KiB blocks, each record
+    split into chunks with a 7-byte header: crc32, length, type full/first/middle/last) of
+    ``wandb_internal_pb2.Record`` protobufs after a 7-byte ``:W&B`` file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            yield rec
+
+
+def _finished(f: Path) -> bool:
+    return any(rec.WhichOneof("record_type") == "exit" for rec in _wandb_records(f))
+
+
+def _wandb_runs(root: Path, timeout: float = 60) -> dict[str, dict]:
+    """{run display name: {"project", "config", "history": [{metric: value}, ...]}} of the offline runs under root.
+
+    W&B's service process writes the files: finish() can return before the last records are on
+    disk (seen under load), so wait for each run's exit record."""
+    import json
+    import time
+
+    files = sorted(root.rglob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not all(_finished(f) for f in files) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    runs = {}
+    for f in files:
+        run = {"history": [], "config": {}}
+        for rec in _wandb_records(f):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=rec.run.display_name, project=rec.run.project,
+                           config={i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "history":
+                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        runs[run.get("name", f.name)] = run  # (a file without its run record shows up by file name)
+    return runs
+
+
+def _files_holding(secret: str, *roots: Path) -> list[str]:
+    return [str(p) for root in roots if root.exists() for p in root.rglob("*")
+            if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_train_logger_writes_wandb_offline(tmp_path, wandb_offline):
+    cfg = _cfg(tmp_path, report_to=("wandb",))
+    with make_train_logger(cfg, "train/sft 0", params={"budget": 32}) as log:
+        for step, loss in enumerate([2.5, 2.0, 1.25], start=1):
+            log.log({"loss": loss, "lr": 1e-4 * step, "note": "dropped"}, step)
+    runs = _wandb_runs(wandb_offline)
+    assert list(runs) == ["train_sft_0"]
+    run = runs["train_sft_0"]
+    assert run["project"] == "edsft-run"
+    assert [(h["_step"], h["loss"]) for h in run["history"]] == [(1, 2.5), (2, 2.0), (3, 1.25)]
+    assert all("note" not in h and "lr" in h for h in run["history"])
+    assert run["config"]["budget"] == 32 and run["config"]["training.lr"] == "0.0002"
+    assert not _files_holding(WANDB_KEY, wandb_offline, tmp_path / "run")
+
+
+def test_tune_wandb_callback_logs_each_trial_and_keeps_the_key_out_of_runtime_envs(tmp_path, wandb_offline, ray_cluster):
+    """A real two-trial Tune run with the W&B callback: one offline run per trial with its metrics;
+    WANDB_API_KEY is in no runtime env Ray logs, no W&B file and no Ray session log."""
+    from ray import tune
+
+    cfg = _cfg(tmp_path, report_to=("wandb",))
+
+    def trainable(config):
+        for i in range(3):
+            tune.report({"score": config["x"] * (i + 1)})
+
+    cbs = make_tune_callbacks(cfg)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([1.0, 2.0])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="wb", storage_path=str(tmp_path / "tune"), callbacks=cbs, verbose=0),
+    )
+    assert not tuner.fit().errors
+
+    runs = _wandb_runs(wandb_offline)
+    assert len(runs) == 2, runs.keys()
+    assert {r["project"] for r in runs.values()} == {"edsft-run-sweep"}
+    finals = sorted(r["history"][-1]["score"] for r in runs.values())
+    assert finals == [3.0, 6.0]
+    assert all(len(r["history"]) == 3 for r in runs.values())
+
+    wandb_cb = next(cb for cb in cbs if type(cb).__name__ == "KeyFreeWandbLoggerCallback")
+    env_vars = wandb_cb._remote_logger_class._default_options["runtime_env"]["env_vars"]
+    assert env_vars.get("WANDB_MODE") == "offline" and "WANDB_API_KEY" not in env_vars
+
+    import ray
+
+    session_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert session_logs.is_dir()
+    assert not _files_holding(WANDB_KEY, wandb_offline, tmp_path, session_logs)
+
+
+def test_wandb_api_key_is_not_propagated_to_tune_trials():
+    from ray.tune.execution import class_cache
+
+    from edsft.distributed.session import keep_credentials_out_of_runtime_envs
+
+    keep_credentials_out_of_runtime_envs()
+    assert "WANDB_API_KEY" not in class_cache.ENV_VARS_TO_PROPAGATE
+    assert "AWS_SECRET_ACCESS_KEY" not in class_cache.ENV_VARS_TO_PROPAGATE
