@@ -115,8 +115,8 @@ def records(rows: Iterable[Mapping], layout: str, pool_fields: Mapping | None = 
     out = []
     for row in rows:
         rec = write(row, conversation(row), fields)
-        if row.get("task") is not None:
-            rec[fields.get("task_field") or "task"] = row["task"]
+        if row.get("task") is not None:  # under the pool's own name in the pool's layout
+            rec[(fields.get("task_field") if layout == "pool" else None) or "task"] = row["task"]
         out.append(rec)
     return out
 

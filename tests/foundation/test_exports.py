@@ -17,7 +17,7 @@ from _data import write_scores  # noqa: E402
 
 from edsft.annotation import annotate  # noqa: E402
 from edsft.config import Config, load_config  # noqa: E402
-from edsft.exports import CONTEXT_COLUMN, subset_rows, write_subsets  # noqa: E402
+from edsft.exports import CONTEXT_COLUMN, native_layout, records, response_of, subset_rows, write_subsets  # noqa: E402
 from edsft.storage import get_store  # noqa: E402
 
 # prompts a JSON writer or a line splitter can get wrong
@@ -131,6 +131,18 @@ def test_a_context_column_exports_the_whole_conversation(tmp_path):
     info = json.loads(Path(s["formats"]["dataset_info"]).read_text())
     assert info["edsft_annotated_alpaca"]["columns"] == {"prompt": "instruction", "query": "input", "response": "output",
                                                          "system": "system", "history": "history"}
+
+
+def test_sharegpt_layout_for_a_sharegpt_pool_and_back():
+    row = {"row_id": "a", "prompt": "q2", "response": "a2", "task": "t",
+           CONTEXT_COLUMN: [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+                            {"role": "assistant", "content": "a1"}]}
+    assert native_layout("sharegpt") == "sharegpt" and native_layout("jsonl") == "pool"
+    (rec,) = json.loads(json.dumps(records([row], "sharegpt")))
+    assert rec == {"row_id": "a", "system": "sys", "task": "t", "conversations": [
+        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
+        {"from": "gpt", "value": "a2"}]}
+    assert response_of(rec) == "a2" and response_of(records([{**row, "response": None}], "sharegpt")[0]) is None
 
 
 def test_dataset_info_names_existing_files_and_columns(run):
