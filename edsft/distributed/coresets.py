@@ -81,7 +81,6 @@ from ..selection import (
     Selector,
     TwoRound,
     get_selector,
-    select,
     shard_of,
     take_rows,
 )

@@ -17,7 +17,14 @@ from _data import write_scores  # noqa: E402
 
 from edsft.annotation import annotate  # noqa: E402
 from edsft.config import Config, load_config  # noqa: E402
-from edsft.exports import CONTEXT_COLUMN, native_layout, records, response_of, subset_rows, write_subsets  # noqa: E402
+from edsft.exports import (  # noqa: E402
+    CONTEXT_COLUMN,
+    native_layout,
+    records,
+    response_of,
+    subset_rows,
+    write_subsets,
+)
 from edsft.storage import get_store  # noqa: E402
 
 # prompts a JSON writer or a line splitter can get wrong
@@ -208,8 +215,9 @@ def test_several_budgets_equal_single_budget_runs(scores, tmp_path, name, params
 
 
 def test_single_budget_writes_only_selection_parquet(scores, tmp_path):
-    from edsft.selection import select
     from _data import read_pool
+
+    from edsft.selection import select
 
     summary, out = _select(scores, tmp_path, "facility_location", 12)
     assert sorted(p.name for p in Path(out.path).parent.iterdir()) == ["selection.parquet"]
@@ -231,7 +239,7 @@ def test_budget_over_pool_is_capped_once(scores, tmp_path):
 
 def test_select_stage_commits_every_size_and_its_exports(scores, tmp_path):
     """The pipeline's select stage: selection/, subset/ committed with the inventory, pool prompts only."""
-    from edsft.pipeline import read_manifest, run_stage, why_not_done, Run
+    from edsft.pipeline import Run, read_manifest, run_stage, why_not_done
 
     t = pq.read_table(scores.path)
     ids = t.column("row_id").to_pylist()
