@@ -5,11 +5,15 @@ Three modes (``annotation.mode``):
 * ``oracle`` - experiments: join ``selection.parquet`` with the pool's response column, the
   simulated annotator. This is the first place in the pipeline that reads that column.
 * ``export`` - real use: write the selected prompts for annotators as JSONL and CSV (with row_id),
-  then stop; annotators fill in ``response``. In the CSV, a cell that a spreadsheet would run as a
-  formula (it starts with ``= + - @``, tab or CR; OWASP "CSV injection") is written with a leading
-  ``'``, as is a cell that itself starts with ``'``, so that import can undo it exactly.
+  then stop; annotators fill in ``response``. The same rows also go to ``to_annotate/`` as alpaca,
+  ``messages`` and the pool's own layout (edsft.exports); oracle and import write the annotated rows
+  that way to ``annotated/``, with LLaMA-Factory's ``dataset_info.json``. In the CSV, a cell
+  that a spreadsheet would run as a formula (it starts with ``= + - @``, tab or CR; OWASP "CSV
+  injection") is written with a leading ``'``, as is a cell that itself starts with ``'``, so that
+  import can undo it exactly.
 * ``import`` - read the annotators' file back: JSONL (one ``{"row_id": ..., "response": ...}`` a
-  line) or the exported CSV with its ``response`` column filled in; UTF-8, with or without a BOM.
+  line, or an exported alpaca / messages / sharegpt record with its ``output`` / final assistant turn
+  filled in) or the exported CSV with its ``response`` column filled in; UTF-8, with or without a BOM.
   Every problem is counted and reported (console, stage summary, hence the manifest): bad lines
   (all counted, the first few quoted), ids that are not in the selection (ignored), ids given more
   than once (the same answer: used once; different answers: an error naming the lines, since
@@ -29,10 +33,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .config import Config
 from .errors import UserError
+from .exports import SubsetError, pool_fields, response_of, subset_rows, write_subsets
 from .storage import Store, get_store
 
 __all__ = ["annotate", "AnnotationError", "ANNOTATED_SCHEMA", "escape_cell", "unescape_cell", "read_annotations"]
@@ -67,27 +71,15 @@ class AnnotationError(UserError):
 
 def _selected_pool_rows(selection: Store, pool: Store, with_response: bool) -> pa.Table:
     """The selected rows of the pool, in selection rank order."""
-    sel = selection.read_table(columns=["row_id", "rank"])
-    wanted = set(sel.column("row_id").to_pylist())
-    cols = ["row_id", "prompt", "task"] + (["response"] if with_response else [])
-    parts = []
-    # Stream the pool part by part, keeping only selected rows: the pool never sits whole in memory.
-    for path in pool.parquet_files():
-        t = pq.read_table(path, filesystem=pool.fs, columns=cols)
-        mask = pc.is_in(t.column("row_id"), value_set=pa.array(sorted(wanted), pa.string()))
-        parts.append(t.filter(mask))
-    rows = pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.string()) for c in cols})
-    found = set(rows.column("row_id").to_pylist())
-    missing = wanted - found
-    if missing:
-        raise AnnotationError(
-            f"{len(missing)} selected row_ids are not in the pool (e.g. {sorted(missing)[:3]}): "
-            "selection.parquet and pool.parquet come from different runs; re-run `edsft select`"
-        )
-    rank = dict(zip(sel.column("row_id").to_pylist(), sel.column("rank").to_pylist()))
-    order = sorted(range(rows.num_rows), key=lambda i: rank[rows.column("row_id")[i].as_py()])
-    rows = rows.take(pa.array(order, pa.int64()))
-    return rows.append_column("rank", pa.array([rank[r] for r in rows.column("row_id").to_pylist()], pa.int64()))
+    try:
+        return subset_rows(selection.read_table(columns=["row_id", "rank"]), pool, with_response)
+    except SubsetError as e:
+        raise AnnotationError(str(e)) from None
+
+
+def _write_formats(cfg: Config, rows: pa.Table, folder: Store, name: str) -> dict:
+    """The subset in alpaca, messages and the pool's own layout, with its dataset_info.json."""
+    return write_subsets(folder, {name: rows}, cfg.pool.format, pool_fields(cfg.pool))
 
 
 def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir: Store) -> dict:
@@ -107,10 +99,12 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
         w.writeheader()
         w.writerows({k: escape_cell(str(v or "")) for k, v in r.items()} for r in recs)
         target.child("to_annotate.csv").write_text(buf.getvalue())
+        formats = _write_formats(cfg, rows, target.child("to_annotate"), "to_annotate")
         return {
             "mode": "export",
             "rows": len(recs),
             "exported": [target.child("to_annotate.jsonl").uri, target.child("to_annotate.csv").uri],
+            "formats": formats,
             "next": "fill in `response`, then run with annotation.mode=import "
             "annotation.annotations_path=<the JSONL or CSV>",
         }
@@ -125,7 +119,8 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
             )
         table = rows.select(["row_id", "prompt", "response", "task", "rank"]).cast(ANNOTATED_SCHEMA)
         out.write_table(table)
-        return {"mode": "oracle", "rows": table.num_rows, "out": out.uri}
+        formats = _write_formats(cfg, rows, export_dir.child("annotated"), "annotated")
+        return {"mode": "oracle", "rows": table.num_rows, "out": out.uri, "formats": formats}
 
     # import: read the annotators' file back
     rows = _selected_pool_rows(selection, pool, with_response=False)
@@ -160,7 +155,8 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
     rows = rows.append_column("response", pa.array([got.answers[r][0] for r in rows.column("row_id").to_pylist()], pa.string()))
     table = rows.select(["row_id", "prompt", "response", "task", "rank"]).cast(ANNOTATED_SCHEMA)
     out.write_table(table)
-    return {**summary, "rows": table.num_rows, "out": out.uri}
+    formats = _write_formats(cfg, rows, export_dir.child("annotated"), "annotated")
+    return {**summary, "rows": table.num_rows, "out": out.uri, "formats": formats}
 
 
 # ---- reading annotators' files ------------------------------------------------------------
@@ -231,10 +227,12 @@ def _read_jsonl(text: str) -> Annotations:
         except ValueError as e:
             got.bad(i, f"not JSON ({e})")
             continue
-        if not isinstance(rec, dict) or "row_id" not in rec or "response" not in rec:
+        # {row_id, response}, or an exported alpaca / messages / sharegpt record filled in
+        response = response_of(rec) if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or "row_id" not in rec or ("response" not in rec and response is None):
             got.bad(i, 'expected an object with "row_id" and "response"')
             continue
-        got.add(i, rec["row_id"], rec["response"])
+        got.add(i, rec["row_id"], response)
     return got
 
 

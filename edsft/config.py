@@ -182,12 +182,15 @@ class ScoringConfig(_Section):
 
 @dataclass(frozen=True)
 class SelectionConfig(_Section):
-    """Which selector picks `budget` prompts from the scored pool (names and params: edsft.validate)."""
+    """Which selector picks `budget` prompts from the scored pool (names and params: edsft.validate).
+
+    `budget` is one size or a list of sizes (``[1000, 5000, 10000]``): one run then writes a subset per
+    size, and the stages after select use the largest (see edsft.distributed.coresets)."""
 
     section_name: ClassVar[str] = "selection"
 
     name: str = rule("facility_location", nonempty="name a selector, e.g. facility_location")
-    budget: int = rule(100, ge=1)
+    budget: int | tuple[int, ...] = rule(100, ge=1, unique=True, nonempty="give a budget, e.g. 100 or [100, 400]")
     seed: int = rule(0, ge=0)
     embedding: Literal["embedding", "embedding_encoder"] = "embedding"
     params: Mapping[str, Any] = field(default_factory=dict)  # selector hyperparameters
@@ -196,6 +199,16 @@ class SelectionConfig(_Section):
     local_max_rows: int = rule(200_000, ge=1)  # auto: in-process below this many rows
     allow_budget_over_pool: bool = False  # True: cap budget at the pool size instead of failing
     cpus_per_task: float = rule(0.25, ge=0)  # Ray CPUs per distributed selection task (fractional: no deadlock in Tune)
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Every budget, smallest first (one entry for a single budget)."""
+        return (self.budget,) if isinstance(self.budget, int) else tuple(sorted(self.budget))
+
+    @property
+    def max_budget(self) -> int:
+        """The budget the stages after select use: the largest."""
+        return self.budgets[-1]
 
 
 @dataclass(frozen=True)
@@ -466,7 +479,7 @@ def _rule_problems(key: str, value: Any, meta: Mapping[str, Any]) -> list[str]:
     if value is None:
         return []
     shown = f"{key}={_show(value)}"
-    if "nonempty" in meta and len(value) == 0:
+    if "nonempty" in meta and isinstance(value, (str, tuple, Mapping)) and len(value) == 0:
         return [f"{shown} is empty: {meta['nonempty']}"]
     if isinstance(value, tuple):
         entries = [(f"{shown} has entry {v!r}, which", v) for v in value]
@@ -483,7 +496,7 @@ def _rule_problems(key: str, value: Any, meta: Mapping[str, Any]) -> list[str]:
             problems.append(f"{subject} must be >= {meta['ge']:g}{hint}")
         if "le" in meta and v > meta["le"]:
             problems.append(f"{subject} must be <= {meta['le']:g}{hint}")
-    if meta.get("unique"):
+    if meta.get("unique") and isinstance(value, tuple):
         repeated = sorted({v for v in value if value.count(v) > 1})
         if repeated:
             problems.append(f"{shown} repeats {repeated}: list each value once")

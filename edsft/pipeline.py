@@ -2,8 +2,10 @@
 
     ingest -> pool.parquet/, eval.parquet, quarantine.jsonl
     score  -> scores.parquet/, score_quarantine.jsonl
-    select -> selection.parquet
-    annotate -> annotated.parquet   (first stage that reads the pool's response column)
+    select -> selection.parquet (the largest budget), selection/b<size>.parquet (a list of budgets),
+              subset/ (each size as alpaca, messages and the pool's layout JSONL + dataset_info.json)
+    annotate -> annotated.parquet   (first stage that reads the pool's response column), annotated/
+              (the same layouts with responses; export mode: to_annotate.jsonl/.csv, to_annotate/)
     train  -> train/ (adapter/, train_summary.json)
     evaluate -> metrics.json, predictions.jsonl
     sweep  -> sweep/results.parquet  (each Tune trial runs select/annotate/train/evaluate on a
@@ -193,7 +195,22 @@ def _score(run: Run, out: Store, progress: bool) -> dict:
 def _select(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.coresets", "select_subset", "select")
-    return fn(run.cfg, run.input("scores.parquet"), out.child("selection.parquet"), progress=progress)
+    summary = fn(run.cfg, run.input("scores.parquet"), out.child("selection.parquet"), progress=progress)
+    summary["subset"] = _export_selection(run.cfg, out, run.input("pool.parquet"))
+    return summary
+
+
+def _export_selection(cfg: Config, out: Store, pool: Store) -> dict:
+    """subset/: every selected size as alpaca, messages and the pool's layout, prompts only (selection
+    never reads the label column; annotate writes the same files with responses to annotated/)."""
+    from .exports import in_rank_order, pool_fields, pool_rows, write_subsets
+
+    sizes = cfg.selection.budgets if not isinstance(cfg.selection.budget, int) else ()
+    files = [out.child("selection.parquet")] + [out.child("selection", f"b{b}.parquet") for b in sizes]
+    tables = [f.read_table(columns=["row_id", "rank"]) for f in files if f.exists()]  # capped sizes may merge
+    rows = pool_rows({r for t in tables for r in t.column("row_id").to_pylist()}, pool, with_response=False)
+    subsets = {f"b{t.num_rows}": in_rank_order(rows, t) for t in tables}
+    return write_subsets(out.child("subset"), subsets, cfg.pool.format, pool_fields(cfg.pool))
 
 
 def _annotate(run: Run, out: Store, progress: bool) -> dict:
@@ -249,8 +266,13 @@ STAGES: dict[str, Stage] = {
         Stage("ingest", ("pool",), (), ("pool.parquet", "eval.parquet", "quarantine.jsonl"), _ingest,
               keep_on_failure=("quarantine.jsonl",)),
         Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score, needs=("pool.parquet",)),
-        Stage("select", ("selection",), ("score",), ("selection.parquet",), _select, needs=("scores.parquet",)),
-        Stage("annotate", ("annotation",), ("select", "ingest"), ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv"), _annotate,
+        # selection.parquet is the largest budget (what annotate, train and evaluate read); with a list
+        # of budgets selection/b<size>.parquet holds each; subset/ the trainer-ready files of each
+        # (score's hash covers ingest's, so reading the pool's prompts adds no upstream)
+        Stage("select", ("selection",), ("score",), ("selection.parquet", "selection", "subset"), _select,
+              needs=("scores.parquet", "pool.parquet")),
+        Stage("annotate", ("annotation",), ("select", "ingest"),
+              ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv", "annotated", "to_annotate"), _annotate,
               needs=("selection.parquet", "pool.parquet")),
         # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
         # Train's checkpoints live in the staging folder until the run finishes

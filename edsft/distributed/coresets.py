@@ -1,7 +1,8 @@
 """Distributed coresets on Ray: map-reduce selection over a sharded scored pool.
 
 ``select_subset(cfg, scores, out)`` reads ``scores.parquet`` (row_id, task, score columns, embedding),
-picks ``cfg.selection.budget`` rows and writes ``selection.parquet`` (row_id, rank, gain, selector, shard).
+picks ``cfg.selection.budget`` rows and writes ``selection.parquet`` (row_id, rank, gain, selector, shard);
+with several budgets, also ``selection/b<size>.parquet`` per size (see ``select_subset``).
 It never reads a label/response column: only row_id, task, float score columns and the embedding.
 
 Small pools run the numpy selector in-process (``edsft.selection.select``). Large pools run a map-reduce
@@ -81,7 +82,6 @@ from ..selection import (
     Selector,
     TwoRound,
     get_selector,
-    select,
     shard_of,
     take_rows,
 )
@@ -132,30 +132,53 @@ def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True,
     (see STAGES), inside the task's worker, so they must be picklable.
     Returns the summary the pipeline puts in the manifest: selector, mode, shards, rows, budget,
     objective (also under the selector's ``objective_name``, e.g. ``covering_radius``), wall_s, ...
+
+    Several budgets (``selection.budget: [b1, b2, ...]``): selection.parquet holds the largest (what
+    annotate, train and evaluate use) and ``selection/b<size>.parquet`` every size, each exactly what a
+    run with that single budget writes. A ``nested`` selector (greedy: its first b picks are its picks at
+    budget b) runs once, at the largest budget, in local mode; the others, and the map-reduce (whose
+    candidates per shard depend on the budget), run once per budget. The summary's ``budgets`` lists
+    each size's rows, objective and file.
     """
     t0 = time.perf_counter()
     sel_cfg = cfg.selection
     scan = _scan(scores, sel_cfg.embedding)
-    budget = _check_budget(sel_cfg.budget, scan.rows, sel_cfg.allow_budget_over_pool)
+    # capped at the pool size when allowed, so two budgets may become one
+    budgets = sorted({_check_budget(b, scan.rows, sel_cfg.allow_budget_over_pool) for b in sel_cfg.budgets})
     params, kappa = _split_params(sel_cfg.name, sel_cfg.params or {})
     mode = resolve_mode(sel_cfg.mode, scan.rows, sel_cfg.local_max_rows)
 
     if mode == "local":
-        table, summary = _select_local(scan, sel_cfg.name, params, budget, sel_cfg.seed)
+        results = _select_local(scan, sel_cfg.name, params, budgets, sel_cfg.seed)
     else:
         init_ray(cfg)
-        runner = _Distributed(scan, cfg, budget, kappa, params, progress, callbacks)
-        table, summary = runner.run()
+        results = {b: _Distributed(scan, cfg, b, kappa, params, progress, callbacks).run() for b in budgets}
 
     target = out if out.uri.endswith(".parquet") else out.child("selection.parquet")
+    table, summary = results[budgets[-1]]
     target.write_table(table)
+    if not isinstance(sel_cfg.budget, int):  # a list of budgets: every size is its own artifact
+        folder = budget_folder(target)
+        sizes = {}
+        for b in budgets:
+            t, s = results[b]
+            folder.child(f"b{b}.parquet").write_table(t)
+            sizes[str(b)] = {"budget": b, **{k: v for k, v in s.items() if k != "shards"},
+                             "output": folder.child(f"b{b}.parquet").uri}
+        summary.update(budgets=sizes, one_pass=mode == "local" and get_selector(sel_cfg.name, **params).nested)
     summary.update(
-        selector=sel_cfg.name, mode=mode, rows=scan.rows, budget=budget, seed=sel_cfg.seed,
+        selector=sel_cfg.name, mode=mode, rows=scan.rows, budget=budgets[-1], seed=sel_cfg.seed,
         embedding=sel_cfg.embedding, params=params, output=target.uri,
-        wall_s=round(time.perf_counter() - t0, 3),
     )
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
     summary.setdefault("shards", 1)
     return summary
+
+
+def budget_folder(selection: Store) -> Store:
+    """Where a multi-budget run writes ``b<size>.parquet``: ``selection/`` next to selection.parquet."""
+    return dataclasses.replace(selection, path=selection.path.removesuffix(".parquet"),
+                               uri=selection.uri.removesuffix(".parquet"))
 
 
 def _split_params(name: str, params: Mapping[str, Any]) -> tuple[dict, int | None]:
@@ -277,17 +300,30 @@ def _arrays(table: pa.Table, emb_col: str, dim: int, score_cols) -> tuple:
     return ids, tasks, S, X
 
 
-def _select_local(scan: _Scan, name: str, params: dict, budget: int, seed: int):
-    """The whole pool in this process: exactly ``edsft.selection.select``."""
+def _select_local(scan: _Scan, name: str, params: dict, budgets: list[int], seed: int) -> dict:
+    """The whole pool in this process: exactly ``edsft.selection.select``, per budget {b: (table, summary)}.
+    A nested selector runs once at the largest budget and every smaller size is its prefix."""
     table = pa.concat_tables([_read_unit(scan, u, scan.columns) for u in scan.units])
     ids, tasks, S, X = _arrays(table, scan.emb_col, scan.dim, scan.score_cols)
     del table
     if "row_keys" in _fields(name) and "row_keys" not in params:
         params = {**params, "row_keys": ids}  # partition by row_id, like the distributed path (greedi)
-    res = select(name, budget, embeddings=X, scores=S, tasks=tasks, seed=seed, **params)
-    summary = _objective_summary(get_selector(name, **params), res.objective)
-    summary["shards"] = 1
-    return _selection_table(ids[res.indices], res.gains, name, np.zeros(len(res.indices), np.int64)), summary
+    sel = get_selector(name, **params)
+    out = {}
+    if sel.nested:
+        res = sel.select(budgets[-1], X, S, tasks, seed)
+        picks = {b: (res.indices[:b], res.gains[:b]) for b in budgets}
+        objective = {b: res.objective if b == budgets[-1] else sel.objective(res.indices[:b], X, S, tasks) for b in budgets}
+    else:
+        runs = {b: sel.select(b, X, S, tasks, seed) for b in budgets}
+        picks = {b: (r.indices, r.gains) for b, r in runs.items()}
+        objective = {b: r.objective for b, r in runs.items()}
+    for b in budgets:
+        idx, gains = picks[b]
+        summary = _objective_summary(sel, objective[b])
+        summary["shards"] = 1
+        out[b] = (_selection_table(ids[idx], gains, name, np.zeros(len(idx), np.int64)), summary)
+    return out
 
 
 def _objective_summary(sel: Selector, value) -> dict:

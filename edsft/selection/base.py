@@ -220,6 +220,13 @@ class Selector:
         return ()
 
     @property
+    def nested(self) -> bool:
+        """Whether its picks at budget b are the first b of its picks at any larger budget (same pool and
+        seed): true of greedy selectors, whose every step ignores the budget. A run with several budgets
+        then takes every size from one pass at the largest; otherwise it runs once per budget."""
+        return False
+
+    @property
     def needs_tasks(self) -> bool:
         return False
 

@@ -18,6 +18,9 @@ class RandomSelector(Selector):
     def randomized(self) -> bool:
         return True
 
+    # not nested: numpy's choice(n, b) draws differently for each b (the tested golden draw), so a
+    # run with several budgets draws once per budget, each exactly the single-budget draw
+
     def draw(self, n: int, budget: int, seed: int) -> SelectionResult:
         """The picks from the pool size alone (what a distributed run does on the driver)."""
         idx = np.random.default_rng(seed).choice(n, size=budget, replace=False)
@@ -51,6 +54,10 @@ class UncertaintySelector(Selector):
 
     def score_names(self):
         return (self.score,)
+
+    @property
+    def nested(self) -> bool:
+        return True  # a top-B by fixed keys (the jitter's too: one key per row, whatever the budget)
 
     def _oriented(self, S):
         return uncertainty(S[self.score], self.score, self.higher_is_uncertain)

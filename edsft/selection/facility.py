@@ -411,6 +411,10 @@ class FacilityLocation(Selector):
     def randomized(self) -> bool:
         return self.optimizer == "stochastic"
 
+    @property
+    def nested(self) -> bool:
+        return self.optimizer != "stochastic"  # stochastic greedy's sample size is n / budget * log(1/eps)
+
     def score_names(self):
         return (self.score,) if self.lambda_ > 0 else ()
 

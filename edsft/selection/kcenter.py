@@ -219,6 +219,10 @@ class KCenter(Selector):
     def randomized(self) -> bool:
         return not self.initial
 
+    @property
+    def nested(self) -> bool:
+        return self.top_q is None  # top_q's candidate set grows with the budget (never fewer than it)
+
     def score_names(self):
         return (self.score,) if self.top_q is not None else ()
 

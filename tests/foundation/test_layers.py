@@ -21,6 +21,7 @@ RULES = {
     "selection": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"pools", "annotation", "report"}),
     "pools": (HEAVY, UPPER),
     "annotation": (HEAVY, UPPER),
+    "exports": (HEAVY, UPPER | {"annotation"}),
     "report": (HEAVY, UPPER),
     "validate": (HEAVY, UPPER),
     "results": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"config", "storage", "selection", "pools", "annotation", "report"}),
