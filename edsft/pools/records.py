@@ -421,6 +421,8 @@ class AlpacaMapping:
         out = self.flat.map(rec)
         if isinstance(out, Bad):
             return out
+        if not (self.system and rec.get(self.system)) and not (self.history and rec.get(self.history)):
+            return out  # the common case, without the conversation machinery
         row_id, prompt, response, task = out
         try:
             system = _system_turns(rec, self.system)
