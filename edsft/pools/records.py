@@ -40,6 +40,7 @@ __all__ = [
     "AlpacaMapping",
     "AutoMapping",
     "mapping_for",
+    "context_turns",
 ]
 
 SCHEMA = pa.schema(
@@ -279,6 +280,12 @@ def _context_json(turns: list[dict]) -> str | None:
     return json.dumps(turns, ensure_ascii=False) if turns else None
 
 
+def context_turns(context: str | None) -> list[dict]:
+    """A row's ``context`` column back as chat messages (``[{"role", "content"}, ...]``: system
+    prompt and earlier turns, for a chat template); [] for a single-turn row."""
+    return json.loads(context) if context else []
+
+
 def check_turns(turns: list[tuple[str, str]], what: str) -> Bad | None:
     """The rules of a conversation, on ``(role, text)`` turns with roles already normalised to
     system / user / assistant: system turns first, then user and assistant alternating from a
@@ -423,7 +430,7 @@ class AlpacaMapping:
             return out
         if not (self.system and rec.get(self.system)) and not (self.history and rec.get(self.history)):
             return out  # the common case, without the conversation machinery
-        row_id, prompt, response, task = out
+        _, prompt, response, _ = out  # the id and task are re-derived for the conversation below
         try:
             system = _system_turns(rec, self.system)
             history = _decoded(rec.get(self.history), self.history) if self.history else None
