@@ -1,33 +1,44 @@
-"""The label-efficiency experiment: selectors vs random across annotation budgets.
+"""The label-efficiency experiment (issue 13): which selector matches random with half the labels?
 
-    python benchmarks/label_efficiency.py            # reduced CPU version (2 cores, ~25 min)
-    python benchmarks/label_efficiency.py --gpu      # the full experiment (one or more GPUs)
-    python benchmarks/label_efficiency.py --tiny     # seconds-scale check of the harness (tiny Llama)
-    python benchmarks/label_efficiency.py --dry-run  # print the config and the trial count only
+    python benchmarks/label_efficiency.py              # the CPU experiment (2 cores; see the estimate)
+    python benchmarks/label_efficiency.py --gpu        # the same grid, full selector set, on a GPU
+    python benchmarks/label_efficiency.py --tiny       # a couple of minutes: the harness end to end (tiny Llama)
+    python benchmarks/label_efficiency.py --dry-run    # the plan, trial count and a time estimate; runs nothing
+    python benchmarks/label_efficiency.py --pools tasks --seeds 0 1   # a subset
+    python benchmarks/label_efficiency.py --coverage   # no training: family coverage of every selector's picks
 
-Full version: builtin:tasks pool of 20,000 prompts (+ its 280-prompt balanced eval split), budgets
-1%, 2.5%, 5%, 10%, 20% of the pool, 7 selectors (random, uncertainty with mean_entropy and with
-min_margin, k_center, facility_location, the facility-location + uncertainty hybrid and
-task_balanced), 3 seeds, SmolLM2-135M-Instruct with LoRA: 7 x 5 x 3 = 105 Tune trials.
+Design, fixed before any selector result is looked at:
 
-Reduced CPU version (the default), sized for 2 cores: a 400-prompt pool and a 28-prompt eval
-split, budgets 2%, 5%, 10% (8, 20, 40 prompts), 2 selectors (random, facility_location), 1 seed,
-DDP with 2 workers, at most 6 optimizer steps of 2 x 4 sequences of <= 96 tokens, 8 new tokens for
-scoring and evaluation: 6 trials. One seed and 28 eval prompts give no interval and little power:
-it exercises the whole experiment and shows the direction of the effect, not a significant one.
+* pools: ``builtin:tasks`` (5,000 prompts, 560 balanced eval prompts = 28 per family; exact match is
+  the headline metric) and ``builtin:pydocs`` (the free-text pool: 3,140 prompts, 311 eval prompts;
+  loss and ROUGE-L);
+* budgets 32, 64, 128, 256, 512 (16x) for every selector, random also at 1,024 and 2,048 so every
+  selector budget has a random-equivalent budget inside random's measured curve;
+* seeds 0, 1, 2 for every (selector, budget); the seed drives selection, LoRA init and data order;
+* one training recipe for every selector at a budget: ``RECIPE.epochs`` passes over the B examples,
+  but never fewer than ``RECIPE.min_steps`` optimizer steps (at 32 labels two epochs are 4 steps, which
+  teach the answer format of the easiest family and little else); run as ``training.max_steps``, the
+  same for every selector at that budget;
+* the report: B / B_random per budget with 95% bootstrap intervals over seeds and eval prompts
+  (edsft.report); savings are claimed only where an interval excludes 1, a single seed gets no
+  headline, and task-aware selectors (task_balanced reads the task labels) are reported apart from
+  the headline.
 
-The run goes through the pipeline (ingest -> score -> sweep -> report, each skipped when already
-done with the same config, so an interrupted run resumes), then copies the report, the plots and
-results.parquet to ``benchmarks/results/label_efficiency_<mode>*``.
+Resumable: ingest and score are skipped when done with the same config; each budget is its own Tune
+sweep in the same run folder (its recipe differs), restored when re-run, and finished trials reuse
+their result.json, so an interrupted run continues where it stopped. Results and the ablation table
+(selector x budget: mean and interval, ratio and interval) go to
+``benchmarks/results/label_efficiency_<mode>_<pool>.md`` (+ ``_results.parquet``, ``_intervals.csv``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,122 +49,393 @@ from edsft.config import Config, config_from_dict  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
-# The selectors of the paper's comparison; `uncertainty` appears twice through its score grid.
-FULL_SELECTORS = ["random", "uncertainty", "k_center", "facility_location", "fl_uncertainty", "task_balanced"]
-FULL_PARAMS = {"uncertainty": {"score": ["mean_entropy", "min_margin"]}, "fl_uncertainty": {"score": "mean_entropy"}}
+# Selectors that read the pool's task labels: reported, never the headline (it must work without them).
+TASK_AWARE = ("task_balanced",)
+# The label-free candidates for small budgets plus the paper's diversity baselines.
+CPU_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center")
+GPU_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center", "fl_uncertainty",
+                 "uncertain_k_center", "uncertainty", "task_balanced")
+GPU_PARAMS = {"uncertainty": {"score": ["mean_entropy", "max_entropy", "least_confidence", "min_margin"]}}
+# Measured on this 2-core machine (benchmarks/results/training.md, scoring.md): the time estimate's inputs.
+CPU_S_PER_STEP = 3.1  # SmolLM2-135M + LoRA, micro batch 8, ~50 tokens per example
+CPU_EVAL_PROMPTS_PER_S = 3.2  # greedy generation of up to 24 new tokens, plus the teacher-forced loss
 
 
-def _budgets(pool_size: int, fractions: list[float]) -> list[int]:
-    return [max(1, round(pool_size * f)) for f in fractions]
+@dataclass(frozen=True)
+class Recipe:
+    """Epochs over the B examples with a floor on optimizer steps (one recipe for every selector)."""
+
+    epochs: float = 2.0
+    min_steps: int = 24
+
+    def steps(self, budget: int, global_batch: int) -> int:
+        return max(self.min_steps, math.ceil(self.epochs * budget / global_batch))
 
 
-def build_config(mode: str, out_dir: str) -> Config:
-    """The experiment's config for ``mode`` in {gpu, cpu, tiny}."""
-    if mode == "gpu":
-        size = 20_000
+@dataclass(frozen=True)
+class Plan:
+    """One pool's experiment."""
+
+    pool: str  # tasks | pydocs
+    metric: str
+    budgets: tuple[int, ...]
+    random_budgets: tuple[int, ...]  # random only: beyond the largest selector budget
+    seeds: tuple[int, ...]
+    selectors: tuple[str, ...]
+    params: dict = field(default_factory=dict)
+    recipe: Recipe = Recipe()
+
+
+def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None) -> list[Plan]:
+    if mode == "tiny":
+        base = dict(budgets=(8, 16), random_budgets=(32,), seeds=(0, 1), selectors=("random", "dedup", "typiclust", "probcover"),
+                    recipe=Recipe(epochs=1.0, min_steps=2))
+    else:
+        base = dict(budgets=(32, 64, 128, 256, 512), random_budgets=(1024, 2048), seeds=(0, 1, 2),
+                    selectors=GPU_SELECTORS if mode == "gpu" else CPU_SELECTORS, params=GPU_PARAMS if mode == "gpu" else {},
+                    recipe=Recipe(epochs=2.0, min_steps=24))
+    if seeds is not None:
+        base["seeds"] = tuple(seeds)
+    if selectors is not None:
+        base["selectors"] = tuple(dict.fromkeys(["random", *selectors]))
+        base["params"] = {k: v for k, v in base.get("params", {}).items() if k in base["selectors"]}
+    metric = {"tasks": "exact_match", "pydocs": "loss"}
+    out = []
+    for p in pools:
+        sel = base["selectors"]
+        if p == "pydocs":  # no task families worth balancing: the task-aware selectors have nothing to use
+            sel = tuple(s for s in sel if s not in TASK_AWARE)
+        out.append(Plan(pool=p, metric=metric[p], **{**base, "selectors": sel}))
+    return out
+
+
+def build_config(mode: str, pool: str, out_dir: str) -> Config:
+    """The run's config (ingest, score and the sweeps' shared sections) for ``mode`` in {cpu, gpu, tiny}."""
+    path = {"tasks": "builtin:tasks", "pydocs": "builtin:pydocs"}[pool]
+    if mode == "tiny":
         data = {
-            "pool": {"path": "builtin:tasks", "size": size, "eval_size": 280},
+            "pool": {"path": path, "size": 300, "eval_size": 40},
+            "scoring": {"model": "builtin:tiny-llama", "max_new_tokens": 4, "batch_size": 32, "num_actors": 1, "cpus_per_actor": 0.5},
+            "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 0.95}, "max_seq_len": 64,
+                         "micro_batch_size": 8, "lr": 3e-4},
+            "evaluation": {"max_new_tokens": 4, "batch_size": 20},
+        }
+        if pool == "pydocs":  # the whole pydocs train split is scored: keep the eval split tiny
+            data["pool"]["eval_size"] = 20
+    elif mode == "gpu":
+        data = {
+            "pool": {"path": path, "size": 20_000, "eval_size": 560},
             "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 24, "batch_size": 64, "num_actors": 1,
                         "num_gpus_per_actor": 1.0, "cpus_per_actor": 2},
             "training": {"backend": "deepspeed", "zero_stage": 2, "num_workers": 1, "use_gpu": True,
-                         "resources_per_worker": {"CPU": 4, "GPU": 1}, "max_seq_len": 256, "micro_batch_size": 16,
-                         "epochs": 3, "lr": 2e-4},
-            "evaluation": {"max_new_tokens": 24, "batch_size": 64},
-            "sweep": {"selectors": FULL_SELECTORS, "params": FULL_PARAMS,
-                      "budgets": _budgets(size, [0.01, 0.025, 0.05, 0.10, 0.20]), "seeds": [0, 1, 2]},
+                         "resources_per_worker": {"CPU": 4, "GPU": 1}, "max_seq_len": 256, "micro_batch_size": 16, "lr": 2e-4},
+            "evaluation": {"max_new_tokens": 24, "batch_size": 64, "num_gpus_per_actor": 1.0},
         }
     elif mode == "cpu":
-        # Measured on the 2-core box: LoRA steps of SmolLM2-135M cost ~10 s each at 4 x 96 tokens
-        # per worker, scoring ~1-2 prompts/s; this fits ~25 minutes.
-        size = 400
         data = {
-            "pool": {"path": "builtin:tasks", "size": size, "eval_size": 28},
-            "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 8, "batch_size": 16, "num_actors": 2,
-                        "cpus_per_actor": 0.5},
-            # 0.95 CPU a worker: the trial itself holds sweep.cpus_per_trial of the 2 CPUs.
-            "training": {"backend": "ddp", "num_workers": 2, "resources_per_worker": {"CPU": 0.95},
-                         "max_seq_len": 96, "micro_batch_size": 4, "epochs": 2, "max_steps": 6, "lr": 3e-4},
-            "evaluation": {"max_new_tokens": 8, "batch_size": 14, "max_examples": 28},
-            "sweep": {"selectors": ["random", "facility_location"],
-                      "budgets": _budgets(size, [0.02, 0.05, 0.10]), "seeds": [0]},
-        }
-    elif mode == "tiny":
-        size = 120
-        data = {
-            "pool": {"path": "builtin:tasks", "size": size, "eval_size": 28},
-            "scoring": {"model": "builtin:tiny-llama", "max_new_tokens": 4, "batch_size": 32, "num_actors": 1,
-                        "cpus_per_actor": 0.5},
-            "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 1}, "max_seq_len": 64,
-                         "micro_batch_size": 8, "max_steps": 2},
-            "evaluation": {"max_new_tokens": 4, "max_examples": 28},
-            "sweep": {"selectors": ["random", "k_center"], "budgets": [8, 16], "seeds": [0]},
+            "pool": {"path": path, "size": 5_000, "eval_size": 560},
+            "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 16, "batch_size": 16, "num_actors": 2, "cpus_per_actor": 0.5},
+            # two trials side by side on two cores, one worker each
+            "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 0.95}, "max_seq_len": 128,
+                         "micro_batch_size": 8, "lr": 3e-4},
+            "evaluation": {"max_new_tokens": 16, "batch_size": 16},
         }
     else:
-        raise ValueError(f"mode={mode!r} is not one of ['gpu', 'cpu', 'tiny']")
-    data["selection"] = {"name": "facility_location", "mode": "auto"}
-    data["sweep"].update({"enabled": True, "metric": "exact_match"})
+        raise ValueError(f"mode={mode!r} is not one of ['cpu', 'gpu', 'tiny']")
+    data["selection"] = {"name": "random", "mode": "local"}
+    data["sweep"] = {"enabled": True}
     data["output"] = {"dir": out_dir, "progress": mode != "tiny"}
     return config_from_dict(data)
 
 
-def trial_count(cfg: Config) -> int:
+def global_batch(cfg: Config) -> int:
+    t = cfg.training
+    return t.micro_batch_size * t.grad_accum * t.num_workers
+
+
+def sweeps(cfg: Config, plan: Plan) -> list[Config]:
+    """One sweep per budget: the budget's recipe as training.max_steps, the same for every selector."""
+    out = []
+    gb = global_batch(cfg)
+    for b in list(plan.budgets) + list(plan.random_budgets):
+        sel = list(plan.selectors) if b in plan.budgets else ["random"]
+        out.append(cfg.replace(**{
+            "sweep.selectors": sel, "sweep.budgets": [b], "sweep.seeds": list(plan.seeds), "sweep.metric": plan.metric,
+            "sweep.params": {k: v for k, v in plan.params.items() if k in sel},
+            "training.max_steps": plan.recipe.steps(b, gb),
+        }))
+    return out
+
+
+def trial_count(cfg: Config, plan: Plan) -> tuple[int, int]:
+    """(trials, optimizer steps in all)."""
     from edsft.distributed.sweep import expand_grid
 
-    return len(expand_grid(cfg)[0])
+    n = steps = 0
+    for c in sweeps(cfg, plan):
+        k = len(expand_grid(c)[0])
+        n += k
+        steps += k * c.training.max_steps
+    return n, steps
 
 
-def publish(run_dir: Path, mode: str, dest: Path = RESULTS_DIR) -> list[Path]:
-    """Copy the report, plots and results of a finished run to ``benchmarks/results``."""
+def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> float:
+    """CPU wall time from this machine's measured throughput (2 trials side by side on 2 cores do not
+    run faster than one after another: both are compute-bound)."""
+    n, steps = trial_count(cfg, plan)
+    s = steps * CPU_S_PER_STEP + (n + 1) * eval_rows / CPU_EVAL_PROMPTS_PER_S + pool_rows / CPU_EVAL_PROMPTS_PER_S
+    return s / 3600
+
+
+def run_plan(mode: str, plan: Plan, out_root: Path, publish_dir: Path | None) -> dict:
+    import pandas as pd
+    import pyarrow as pa
+
+    from edsft import report as R
+    from edsft.distributed.sweep import run_sweep
+    from edsft.pipeline import Run, run_stage
+
+    out = out_root / f"label_efficiency_{mode}_{plan.pool}"
+    cfg = build_config(mode, plan.pool, str(out))
+    t0 = time.time()
+    run_stage(cfg, "ingest", skip_done=True)
+    run_stage(cfg, "score", skip_done=True)
+    run = Run.open(cfg).store
+    parts = []
+    for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
+        s = run_sweep(c, run, progress=cfg.output.progress)
+        b = c.sweep.budgets[0]
+        part = run.child("sweep", f"results_b{b}.parquet")
+        part.write_table(run.child("sweep", "results.parquet").read_table())
+        parts.append(part.read_table().to_pandas())
+        print(f"[benchmark] {plan.pool} B={b}: {s['finished']}/{s['trials']} trials finished "
+              f"({s['computed']} computed now), max_steps={c.training.max_steps}", flush=True)
+    results = pd.concat(parts, ignore_index=True)
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(results, preserve_index=False))
+    rep = R.build_report(run, metric=plan.metric)
+    wall = time.time() - t0
+    tables = ablation(run, results, plan)
+    print(f"[benchmark] {plan.pool}: {rep['headline']['text']}", flush=True)
+    if publish_dir is not None:
+        publish(run, results, tables, mode, plan, cfg, wall, publish_dir)
+    return {"headline": rep["headline"], "label_free_headline": tables["headline"], "wall_s": wall, "trials": len(results)}
+
+
+def ablation(run, results, plan: Plan) -> dict:
+    """The ablation table (selector x budget: mean [t-interval], B / B_random [bootstrap interval]) and
+    the headline among the label-free selectors only."""
+    from edsft import report as R
+
+    res = R.load_results(results)
+    examples = R.per_example_results(run.store if hasattr(run, "store") else run, res)
+    out = {"metrics": {}}
+    metrics = [plan.metric] + [m for m in R.METRICS if m != plan.metric and m in res.columns and res[m].notna().any()]
+    for m in metrics:
+        summ = R.summarize(res, m)
+        eff = R.label_efficiency(summ, m)
+        boot = R.bootstrap_label_efficiency(res, m, examples)
+        out["metrics"][m] = {"summary": summ, "eff": eff, "boot": boot}
+    free = res[~res["selector"].isin(TASK_AWARE)]
+    eff_free = R.label_efficiency(R.summarize(free, plan.metric), plan.metric)
+    boot_free = R.bootstrap_label_efficiency(free, plan.metric, examples)
+    out["headline"] = R.significance_headline(boot_free, plan.metric, eff_free)
+    pb = out["metrics"][plan.metric]["boot"]["per_budget"]
+    worse = pb[pb["lo"] > 1]
+    out["worse"] = {label: g["budget"].tolist() for label, g in worse.groupby("label")}
+    return out
+
+
+def publish(run, results, tables, mode: str, plan: Plan, cfg: Config, wall: float, dest: Path) -> list[Path]:
+    """benchmarks/results/label_efficiency_<mode>_<pool>{.md, _results.parquet, _intervals.csv}."""
+    import os
+    import platform
+
+    from edsft import report as R
+
     dest.mkdir(parents=True, exist_ok=True)
-    prefix = f"label_efficiency_{mode}"
-    written = []
-    report = run_dir / "report"
-    for f in sorted(report.glob("*")):
-        target = dest / (f"{prefix}.md" if f.name == "report.md" else f"{prefix}_{f.name}")
-        if f.name == "report.md":  # plots sit next to the report under new names
-            text = f.read_text()
-            for p in report.glob("*.png"):
-                text = text.replace(f"]({p.name})", f"]({prefix}_{p.name})")
-            target.write_text(text)
-        else:
-            shutil.copyfile(f, target)
-        written.append(target)
-    res = run_dir / "sweep" / "results.parquet"
-    shutil.copyfile(res, dest / f"{prefix}_results.parquet")
-    written.append(dest / f"{prefix}_results.parquet")
+    prefix = dest / f"label_efficiency_{mode}_{plan.pool}"
+    results.to_parquet(f"{prefix}_results.parquet", index=False)
+    main = tables["metrics"][plan.metric]
+    main["boot"]["per_budget"].to_csv(f"{prefix}_intervals.csv", index=False)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    n, steps = trial_count(cfg, plan)
+    lines = [
+        f"# Label efficiency: {cfg.pool.path} ({mode})", "",
+        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores; "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; wall {wall / 60:.1f} min.", "",
+        f"**Headline (label-free selectors, {plan.metric}).** {tables['headline']['text']}", "",
+        "| | |", "|---|---|",
+        f"| pool | `{cfg.pool.path}`, {cfg.pool.size if plan.pool == 'tasks' else 'all'} prompts, {cfg.pool.eval_size} eval prompts (balanced by task) |",
+        f"| model | `{cfg.scoring.model}`, LoRA r={cfg.training.lora_r} |",
+        f"| selectors | {', '.join(plan.selectors)} (task-aware, not in the headline: {', '.join(s for s in plan.selectors if s in TASK_AWARE) or 'none'}) |",
+        f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
+        f"| seeds | {', '.join(map(str, plan.seeds))} |",
+        f"| recipe | {plan.recipe.epochs:g} epochs, at least {plan.recipe.min_steps} optimizer steps, global batch {global_batch(cfg)}, lr {cfg.training.lr:g}: "
+        + ", ".join(f"B={c.sweep.budgets[0]}: {c.training.max_steps}" for c in sweeps(cfg, plan)) + " steps |",
+        f"| trials | {len(results)} ({n} planned, {steps} optimizer steps) |",
+        f"| intervals | means: 95% t over seeds; B / B_random: 95% bootstrap over {main['boot']['resampled']} ({main['boot']['n_boot']} resamples), per cell, not adjusted for multiplicity |",
+        "",
+    ]
+    if tables["worse"]:
+        lines += ["Significantly MORE labels than random (interval above 1): "
+                  + "; ".join(f"{k} at B={', '.join(map(str, v))}" for k, v in sorted(tables["worse"].items())), ""]
+    for m, t in tables["metrics"].items():
+        lines += [f"## {m} ({R.metric_label(m)}; {'higher' if R.higher_is_better(m) else 'lower'} is better)", "",
+                  "Mean [95% t-interval] (seeds); B / B_random at the mean:", "", R.markdown_table(t["summary"], t["eff"]), "",
+                  "B / B_random [95% bootstrap interval]:", "", R.interval_table(t["boot"]), ""]
+    Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
+    written = [Path(f"{prefix}.md"), Path(f"{prefix}_results.parquet"), Path(f"{prefix}_intervals.csv")]
+    for p in written:
+        print(f"[benchmark] wrote {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}", flush=True)
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Why diversity loses at small budgets: family coverage vs frequency of the picked sets (no training)
+# --------------------------------------------------------------------------------------------
+
+COVERAGE_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center")
+
+
+def pool_embeddings(n: int, cache: Path, kinds=("minilm", "smollm2_last"), chunk: int = 250):
+    """builtin:tasks rows (prompt as ingest builds it) and their embeddings: MiniLM sentence embeddings
+    and SmolLM2's mean-pooled last-layer prompt embedding (the scorer's own; one new token generated).
+    Cached per kind and per chunk of rows under ``cache`` (npy), so an interrupted run keeps its
+    progress. Returns (tasks, {kind: float32 (n, d)}) for the kinds that are complete."""
+    import numpy as np
+
+    from edsft.pools.builtin_tasks import iter_tasks
+
+    rows = [r for chunk_ in iter_tasks(n, seed=0, split="train") for r in chunk_]
+    prompts = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in rows]
+    tasks = np.array([r["task"] for r in rows])
+    cache.mkdir(parents=True, exist_ok=True)
+    embs = {}
+    for kind in kinds:
+        model = None
+        parts = []
+        for s in range(0, n, chunk):
+            f = cache / f"{kind}_{n}_{s}.npy"
+            if not f.exists():
+                if model is None:
+                    if kind == "minilm":
+                        from edsft.scoring.scorer import load_encoder
+
+                        enc = load_encoder("builtin:minilm")
+                        model = lambda p: enc.encode(p, batch_size=64, normalize_embeddings=True)  # noqa: E731
+                    else:
+                        from edsft.scoring.scorer import Scorer
+
+                        sc = Scorer("builtin:smollm2-135m", max_new_tokens=1, batch_size=32, device="cpu")
+                        model = lambda p: sc({"row_id": np.arange(len(p)), "prompt": np.array(p, dtype=object)})["embedding"]  # noqa: E731
+                np.save(f, np.asarray(model(prompts[s : s + chunk]), dtype=np.float32))
+                print(f"[coverage] {kind}: rows {s}-{min(n, s + chunk)} embedded", flush=True)
+            parts.append(np.load(f))
+        embs[kind] = np.concatenate(parts)
+    return tasks, embs
+
+
+def coverage_stats(tasks, picks, pool_freq: dict) -> dict:
+    """Families covered, families with >= 3 picks, share of the picks in the 3 most frequent families
+    (pool share for comparison), total-variation distance of the picked family mix to the pool's."""
+    import numpy as np
+
+    fam, cnt = np.unique(tasks[picks], return_counts=True)
+    got = dict(zip(fam.tolist(), cnt.tolist()))
+    top3 = sorted(pool_freq, key=lambda f: -pool_freq[f])[:3]
+    share = {f: got.get(f, 0) / len(picks) for f in pool_freq}
+    return {"covered": len(got), "ge3": sum(c >= 3 for c in got.values()), "top3": sum(share[f] for f in top3),
+            "tv": 0.5 * sum(abs(share[f] - pool_freq[f]) for f in pool_freq)}
+
+
+def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 1, 2), out: Path | None = None,
+                      cache: Path = ROOT / "runs" / "label_efficiency_coverage", kinds=("minilm", "smollm2_last")) -> str:
+    """Family coverage vs frequency of every selector's picks on builtin:tasks, per embedding (mean over
+    seeds; deterministic selectors still vary with the seed where they are randomized). Also the picks'
+    density: median distance to the 20 nearest pool rows, relative to the pool's median (1 = typical,
+    > 1 = outliers). Writes a markdown table; selection never reads the task labels, this analysis does."""
+    import os
+
+    import numpy as np
+
+    from edsft.selection import select, typicality
+
+    t0 = time.time()
+    load0 = os.getloadavg()
+    tasks, embs = pool_embeddings(n, cache, kinds)
+    fam, cnt = np.unique(tasks, return_counts=True)
+    pool_freq = dict(zip(fam.tolist(), (cnt / cnt.sum()).tolist()))
+    top3 = sorted(pool_freq, key=lambda f: -pool_freq[f])[:3]
+    lines = [f"# Why diversity loses at small budgets: family coverage of the picks (builtin:tasks, {n} prompts)", "",
+             f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start {load0[0]:.1f}. No training: "
+             "the picked sets only. Task labels are read by this analysis, never by the selectors.", "",
+             f"Pool: {len(fam)} families; the 3 most frequent ({', '.join(top3)}) hold {sum(pool_freq[f] for f in top3):.0%} of it; "
+             f"the rarest holds {min(pool_freq.values()):.1%}.", "",
+             "Cell: families covered / families with >= 3 picks / share of picks in the top-3 families / total-variation "
+             "distance of the picked family mix to the pool's / density of the picks (median 20-NN distance over the pool's "
+             "median: > 1 = sparser than a typical prompt). Mean over seeds " + ", ".join(map(str, seeds)) + ".", ""]
+    for name, X in embs.items():
+        typ = typicality(X, 20)
+        pool_med = float(np.median(1 / typ))
+        lines += [f"## embedding: {name} (d={X.shape[1]})", "", "| selector | " + " | ".join(f"B={b}" for b in budgets) + " | s (B=512) |",
+                  "|---" * (len(budgets) + 2) + "|"]
+        for sel in COVERAGE_SELECTORS:
+            cells, secs = [], float("nan")
+            for b in budgets:
+                st = []
+                for sd in seeds:
+                    t1 = time.time()
+                    idx = select(sel, b, embeddings=X, seed=sd).indices
+                    secs = time.time() - t1
+                    st.append({**coverage_stats(tasks, idx, pool_freq), "density": float(np.median(1 / typ[idx])) / pool_med})
+                m = {k: np.mean([x[k] for x in st]) for k in st[0]}
+                cells.append(f"{m['covered']:.1f} / {m['ge3']:.1f} / {m['top3']:.0%} / {m['tv']:.2f} / {m['density']:.2f}")
+            lines.append(f"| {sel} | " + " | ".join(cells) + f" | {secs:.1f} |")
+        lines.append("")
+    lines.append(f"Wall {(time.time() - t0) / 60:.1f} min (embeddings cached in {cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}); "
+                 f"load average at the end {os.getloadavg()[0]:.1f}.")
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        out.write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--gpu", action="store_true", help="the full experiment (GPU cluster)")
-    g.add_argument("--tiny", action="store_true", help="a seconds-scale check with the tiny Llama")
-    ap.add_argument("--out", default=None, help="run folder (default runs/label_efficiency_<mode>; s3:// works)")
-    ap.add_argument("--dry-run", action="store_true", help="print the config and the number of trials, run nothing")
-    ap.add_argument("--no-publish", action="store_true", help="do not copy results to benchmarks/results")
+    g.add_argument("--gpu", action="store_true", help="the full selector set on a GPU")
+    g.add_argument("--tiny", action="store_true", help="a couple of minutes: the harness end to end with the tiny Llama")
+    ap.add_argument("--pools", nargs="+", choices=["tasks", "pydocs"], default=["tasks", "pydocs"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="override the seeds (>= 2 for a headline)")
+    ap.add_argument("--selectors", nargs="+", default=None, help="override the selectors (random is always added)")
+    ap.add_argument("--out", default=None, help="parent folder of the run folders (default runs/)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, the trial count and a time estimate only")
+    ap.add_argument("--coverage", action="store_true", help="no training: family coverage vs frequency of every selector's picks")
+    ap.add_argument("--embeddings", nargs="+", choices=["minilm", "smollm2_last"], default=["minilm", "smollm2_last"],
+                    help="--coverage: which embeddings (SmolLM2 costs ~10x MiniLM on CPU)")
+    ap.add_argument("--no-publish", action="store_true", help="do not write benchmarks/results")
+    ap.add_argument("--publish-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     mode = "gpu" if args.gpu else "tiny" if args.tiny else "cpu"
-    out = args.out or str(ROOT / "runs" / f"label_efficiency_{mode}")
-    cfg = build_config(mode, out)
-    n = trial_count(cfg)
-    print(f"[benchmark] mode={mode} pool={cfg.pool.size} budgets={list(cfg.sweep.budgets)} seeds={list(cfg.sweep.seeds)} "
-          f"trials={n} run={out}", flush=True)
-    if args.dry_run:
-        from edsft.config import to_yaml
-
-        print(to_yaml(cfg))
+    if args.coverage:
+        dest = None if args.no_publish else Path(args.publish_dir) / "label_efficiency_coverage.md"
+        print(coverage_analysis(out=dest, kinds=tuple(args.embeddings)))
         return 0
-    from edsft.pipeline import run_pipeline
-
-    t0 = time.time()
-    results = run_pipeline(cfg)
-    wall = time.time() - t0
-    report = results["report"].get("summary", {})
-    print(f"[benchmark] done in {wall / 60:.1f} min: {json.dumps(report.get('headline', {}), default=str)}", flush=True)
-    if not args.no_publish and not out.startswith("s3://"):
-        for p in publish(Path(out), mode):
-            print(f"[benchmark] wrote {p.relative_to(ROOT)}")
+    out_root = Path(args.out or ROOT / "runs")
+    summary = {}
+    for plan in plans(mode, args.pools, args.seeds, args.selectors):
+        cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"))
+        n, steps = trial_count(cfg, plan)
+        rows = cfg.pool.size if plan.pool == "tasks" else 3140
+        est = f", about {estimate_hours(cfg, plan, rows, cfg.pool.eval_size):.1f} h on 2 CPU cores at the measured speed" if mode == "cpu" else ""
+        print(f"[benchmark] mode={mode} pool={cfg.pool.path} selectors={list(plan.selectors)} budgets={list(plan.budgets)} "
+              f"(+ random {list(plan.random_budgets)}) seeds={list(plan.seeds)}: {n} trials, {steps} optimizer steps{est}", flush=True)
+        if args.dry_run:
+            continue
+        summary[plan.pool] = run_plan(mode, plan, out_root, None if args.no_publish else Path(args.publish_dir))
+    if summary:
+        print(json.dumps({k: {"headline": v["label_free_headline"]["text"], "wall_min": round(v["wall_s"] / 60, 1)} for k, v in summary.items()},
+                         indent=1), flush=True)
     return 0
 
 

@@ -184,7 +184,9 @@ class ScoringConfig(_Section):
     batch_size: int = rule(16, ge=1)
     embedding_layer: int = -1  # hidden-state layer mean-pooled into `embedding`
     encoder: str | None = None  # e.g. builtin:minilm for a second column `embedding_encoder`
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX / Arm BF16), else fp32; the
+    # uncertainty math is fp32 whatever the model runs in
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_actors: int = rule(1, ge=1)  # max actors of the scoring pool (one per GPU on clusters)
     min_actors: int = rule(1, ge=1)
     num_gpus_per_actor: float = rule(0.0, ge=0)
@@ -258,7 +260,8 @@ class TrainingConfig(_Section):
     warmup_ratio: float = rule(0.05, ge=0, le=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float = rule(1.0, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 (bf16 base weights, fp32 LoRA/optimizer, autocast) on GPU and on CPUs with native bf16, else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     lora: bool = True
     lora_r: int = rule(16, ge=1)
     lora_alpha: int = rule(32, ge=1)
@@ -297,6 +300,7 @@ class EvaluationConfig(_Section):
     local_max_rows: int = rule(300, ge=0)  # auto: evaluate in-process up to this many rows
     cpus_per_actor: float = rule(0.5, ge=0)  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
     num_gpus_per_actor: float = rule(0.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as scoring.dtype: bf16 where native
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import os
@@ -40,6 +41,8 @@ __all__ = [
     "load_model",
     "end_of_turn_ids",
     "resolve_dtype",
+    "cpu_supports_bf16",
+    "dtype_name",
     "model_fingerprint",
 ]
 
@@ -273,18 +276,46 @@ def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
+# CPU flags (Linux /proc/cpuinfo) that give native bf16 matmuls: AVX512-BF16 and AMX on x86, the
+# BF16 extension on Arm (reported as "bf16"). Without them torch emulates bf16 and it is slower
+# than fp32, so 'auto' only picks bf16 where one of these is present.
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (``EDSFT_CPU_BF16=0/1`` overrides the probe)."""
+    forced = os.environ.get("EDSFT_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap, reliable probe, stay on fp32
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 / Arm spelling
+            flags.update(line.split(":", 1)[1].split())
+    return any(f in flags for f in _CPU_BF16_FLAGS)
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on CPU; names map to torch dtypes."""
+    """'auto' -> bf16 on CUDA and on CPUs with native bf16 (cpu_supports_bf16), else fp32; names map to torch dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+        return torch.bfloat16 if dev.type == "cuda" or (dev.type == "cpu" and cpu_supports_bf16()) else torch.float32
     if dtype not in names:
         raise ValueError(f"dtype={dtype!r} is not supported: use auto, float32, bfloat16 or float16")
     return names[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16', 'float32', ...: how summaries and manifests name the dtype a stage ran in."""
+    return str(dtype).removeprefix("torch.")
 
 
 def load_model(spec: str, dtype: str = "auto", device=None, cache_dir: str | os.PathLike | None = None):

@@ -443,7 +443,8 @@ def _headline(name: str, s: dict) -> str:
         "sweep": ("trials", "trials"),
         "report": ("plots", "plots"),
     }
-    key, unit = keys[name]
+    # a stage added by a user reports its summary's "rows" (or nothing) until it says more
+    key, unit = keys.get(name, ("rows", "rows"))
     val = s.get(key)
     if isinstance(val, list):
         val = len(val)

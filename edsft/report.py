@@ -32,6 +32,11 @@ __all__ = [
     "random_equivalent_budget",
     "label_efficiency",
     "headline",
+    "equivalent_budgets",
+    "per_example_results",
+    "bootstrap_label_efficiency",
+    "significance_headline",
+    "interval_table",
     "plot_learning_curves",
     "plot_label_efficiency",
     "markdown_table",
@@ -192,21 +197,44 @@ def random_equivalent_budget(budgets: Iterable[float], values: Iterable[float], 
         raise ValueError(f"budgets={b.tolist()} must all be > 0 (the interpolation is in log-budget)")
     if np.any(~np.isfinite(v)) or not math.isfinite(target):
         raise ValueError(f"values={v.tolist()} and target={target} must be finite")
+    got, code = equivalent_budgets(b, v[None, :], np.array([target]), higher_better)
+    return float(got[0]), _BOUNDS[int(code[0])]
+
+
+_BOUNDS = {0: "", 1: ">", -1: "<"}
+
+
+def equivalent_budgets(budgets, curves, targets, higher_better: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`random_equivalent_budget` for many curves at once (the bootstrap's inner loop).
+
+    ``curves`` (R, len(budgets)): random's mean curve in each of R resamples; ``targets`` (R,).
+    Returns (budget (R,), code (R,) int: 0 interpolated, 1 above random's best (budget = the largest
+    budget), -1 below random's smallest-budget value (budget = the smallest budget)).
+    """
+    b = np.asarray(budgets, dtype=float)
     order = np.argsort(b)
-    b, v = b[order], v[order]
+    b = b[order]
+    v = np.asarray(curves, dtype=float)[:, order]
+    t = np.asarray(targets, dtype=float)
     if not higher_better:  # one code path: turn "lower is better" into "higher is better"
-        v, target = -v, -target
-    best = np.maximum.accumulate(v)
-    reached = np.nonzero(best >= target)[0]
-    if reached.size == 0:
-        return float(b[-1]), ">"
-    i = int(reached[0])
-    if i == 0:
-        return (float(b[0]), "") if v[0] == target else (float(b[0]), "<")
-    # best[i-1] < target <= best[i] = v[i], so the segment rises and the inverse is unique.
-    frac = (target - best[i - 1]) / (best[i] - best[i - 1])
-    logb = math.log(b[i - 1]) + frac * (math.log(b[i]) - math.log(b[i - 1]))
-    return float(math.exp(logb)), ""
+        v, t = -v, -t
+    best = np.maximum.accumulate(v, axis=1)  # running best: "the smallest budget at which random has reached this"
+    reached = best >= t[:, None]
+    any_reached = reached.any(axis=1)
+    i = np.where(any_reached, reached.argmax(axis=1), len(b) - 1)
+    rows = np.arange(len(t))
+    code = np.where(any_reached, 0, 1)
+    first = any_reached & (i == 0)
+    code = np.where(first & (v[:, 0] != t), -1, code)
+    out = np.where(any_reached, b[np.maximum(i, 0)], b[-1])
+    # best[i-1] < target <= best[i] = v[i]: the segment rises and the inverse is unique
+    mid = any_reached & (i > 0)
+    if mid.any():
+        r, k = rows[mid], i[mid]
+        lo, hi = best[r, k - 1], best[r, k]
+        frac = (t[mid] - lo) / (hi - lo)
+        out[mid] = np.exp(np.log(b[k - 1]) + frac * (np.log(b[k]) - np.log(b[k - 1])))
+    return out, code
 
 
 def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "random") -> pd.DataFrame:
@@ -215,7 +243,7 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     Columns: label, selector, params, budget, mean, random_budget, bound, ratio, ratio_bound.
     ``bound`` qualifies random_budget (">": random needs more than its largest budget, so the
     ratio is an upper bound, ratio_bound "<"; "<": random needs less than its smallest budget,
-    ratio_bound ">")."""
+    ratio_bound ">"; "flat": random's curve does not change with the budget, ratio NaN)."""
     ref = summary[(summary["selector"] == reference) & (summary["params"].isin(["{}", ""]))]
     if ref.empty:
         ref = summary[summary["selector"] == reference]
@@ -223,8 +251,14 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
         raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
     ref = ref.sort_values("budget")
     hib = higher_is_better(metric)
+    # random's curve flat (e.g. exact match 0 everywhere): no inverse, every budget "reaches" it
+    flat = float(np.ptp(ref["mean"].to_numpy(dtype=float))) <= 1e-12 * max(1.0, float(ref["mean"].abs().max()))
     rows = []
     for _, r in summary[summary["label"] != ref["label"].iloc[0]].iterrows():
+        if flat:
+            rows.append(dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"],
+                             random_budget=float("nan"), bound="flat", ratio=float("nan"), ratio_bound=""))
+            continue
         rb, bound = random_equivalent_budget(ref["budget"], ref["mean"], float(r["mean"]), hib)
         ratio = r["budget"] / rb
         ratio_bound = {"": "", ">": "<", "<": ">"}[bound]
@@ -265,6 +299,238 @@ def headline(eff: pd.DataFrame, metric: str) -> dict:
         text = (f"{label} reaches random's {metric} with {ratio:.2f}x the labels (geometric mean of B / B_random over "
                 f"{n_exact} of {n} budgets in {budgets}; {abs(1 - ratio) * 100:.0f}% {cost} annotation than random).")
     return {"selector": label, "ratio": ratio, "bound": bound, "budgets_interpolated": n_exact, "budgets": budgets, "metric": metric, "text": text}
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap intervals of B / B_random, and the headline they allow
+# --------------------------------------------------------------------------------------------
+
+# A per-example results table (one row per finished trial and eval prompt, finetuned model):
+EXAMPLE_COLUMNS = ("trial_id", "row_id", "task", "exact_match", "rouge_l", "loss_sum", "n_tokens")
+
+
+def per_example_results(run, results: pd.DataFrame) -> pd.DataFrame | None:
+    """Per-eval-prompt results of every finished trial, from the ``predictions.jsonl`` that evaluation
+    writes next to each trial's metrics.json (finetuned rows only), or None when a trial has none
+    (then the bootstrap resamples seeds only)."""
+    frames = []
+    for tid in results["trial_id"] if "trial_id" in results.columns else []:
+        rows = [r for r in run.child("sweep", "trials", str(tid), "predictions.jsonl").read_jsonl() if r.get("variant", "finetuned") == "finetuned"]
+        if not rows:
+            return None
+        df = pd.DataFrame(rows)
+        df["trial_id"] = tid
+        frames.append(df[[c for c in EXAMPLE_COLUMNS if c in df.columns]])
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _example_arrays(examples: pd.DataFrame, trial_ids: list, metric: str):
+    """(tasks, num, den): per task, (n_trials, n_prompts_of_task) numerator and denominator arrays whose
+    ratio, averaged over tasks, is the trial's macro metric (loss: token-weighted within a task, as
+    evaluation computes it). Only eval prompts that every trial has are kept."""
+    if metric == "loss":
+        need = ["loss_sum", "n_tokens"]
+    elif metric in ("exact_match", "rouge_l"):
+        need = [metric]
+    else:
+        raise ValueError(f"metric={metric!r} has no per-example form: use exact_match, rouge_l or loss")
+    ex = examples[examples["trial_id"].isin(trial_ids)].dropna(subset=need)
+    common = set.intersection(*(set(g["row_id"]) for _, g in ex.groupby("trial_id"))) if len(ex) else set()
+    ex = ex[ex["row_id"].isin(common)]
+    if ex.empty or ex["trial_id"].nunique() != len(set(trial_ids)):
+        return None
+    ex = ex.assign(task=ex["task"].fillna("all").astype(str)).sort_values(["task", "row_id"])
+    pos = {t: i for i, t in enumerate(trial_ids)}
+    tasks, num, den = [], [], []
+    for task, g in ex.groupby("task", sort=True):
+        cols = {r: j for j, r in enumerate(sorted(g["row_id"].unique()))}
+        N = np.zeros((len(trial_ids), len(cols)))
+        D = np.zeros_like(N)
+        ti = g["trial_id"].map(pos).to_numpy()
+        ci = g["row_id"].map(cols).to_numpy()
+        if metric == "loss":
+            N[ti, ci] = g["loss_sum"].to_numpy(dtype=float)
+            D[ti, ci] = g["n_tokens"].to_numpy(dtype=float)
+        else:
+            N[ti, ci] = g[metric].to_numpy(dtype=float)
+            D[ti, ci] = 1.0
+        tasks.append(task)
+        num.append(N)
+        den.append(D)
+    return tasks, num, den
+
+
+def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.DataFrame | None = None, *,
+                               n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                               reference: str = "random") -> dict:
+    """B / B_random per (selector, budget) with a percentile bootstrap interval.
+
+    Each of ``n_boot`` resamples draws (1) the eval prompts with replacement, within each task (the
+    eval split is balanced by task and the metric is a macro average), the SAME draw for every trial
+    (all trials answer the same prompts: the comparison is paired), and (2) independently for every
+    (selector, budget) cell, its seeds with replacement; the cell's value is the mean over its drawn
+    seeds of each trial's metric on the drawn prompts. Random's resampled curve is inverted at each
+    selector's resampled value (:func:`equivalent_budgets`). Without ``examples`` (no per-prompt
+    results) only seeds are resampled. A censored resample (outside random's range) counts at its
+    bound: B / B_max ("random needs more than it was run with") or B / B_min, both conservative for a
+    claim of savings.
+
+    Returns {"per_budget": DataFrame(label, selector, params, budget, ratio, lo, hi, n_seeds,
+    n_seeds_random, censored), "per_selector": DataFrame(label, ratio, lo, hi, n_budgets) - the
+    geometric mean over budgets - , "resampled": "seeds and eval prompts" | "seeds", "n_boot",
+    "confidence", "min_seeds"}.
+    """
+    res = results.dropna(subset=[metric]).copy()
+    res["label"] = [_label(a, b) for a, b in zip(res["selector"], res["params"])]
+    ref = res[(res["selector"] == reference) & res["params"].isin(["{}", ""])]
+    if ref.empty:
+        raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
+    ref_label = ref["label"].iloc[0]
+    if "trial_id" not in res.columns:
+        res["trial_id"] = [f"{l}-b{b}-s{s}" for l, b, s in zip(res["label"], res["budget"], res["seed"])]
+    trial_ids = res["trial_id"].tolist()
+    arrays = _example_arrays(examples, trial_ids, metric) if examples is not None and len(examples) else None
+    rng = np.random.default_rng(seed)
+
+    # trial values per resample: (n_trials, n_boot), and the point values (every prompt once)
+    if arrays is not None:
+        tasks, num, den = arrays
+        vals = np.zeros((len(trial_ids), n_boot))
+        point = np.zeros(len(trial_ids))
+        for N, D in zip(num, den):
+            W = rng.multinomial(N.shape[1], np.full(N.shape[1], 1.0 / N.shape[1]), size=n_boot).T.astype(float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                vals += (N @ W) / (D @ W)
+                point += N.sum(axis=1) / D.sum(axis=1)
+        vals /= len(tasks)
+        point /= len(tasks)
+        resampled = "seeds and eval prompts"
+    else:
+        point = res[metric].to_numpy(dtype=float)
+        vals = np.repeat(point[:, None], n_boot, axis=1)
+        resampled = "seeds"
+
+    cells = {}  # (label, budget) -> (selector, params, resampled cell means (n_boot,), point mean, n seeds)
+    for (label, budget), g in res.groupby(["label", "budget"], sort=True):
+        rows = res.index.get_indexer(g.index)
+        pick = rows[rng.integers(len(rows), size=(n_boot, len(rows)))]  # seeds with replacement
+        cells[(label, int(budget))] = (g["selector"].iloc[0], g["params"].iloc[0], vals[pick, np.arange(n_boot)[:, None]].mean(axis=1),
+                                       float(point[rows].mean()), len(rows))
+    ref_budgets = sorted(b for (l, b) in cells if l == ref_label)
+    ref_curves = np.stack([cells[(ref_label, b)][2] for b in ref_budgets], axis=1)
+    ref_point = np.array([[cells[(ref_label, b)][3] for b in ref_budgets]])
+    ref_seeds = min(cells[(ref_label, b)][4] for b in ref_budgets)
+    hib = higher_is_better(metric)
+    q = (1 - confidence) / 2
+    # A flat random curve (e.g. exact match 0 at every budget) has no inverse: any budget "reaches" it,
+    # and the running best would call every tie a win for random at its smallest budget. No ratio then.
+    flat = bool(np.ptp(ref_point) <= 1e-12 * max(1.0, float(np.abs(ref_point).max())))
+    per_budget, logs = [], {}
+    for (label, budget), (selector, params, boot, mean, n_seeds) in cells.items():
+        if label == ref_label:
+            continue
+        if flat:
+            per_budget.append(dict(label=label, selector=selector, params=params, budget=budget, mean=mean, ratio=np.nan, ratio_bound="",
+                                   lo=np.nan, hi=np.nan, n_seeds=n_seeds, n_seeds_random=ref_seeds, censored=np.nan))
+            logs.setdefault(label, []).append(np.full(n_boot, np.nan))
+            continue
+        rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
+        ratio_boot = budget / rb
+        rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
+        logs.setdefault(label, []).append(np.log(ratio_boot))
+        per_budget.append(dict(label=label, selector=selector, params=params, budget=budget, mean=mean,
+                               ratio=float(budget / rb0[0]), ratio_bound={0: "", 1: "<", -1: ">"}[int(code0[0])],
+                               lo=float(np.quantile(ratio_boot, q)), hi=float(np.quantile(ratio_boot, 1 - q)),
+                               n_seeds=n_seeds, n_seeds_random=ref_seeds, censored=float((code != 0).mean())))
+    cols = ["label", "selector", "params", "budget", "mean", "ratio", "ratio_bound", "lo", "hi", "n_seeds", "n_seeds_random", "censored"]
+    per_budget = pd.DataFrame(per_budget, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
+    per_sel = []
+    for label, ls in sorted(logs.items()):
+        g = per_budget[per_budget["label"] == label]
+        gm = np.exp(np.mean(ls, axis=0))
+        per_sel.append(dict(label=label, ratio=float(np.exp(np.log(g["ratio"]).mean())), lo=float(np.quantile(gm, q)),
+                            hi=float(np.quantile(gm, 1 - q)), n_budgets=len(g)))
+    per_sel = pd.DataFrame(per_sel, columns=["label", "ratio", "lo", "hi", "n_budgets"])
+    min_seeds = int(min([ref_seeds] + per_budget["n_seeds"].tolist()))
+    return {"per_budget": per_budget, "per_selector": per_sel, "resampled": resampled, "n_boot": n_boot,
+            "confidence": confidence, "min_seeds": min_seeds, "flat": flat,
+            "random_curve": dict(zip(ref_budgets, ref_point[0].tolist()))}
+
+
+def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = None) -> dict:
+    """The headline the intervals allow.
+
+    - fewer than 2 seeds in some (selector, budget) cell or in random's curve: no headline (one seed
+      has no spread to learn an interval from);
+    - some selector's interval lies below 1 at one budget or more: the selector with the most such
+      budgets (ties: the smaller geometric-mean ratio) and, at each of them, its ratio and interval;
+    - otherwise: no selector differs significantly from random, with the closest one's geometric mean.
+    ``ratio`` is the geometric mean of B / B_random over the interpolated budgets (as :func:`headline`).
+    """
+    pb, ps = boot["per_budget"], boot["per_selector"]
+    conf = f"{boot['confidence'] * 100:.0f}%"
+    how = f"{conf} bootstrap intervals over {boot['resampled']}, {boot['n_boot']} resamples"
+    base = {"metric": metric, "resampled": boot["resampled"], "significant_budgets": [], "interval": None}
+    if pb.empty:
+        return {**base, "selector": None, "ratio": None, "text": f"no selector besides random: no label-efficiency ratio for {metric}"}
+    if boot.get("flat"):
+        curve = ", ".join(f"B={b}: {v:.3g}" for b, v in boot["random_curve"].items())
+        return {**base, "selector": None, "ratio": None,
+                "text": (f"no headline: random's {metric} does not change across its budgets ({curve}), so no budget is "
+                         f"'random's equivalent' of a selector's value; the metric carries no signal at these budgets.")}
+    if boot["min_seeds"] < 2:
+        return {**base, "selector": None, "ratio": None,
+                "text": (f"no headline: a single seed per selector and budget gives no interval, and without one a "
+                         f"difference from random on {metric} cannot be told from seed noise (run >= 2 seeds, e.g. sweep.seeds=[0, 1, 2]).")}
+
+    def point_ratio(label):
+        if eff is not None and len(eff[eff["label"] == label]):
+            exact = eff[(eff["label"] == label) & (eff["bound"] == "")]
+            if len(exact):
+                return float(np.exp(np.log(exact["ratio"].to_numpy(dtype=float)).mean()))
+        return float(ps.set_index("label").loc[label, "ratio"])
+
+    wins = pb[pb["hi"] < 1.0]
+    if len(wins):
+        counts = wins.groupby("label").size()
+        label = min(counts.index, key=lambda l: (-counts[l], point_ratio(l)))
+        w = wins[wins["label"] == label].sort_values("budget")
+        parts = "; ".join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in w.itertuples())
+        rest = sorted(set(pb[pb["label"] == label]["budget"]) - set(w["budget"]))
+        tail = f"; at B={', '.join(map(str, rest))} the difference from random is not significant" if rest else ""
+        text = (f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
+                f"(B / B_random, {how}, each excluding 1): {parts}{tail}.")
+        return {**base, "selector": label, "ratio": point_ratio(label), "significant_budgets": w["budget"].tolist(),
+                "interval": [float(w["lo"].min()), float(w["hi"].max())], "text": text}
+    best = ps.sort_values("ratio").iloc[0]
+    text = (f"no selector needs significantly fewer labels than random on {metric} ({how}: every interval of "
+            f"B / B_random includes 1 or lies above it); the closest is {best['label']} at {best['ratio']:.2f}x "
+            f"[{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean over {int(best['n_budgets'])} budgets): not significant.")
+    return {**base, "selector": None, "ratio": None, "closest": best["label"], "text": text}
+
+
+def interval_table(boot: dict) -> str:
+    """Markdown: B / B_random with its interval per selector and budget, plus the geometric mean."""
+    pb, ps = boot["per_budget"], boot["per_selector"]
+    budgets = sorted(pb["budget"].unique())
+    lines = ["| selector | " + " | ".join(f"B={b}" for b in budgets) + " | geometric mean |", "|---" * (len(budgets) + 2) + "|"]
+    for label, g in pb.groupby("label", sort=True):
+        g = g.set_index("budget")
+        cells = []
+        for b in budgets:
+            if b not in g.index:
+                cells.append("-")
+                continue
+            r = g.loc[b]
+            if not np.isfinite(r["ratio"]):
+                cells.append("n/a")
+                continue
+            mark = " **<1**" if r["hi"] < 1 else " **>1**" if r["lo"] > 1 else ""
+            cells.append(f"{r['ratio_bound']}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]{mark}")
+        s = ps.set_index("label").loc[label]
+        gm = f"{s['ratio']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]" if np.isfinite(s["ratio"]) else "n/a (random's curve is flat)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {gm} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +614,7 @@ def plot_label_efficiency(eff: pd.DataFrame, metric: str, ax=None):
         g = g.sort_values("budget")
         c = colors[k % 10]
         exact = g[g["bound"] == ""]
-        cens = g[g["bound"] != ""]
+        cens = g[~g["bound"].isin(["", "flat"])]  # flat: no ratio to draw
         # Lines join interpolated points only: a bound is not a value and must not look like one.
         ax.plot(exact["budget"], exact["ratio"], color=c, linestyle="-", marker="s", markersize=5, label=label)
         ax.scatter(cens["budget"], cens["ratio"], facecolors="none", edgecolors=c, marker="s", s=36, zorder=3)
@@ -389,7 +655,7 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
     ratio = {}
     if eff is not None:
         for _, r in eff.iterrows():
-            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x"
+            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "no ratio (random's curve is flat)"
     labels = sorted(summary["label"].unique(), key=lambda s: (s != "random", s))
     for label in labels:
         g = summary[summary["label"] == label].set_index("budget")
@@ -413,7 +679,8 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
 def _efficiency_table(eff: pd.DataFrame) -> str:
     lines = ["| selector | B | mean | random needs | B / B_random |", "|---|---|---|---|---|"]
     for _, r in eff.iterrows():
-        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)"}[r["bound"]]
+        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)",
+                "flat": "undefined (random's curve is flat)"}[r["bound"]]
         lines.append(f"| {r['label']} | {r['budget']} | {_fmt(r['mean'])} | {need} | {r['ratio_bound']}{r['ratio']:.2f} |")
     return "\n".join(lines)
 
@@ -447,6 +714,7 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     if metric not in metrics:
         metrics = [metric] + metrics
 
+    examples = per_example_results(run, results)  # per-eval-prompt results: the bootstrap resamples prompts too
     out = out if out is not None else run.child("report")
     plots = []
     sections = []
@@ -469,8 +737,19 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
             out.child(f"label_efficiency_{m}.csv").write_text(eff.to_csv(index=False))
             block += [f"Label efficiency on {m} (random's curve interpolated piecewise-linearly in log-budget, running best):", "",
                       _efficiency_table(eff), "", f"![B / B_random]({eff_name})", ""]
+        if eff is not None and not eff.empty:
+            boot = bootstrap_label_efficiency(results, m, examples)
+            out.child(f"label_efficiency_intervals_{m}.csv").write_text(boot["per_budget"].to_csv(index=False))
+            block += [f"B / B_random with {boot['confidence'] * 100:.0f}% bootstrap intervals ({boot['n_boot']} resamples of "
+                      f"{boot['resampled']}; **<1**: fewer labels than random, **>1**: more, interval excluding 1; "
+                      f"intervals are per cell, not adjusted for the number of selectors x budgets):", "", interval_table(boot), ""]
         if m == metric:
-            head = headline(eff, m) if eff is not None else {"selector": None, "ratio": None, "text": "random is not in the sweep: no ratio"}
+            if eff is None:
+                head = {"selector": None, "ratio": None, "text": "random is not in the sweep: no ratio"}
+            elif eff.empty:
+                head = headline(eff, m)
+            else:
+                head = significance_headline(boot, m, eff)
             out.child(f"summary_{m}.csv").write_text(summ.to_csv(index=False))
         sections += block
 
@@ -480,7 +759,9 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     pool = config.get("pool", {})
     model = (config.get("training", {}) or {}).get("model") or (config.get("scoring", {}) or {}).get("model")
     statuses = raw["status"].value_counts().to_dict() if "status" in raw.columns else {}
-    interval = "95% t-interval over seeds" if len(seeds) >= 2 else "a single seed: no interval is drawn (one sample has no spread)"
+    interval = ("curves: 95% t-interval over seeds; B / B_random: 95% bootstrap interval over "
+                + ("seeds and eval prompts" if examples is not None else "seeds (no per-prompt results found)")
+                if len(seeds) >= 2 else "a single seed: no interval is drawn (one sample has no spread) and no headline")
     lines = [
         "# Label-efficiency report",
         "",

@@ -5,6 +5,10 @@ Small eval sets (``evaluation.local_max_rows``) run in-process; bigger ones (or
 loads the model (and adapter) once and maps batches of rows to per-(row, variant) results.
 On CPU-only clusters actors get fractional CPUs (``evaluation.cpus_per_actor``, 0.5): whole-CPU
 actors on a 2-CPU cluster starve Ray Data's read tasks.
+
+Rows are length-sorted before they are cut into batches (both modes), so micro batches carry little
+padding; results are returned (and written) in the eval set's row order. ``metrics.json`` records
+the dtype the models ran in (``evaluation.dtype: auto`` = bf16 where the hardware has it).
 """
 
 from __future__ import annotations
@@ -61,7 +65,14 @@ class EvalWorker:
         rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
         results = self.evaluator.evaluate(rows, generate=self.generate)
         keys = ("row_id", "task", "variant", "loss_sum", "n_tokens", "prediction", "exact_match", "rouge_l")
-        return {k: [r.get(k) for r in results] for k in keys}
+        out = {k: [r.get(k) for r in results] for k in keys}
+        out["dtype"] = [self.evaluator.dtype] * len(results)
+        return out
+
+
+def _length(row: dict) -> int:
+    # characters stand in for tokens: the sort only has to group similar lengths
+    return len(str(row["prompt"])) + len(str(row["response"]))
 
 
 def _mode(cfg: Config, n: int) -> str:
@@ -99,8 +110,10 @@ def evaluate_models(
         "max_seq_len": cfg.training.max_seq_len,
         "max_new_tokens": ev.max_new_tokens,
         "batch_size": ev.batch_size,
+        "dtype": ev.dtype,
     }
     mode = _mode(cfg, len(rows))
+    by_length = sorted(rows, key=_length)  # batches of similar length: little padding
     if mode == "local":
         with tempfile.TemporaryDirectory(prefix="edsft-eval-") as scratch:
             evaluator = Evaluator(model_spec, _local_adapter(adapter_store, Path(scratch)), **settings)
@@ -109,14 +122,21 @@ def evaluate_models(
             from tqdm.auto import tqdm
 
             step = max(1, ev.batch_size)
-            for start in tqdm(range(0, len(rows), step), desc="evaluate", disable=not progress):
-                results += evaluator.evaluate(rows[start : start + step], generate=ev.generate, variants=variants)
+            for start in tqdm(range(0, len(by_length), step), desc="evaluate", disable=not progress):
+                results += evaluator.evaluate(by_length[start : start + step], generate=ev.generate, variants=variants)
+            dtypes = {evaluator.dtype}
     else:
-        results = _evaluate_distributed(cfg, rows, model_spec, adapter_store, settings)
+        results = _evaluate_distributed(cfg, by_length, model_spec, adapter_store, settings)
+        dtypes = {r.pop("dtype") for r in results}
         if not ev.base_model:
             results = [r for r in results if r["variant"] != "base"]
+    position = {}
+    for i, r in enumerate(rows):
+        position.setdefault(r.get("row_id"), i)
+    results.sort(key=lambda r: (r["variant"] != "base", position.get(r["row_id"], 0)))  # the eval set's order
 
     metrics = build_metrics(results, settings={**settings, "generate": ev.generate, "mode": mode})
+    metrics["settings"]["dtype"] = "/".join(sorted(dtypes))  # what 'auto' resolved to on the workers
     metrics.update(
         model=model_spec,
         adapter=adapter_store.uri if adapter_store is not None else None,

@@ -22,6 +22,12 @@ def cpu_only_cluster() -> bool:
     return cluster_gpus() == 0
 
 
+def cpus_per_node() -> int:
+    """CPUs of the smallest alive node (what one node's actors share)."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(min(cpus))) if cpus else 1
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """Resources of one model actor and the size of the actor pool."""
@@ -31,23 +37,27 @@ class ActorPlan:
     min_actors: int
     max_actors: int
     device: str  # cuda | cpu
-    num_threads: int | None  # torch threads inside the actor (1 on CPU: actors share the cores)
+    num_threads: int | None  # torch threads inside a CPU actor: the node's cores split over the actors
 
     @property
     def concurrency(self) -> tuple[int, int]:
         return (self.min_actors, self.max_actors)
 
 
-def model_actor_plan(scoring: ScoringConfig, gpus: int | None = None) -> ActorPlan:
+def model_actor_plan(scoring: ScoringConfig, gpus: int | None = None, node_cpus: int | None = None) -> ActorPlan:
     """One actor per GPU on GPU clusters; fractional-CPU actors otherwise.
 
     ``scoring.num_gpus_per_actor > 0`` is used as given. When it is 0 and the cluster has GPUs,
     each actor takes one whole GPU and the pool grows to one actor per GPU (``num_actors`` is
     raised to the GPU count). On CPU-only clusters actors take ``cpus_per_actor`` (fractional:
     a whole CPU per actor on a small cluster leaves no CPU for the read tasks feeding them,
-    which deadlocks) and run torch with one thread.
+    which deadlocks) and split the node's cores between them as torch threads (``node_cpus //
+    num_actors``, at least 1; one thread when the node size is not known): a single actor on a
+    2-core node used to run one thread and leave a core idle.
     """
-    gpus = cluster_gpus() if gpus is None else gpus
+    if gpus is None:
+        gpus = cluster_gpus()
+        node_cpus = cpus_per_node() if node_cpus is None else node_cpus
     if scoring.num_gpus_per_actor > 0 or gpus > 0:
         per = scoring.num_gpus_per_actor or 1.0
         most = max(scoring.num_actors, int(gpus // per)) if scoring.num_gpus_per_actor == 0 else scoring.num_actors
@@ -56,4 +66,4 @@ def model_actor_plan(scoring: ScoringConfig, gpus: int | None = None) -> ActorPl
                          device="cuda", num_threads=None)
     most = max(1, scoring.num_actors)
     return ActorPlan(num_cpus=scoring.cpus_per_actor, num_gpus=0.0, min_actors=min(scoring.min_actors, most),
-                     max_actors=most, device="cpu", num_threads=1)
+                     max_actors=most, device="cpu", num_threads=max(1, (node_cpus or 1) // most))

@@ -68,7 +68,8 @@ class _ScoringActor:
                 cols[f.name] = pa.array([None if x is None else str(x) for x in v], type=pa.string())
             else:
                 cols[f.name] = pa.array(v, type=f.type)
-        return pa.table(cols, schema=schema)
+        # the dtype the model ran in ('auto' resolved on this actor's hardware): tallied, not written
+        return pa.table(cols, schema=schema).append_column("dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string()))
 
 
 def _tally(t: pa.Table) -> pa.Table:
@@ -79,6 +80,7 @@ def _tally(t: pa.Table) -> pa.Table:
         "response_tokens": [pc.sum(t["response_tokens"]).as_py() or 0],
         "bad_row_ids": [bad["row_id"].to_pylist()],
         "bad_reasons": [bad["error"].to_pylist()],
+        "dtypes": [sorted(set(t["dtype"].to_pylist()))],
     })
 
 
@@ -150,7 +152,8 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     rows_scored = sum(int(t["rows"]) for t in tallies) - len(bad)
     if out.exists():
         out.remove()  # a rerun replaces the shards instead of mixing old and new ones
-    scored.map_batches(lambda t: t.filter(pc.is_null(t["error"])).drop_columns(["error"]),
+    dtypes = sorted({d for t in tallies for d in t["dtypes"]})
+    scored.map_batches(lambda t: t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"]),
                        batch_format="pyarrow").write_parquet(out.path, filesystem=out.fs)
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)
 
@@ -165,6 +168,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         "generated_tokens_per_s": round(response_tokens / wall, 1),
         "actors": plan.max_actors,
         "device": plan.device,
+        "dtype": "/".join(dtypes) or None,
         "out": out.uri,
         "quarantine": quarantine.uri,
     }

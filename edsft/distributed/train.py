@@ -73,8 +73,10 @@ def _train_worker(config: dict) -> dict:
     from edsft.training.data import load_examples
     from edsft.training.loop import train_loop
 
-    torch.set_num_threads(1)  # one core per worker: more threads oversubscribe the node
     cfg = config_from_dict(config["cfg"])
+    # as many torch threads as whole CPUs the worker reserved (at least 1): more oversubscribe the
+    # node, fewer leave reserved cores idle (a single worker with {CPU: 2} used to run one thread)
+    torch.set_num_threads(max(1, int(dict(cfg.training.resources_per_worker).get("CPU", 1))))
     set_default_storage(cfg.storage.endpoint_url, cfg.storage.region)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edsft.config import choices
-from edsft.models import end_of_turn_ids, load_model, load_tokenizer
+from edsft.models import dtype_name, end_of_turn_ids, load_model, load_tokenizer
 from edsft.scoring.uncertainty import SCORE_COLUMNS, response_mask, response_scores
 
 __all__ = ["Scorer", "OUTPUT_COLUMNS", "INPUT_COLUMNS", "load_encoder"]
@@ -102,7 +102,10 @@ class Scorer:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model, cache_dir=cache_dir)
+        # dtype auto: bf16 on GPU and on CPUs with native bf16 (resolve_dtype); the scores and the
+        # embedding are computed in fp32 from the model's logits / hidden states whatever it runs in
         self.model = load_model(model, dtype=dtype, device=self.device, cache_dir=cache_dir)
+        self.dtype = dtype_name(self.model.dtype)
         self.model_spec = model
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens

@@ -27,6 +27,12 @@ Registry
 - ``task_balanced`` (score, inner, inner_params, size_aware): per-task quotas ~ 1 / mean confidence.
 - ``greedi`` (inner, inner_params, m, kappa, row_keys): in-process two-round distributed reference (m None:
   4 shards in-process, selection.shards in the distributed stage).
+- ``dedup`` (inner, inner_params, threshold, n_neighbors): the inner selector (default random) on the pool
+  without exact duplicates and near duplicates (cosine >= threshold, leader rule); objective = inner's.
+- ``typiclust`` (metric, n_neighbors, max_clusters, min_cluster_size): Hacohen et al. 2022, the most
+  typical row (1 / mean k-NN distance in its cluster) of each of the min(B, max_clusters) k-means clusters.
+- ``probcover`` (metric, delta, alpha, n_clusters, max_clusters, n_neighbors): Yehuda et al. 2022, greedy
+  max coverage of delta-balls (delta by k-means purity >= alpha); objective = covered fraction of the pool.
 
 Bad parameters and inputs raise ``edsft.errors.UserError`` (a ValueError) naming the field, value and fix.
 
@@ -79,6 +85,8 @@ from .composite import GreeDi, TaskBalanced, TaskConfidence, allocate_budget, ro
 from .facility import FacilityLocation, FacilityLocationUncertainty, facility_location_gains, facility_location_greedy
 from .kcenter import KCenter, UncertainKCenter, k_center_greedy
 from .similarity import PoolGamma, best_similarity, default_gamma, dense_similarity, knn_graph, min_distance
+from .dedup import Dedup, dedup_keep
+from .typical import ProbCover, TypiClust, knn_distances, typicality
 
 
 def get_selector(name: str, **params) -> Selector:
@@ -118,6 +126,7 @@ __all__ = [
     "Distribution",
     "Draw",
     "Gather",
+    "Dedup",
     "GreeDi",
     "NotDistributable",
     "PerTask",
@@ -129,20 +138,24 @@ __all__ = [
     "FacilityLocation",
     "FacilityLocationUncertainty",
     "KCenter",
+    "ProbCover",
     "RandomSelector",
     "SelectionResult",
     "Selector",
     "TaskBalanced",
+    "TypiClust",
     "UncertainKCenter",
     "UncertaintySelector",
     "allocate_budget",
     "best_similarity",
     "default_gamma",
+    "dedup_keep",
     "dense_similarity",
     "facility_location_gains",
     "facility_location_greedy",
     "get_selector",
     "k_center_greedy",
+    "knn_distances",
     "knn_graph",
     "min_distance",
     "objective",
@@ -150,5 +163,6 @@ __all__ = [
     "select",
     "shard_of",
     "take_rows",
+    "typicality",
     "uncertainty",
 ]

@@ -4,9 +4,16 @@ An :class:`Engine` owns the (wrapped) model, the optimizer and the lr scheduler 
 run one micro batch forward+backward, take an optimizer step, save/load a resumable checkpoint
 and export the final weights. The training loop (loop.py) is then the same for both backends.
 
-Precision: on GPU (``precision: auto``) the frozen base weights are bf16, LoRA adapters (or the
-full model when ``lora: false``) stay fp32, and forward runs under ``torch.autocast(bf16)`` -
-the same for both backends, so DeepSpeed's own fp16/bf16 modes are not used. On CPU: fp32.
+Precision: ``precision: auto`` is bf16 on GPU and on CPUs with native bf16 matmuls
+(edsft.models.cpu_supports_bf16: AVX512-BF16 / AMX / Arm BF16), fp32 elsewhere. In bf16 the frozen
+base weights are bf16, LoRA adapters (or the full model when ``lora: false``) and the optimizer state
+stay fp32, and forward runs under ``torch.autocast(bf16)`` - the same for both backends, so
+DeepSpeed's own fp16/bf16 modes are not used. The loss is computed in fp32.
+
+Logits only where the loss needs them: the model's own LM head runs on the last position only
+(``logits_to_keep=1``); the final hidden states are captured at the decoder's norm and the head is
+applied to the response positions alone (:func:`response_logits`). With SmolLM2's 49k-token head
+over every prompt token that was a large share of each step's FLOPs and memory traffic.
 Checkpoints hold no pickle (checkpoint.py: safetensors + JSON), because they are read back from
 ``training.storage_path``, which may be a shared bucket, and unpickling runs code. Rank 0 writes the
 trainable weights (``trainable.safetensors``; LoRA adapters only, frozen base weights are not
@@ -20,6 +27,7 @@ used, since ``load_checkpoint`` unpickles with ``torch.load(weights_only=False)`
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -30,11 +38,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from edsft.errors import UserError
+from edsft.models import cpu_supports_bf16
 from edsft.training.checkpoint import load_state, save_state
 from edsft.training.data import IGNORE_INDEX
 from edsft.training.schedule import BatchPlan, lr_factor
 
-__all__ = ["Engine", "build_engine", "response_loss", "use_bf16"]
+__all__ = ["Engine", "build_engine", "response_loss", "response_logits", "use_bf16"]
 
 TRAINABLE = "trainable.safetensors"  # trainable weights (rank 0)
 ENGINE_STATE = "engine"  # engine.json: scheduler + counters (rank 0)
@@ -46,16 +55,76 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return True
     if precision == "fp32":
         return False
-    return device.type == "cuda"  # auto
+    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())  # auto
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over response tokens (labels != IGNORE_INDEX) and their count."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    n = int((targets != IGNORE_INDEX).sum())
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    """Mean next-token cross-entropy over response tokens (labels != IGNORE_INDEX) and their count.
+
+    ``logits`` is [B, T, V] aligned with ``labels`` [B, T] (shifted here), or [N, V] for the N
+    response positions already gathered by :func:`response_logits` with ``labels`` their targets [N].
+    """
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+    n = int((labels != IGNORE_INDEX).sum())
+    loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum / max(n, 1), n
+
+
+class _FinalHidden:
+    """Forward hook on the decoder's final norm: keeps its output (the states the LM head reads)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.value: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def remove(self):
+        self._handle.remove()
+
+
+def _head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(final norm, LM head) of a Llama-like causal LM (also inside peft / DeepSpeed / DDP wrappers)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DeepSpeed / DDP
+        model = model.module
+    if hasattr(model, "peft_config"):  # peft: the transformers model under the adapters
+        model = model.get_base_model()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm = getattr(decoder, "norm", None)
+    if norm is None or head is None or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    return norm, head
+
+
+def response_logits(
+    module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N, V] at the N positions whose next token is a response label, their targets [N] and rows [N].
+
+    ``module`` is called (so DeepSpeed / DDP hooks run) with ``logits_to_keep=1``; the LM head is
+    then applied to the gathered response positions only. Models without a Llama-like final norm
+    fall back to full logits, gathered the same way: the numbers are identical either way.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # [B, T-1]: position t predicts labels[t + 1]
+    rows = keep.nonzero()[:, 0]
+    parts = _head_parts(module)
+    if parts is None:
+        logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][keep], targets[keep], rows
+    norm, head = parts
+    capture = _FinalHidden(norm)
+    try:
+        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        capture.remove()
+    hidden = capture.value
+    if hidden is None or hidden.shape[:2] != input_ids.shape:
+        raise RuntimeError("could not capture the final hidden states for the response-only LM head")
+    return head(hidden[:, :-1][keep]), targets[keep], rows
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -86,8 +155,8 @@ class Engine:
     def forward_loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast():
-            out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return response_loss(out.logits, batch["labels"])
+            logits, targets, _ = response_logits(module, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return response_loss(logits, targets)
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model

@@ -11,6 +11,11 @@ Per row and per variant (``base``, ``finetuned``):
 One model serves both variants: the adapter is loaded with peft and switched off for ``base``
 (``disable_adapter``), so the base weights are in memory once. No Ray here: the Ray Data actor in
 edsft.distributed.evaluate wraps :class:`Evaluator`.
+
+Speed: ``dtype='auto'`` runs bf16 where the hardware has it (edsft.models.resolve_dtype); losses
+are summed in fp32. Rows are length-sorted before they are cut into micro batches (little padding),
+the LM head runs over response positions only (engine.response_logits) and generate computes the
+head at the last position only (transformers' ``logits_to_keep=1``). Results come back in row order.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from edsft.models import end_of_turn_ids, load_model, load_tokenizer
-from edsft.training.data import IGNORE_INDEX, collate, prompt_text, tokenize_example
+from edsft.models import dtype_name, end_of_turn_ids, load_model, load_tokenizer
+from edsft.training.data import collate, prompt_text, tokenize_example
+from edsft.training.engine import response_logits
 from edsft.training.metrics import exact_match, rouge_l, summarize
 
 __all__ = ["Evaluator", "build_metrics", "VARIANTS"]
@@ -52,6 +58,7 @@ class Evaluator:
             raise ValueError(f"model={model_spec!r} has no end-of-turn or eos token: generation could not stop")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_ids[0]
         model = load_model(model_spec, dtype=dtype, device=self.device)
+        self.dtype = dtype_name(model.dtype)  # what 'auto' resolved to, for metrics.json
         self.has_adapter = adapter_dir is not None
         if self.has_adapter:
             from peft import PeftModel
@@ -80,27 +87,30 @@ class Evaluator:
             ex, _ = tokenize_example(self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len)
             if ex is not None:
                 encoded.append((i, ex))
+        encoded.sort(key=lambda x: len(x[1]["input_ids"]))  # similar lengths share a micro batch
         with self._variant(variant):
             for start in range(0, len(encoded), self.batch_size):
                 chunk = encoded[start : start + self.batch_size]
                 batch = {k: v.to(self.device) for k, v in collate([ex for _, ex in chunk], self.pad_id).items()}
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-                logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
-                token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-                sums = token_loss.sum(dim=1).tolist()
-                counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
-                for (i, _), s, n in zip(chunk, sums, counts):
+                logits, targets, row = response_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+                sums = torch.zeros(len(chunk), dtype=torch.float64, device=token_loss.device).index_add_(0, row, token_loss.double())
+                counts = torch.bincount(row, minlength=len(chunk))
+                for (i, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
                     out[i] = {"loss_sum": float(s), "n_tokens": int(n)}
         return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], variant: str) -> list[str]:
-        """Greedy completions, cut at the first end-of-turn token, special tokens removed."""
-        preds: list[str] = []
+        """Greedy completions, cut at the first end-of-turn token, special tokens removed (in input order)."""
         budget = max(1, self.max_seq_len)  # prompts keep their last max_seq_len tokens
+        encoded = [self.tokenizer(prompt_text(self.tokenizer, p), add_special_tokens=False)["input_ids"][-budget:] for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a micro batch
+        preds: list[str] = [""] * len(prompts)
         with self._variant(variant):
-            for start in range(0, len(prompts), self.batch_size):
-                ids = [self.tokenizer(prompt_text(self.tokenizer, p), add_special_tokens=False)["input_ids"][-budget:] for p in prompts[start : start + self.batch_size]]
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                ids = [encoded[i] for i in chunk]
                 width = max(len(x) for x in ids)
                 # left padding: every row's next token is generated at the same position
                 input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
@@ -116,9 +126,9 @@ class Evaluator:
                     eos_token_id=self.end_ids,
                     pad_token_id=self.pad_id,
                 )
-                for row in gen[:, width:].tolist():
+                for i, row in zip(chunk, gen[:, width:].tolist()):
                     cut = next((j for j, t in enumerate(row) if t in self.end_ids), len(row))
-                    preds.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+                    preds[i] = self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
         return preds
 
     def evaluate(self, rows: Sequence[Mapping], *, generate: bool = True, variants: Iterable[str] | None = None) -> list[dict]:

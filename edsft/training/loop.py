@@ -47,8 +47,9 @@ Report = Callable[[dict, "str | None"], None]
 
 def build_model(cfg: Any, model_spec: str, device: torch.device) -> torch.nn.Module:
     """The base model on ``device``, with fp32 LoRA adapters (or fully trainable when lora is off)."""
-    # LoRA on GPU: frozen base in bf16 (half the memory), trainable adapters in fp32 under autocast.
-    base_dtype = "bfloat16" if (cfg.lora and use_bf16(cfg.precision, device) and device.type == "cuda") else "float32"
+    # LoRA in bf16 (GPU, or a CPU with native bf16): frozen base in bf16 (half the memory and traffic,
+    # no per-step casts under autocast), trainable adapters and their optimizer state in fp32.
+    base_dtype = "bfloat16" if (cfg.lora and use_bf16(cfg.precision, device)) else "float32"
     model = load_model(model_spec, dtype=base_dtype, device=device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -135,7 +136,8 @@ def train_loop(
         items = pack_examples(items, cfg.max_seq_len)
         stats.blocks = len(items)
 
-    # 2. batches --------------------------------------------------------------------------------
+    # 2. batches (micro batches grouped by length: little compute on padding) --------------------
+    lengths = [len(x["input_ids"]) for x in items]
     plan = batch_plan(
         len(items),
         micro_batch_size=cfg.micro_batch_size,
@@ -178,7 +180,7 @@ def train_loop(
     step = state["step"]
     while step < plan.total_steps:
         for micro in range(plan.grad_accum):
-            idx = micro_batch_indices(plan, step, micro, rank, cfg.seed)
+            idx = micro_batch_indices(plan, step, micro, rank, cfg.seed, lengths)
             batch = collate([items[i] for i in idx], tokenizer.pad_token_id)
             loss, _ = engine.micro_step(batch, micro)
             window_loss += loss
@@ -216,7 +218,7 @@ def train_loop(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             _save_checkpoint(engine, ckpt_dir, rank, state, plan, stats)
             if final:
-                summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup)
+                summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
                 _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary)
         window_t0 = time.time()  # checkpoint time is not training time
         report(metrics, str(ckpt_dir) if ckpt_dir else None)
@@ -228,11 +230,11 @@ def train_loop(
         ckpt_dir = Path(checkpoint_dir_fn(step))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(engine, ckpt_dir, rank, state, plan, stats)
-        summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup)
+        summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
         _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary)
         metrics = {"step": step, "loss": state["loss_curve"][-1][1] if state["loss_curve"] else math.nan}
         report(metrics, str(ckpt_dir))
-    return _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup)
+    return _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
 
 
 def _save_checkpoint(engine, folder: Path, rank: int, state: dict, plan, stats) -> None:
@@ -243,7 +245,7 @@ def _save_checkpoint(engine, folder: Path, rank: int, state: dict, plan, stats) 
         (folder / TRAINER_STATE).write_text(json.dumps(blob, indent=2))
 
 
-def _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup) -> dict:
+def _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine_bf16: bool) -> dict:
     curve = state["loss_curve"]
     return {
         "model": model_spec,
@@ -264,6 +266,7 @@ def _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_si
         "zero_stage": cfg.zero_stage if cfg.backend == "deepspeed" else None,
         "world_size": world_size,
         "lora": cfg.lora,
+        "precision": "bf16" if engine_bf16 else "fp32",
         "trainable_params": n_trainable,
         "total_params": n_total,
         "worker_setup_s": None if t_setup is None else round(time.time() - t_setup - state["train_time_s"], 3),

@@ -5,6 +5,12 @@ other number (steps per epoch, total steps, warmup steps) comes from :func:`batc
 :func:`micro_batch_indices` maps (step, micro step, rank) to example indices, so a run that
 resumes at step N sees exactly the batches it would have seen without the interruption, with no
 sampler state to save.
+
+Length grouping: given the items' token lengths, each epoch's shuffled order is regrouped so that
+every micro batch holds items of similar length (HF's ``group_by_length`` recipe: sort the shuffled
+order by length inside mega-batches of 50 micro batches, cut it into micro batches, shuffle those).
+Micro batches are right-padded to their longest item only, so this removes most padding compute
+while which items meet, and the order of the micro batches, stay random.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import torch
 
@@ -69,23 +76,44 @@ def batch_plan(
     )
 
 
+_MEGA_BATCH = 50  # micro batches per length-sorted group (HF Trainer's mega_batch_mult)
+
+
 @lru_cache(maxsize=8)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _epoch_order(n: int, seed: int, epoch: int, lengths: tuple[int, ...] | None = None, micro: int = 1) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return tuple(torch.randperm(n, generator=g).tolist())
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None or micro <= 1:
+        return tuple(order)
+    out: list[int] = []
+    for start in range(0, n, micro * _MEGA_BATCH):
+        mega = sorted(order[start:start + micro * _MEGA_BATCH], key=lambda i: lengths[i])  # stable: ties stay random
+        runs = [mega[i:i + micro] for i in range(0, len(mega), micro)]
+        for k in torch.randperm(len(runs), generator=g).tolist():
+            out += runs[k]
+    return tuple(out)
 
 
-def micro_batch_indices(plan: BatchPlan, step: int, micro_step: int, rank: int, seed: int) -> list[int]:
+def micro_batch_indices(
+    plan: BatchPlan, step: int, micro_step: int, rank: int, seed: int, lengths: Sequence[int] | None = None
+) -> list[int]:
     """Item indices of one rank's micro batch: an endless stream of seeded per-epoch permutations.
 
     Step ``s`` consumes stream positions ``[s * G, (s + 1) * G)`` (G = global batch); inside a
     step, micro step k of rank r takes slice ``(k * world_size + r) * micro`` of that window.
+    With ``lengths`` (one per item) each epoch is length-grouped (see the module doc).
     """
+    if lengths is not None and len(lengths) != plan.n_items:
+        raise ValueError(f"lengths has {len(lengths)} entries for a plan over {plan.n_items} items: pass one length per item")
+    key = tuple(int(x) for x in lengths) if lengths is not None else None
     start = step * plan.global_batch + (micro_step * plan.world_size + rank) * plan.micro_batch_size
     out = []
+    orders: dict[int, tuple[int, ...]] = {}
     for pos in range(start, start + plan.micro_batch_size):
         epoch, offset = divmod(pos, plan.n_items)
-        out.append(_epoch_order(plan.n_items, seed, epoch)[offset])
+        if epoch not in orders:
+            orders[epoch] = _epoch_order(plan.n_items, seed, epoch, key, plan.micro_batch_size)
+        out.append(orders[epoch][offset])
     return out
 
 

@@ -16,6 +16,8 @@ from edsft.models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    cpu_supports_bf16,
+    dtype_name,
     resolve_dtype,
     resolve_model,
 )
@@ -50,7 +52,7 @@ def test_tiny_llama_tokenizer_and_model_shape(tmp_path):
     assert text == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(tok("What is 2+3? ünïcode")["input_ids"]) == "What is 2+3? ünïcode"  # byte-level: lossless
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
-    assert model.dtype == torch.float32 and not model.training
+    assert model.dtype == resolve_dtype("auto", "cpu") and not model.training
 
 
 def test_smollm2_ends_the_turn_at_im_end():
@@ -69,9 +71,21 @@ def test_smollm2_ends_the_turn_at_im_end():
     assert "5" in text and "user" not in text
 
 
-def test_dtype_auto_is_fp32_on_cpu_and_bad_specs_are_clear(tmp_path):
-    assert resolve_dtype("auto", "cpu") == torch.float32
+def test_dtype_auto_is_bf16_where_the_cpu_has_it_and_bad_specs_are_clear(tmp_path, monkeypatch):
+    # auto: bf16 on CUDA and on CPUs with native bf16 matmuls (the probe reads /proc/cpuinfo), else fp32
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    cpu_supports_bf16.cache_clear()
+    assert cpu_supports_bf16() is native
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    for forced, expected in (("0", torch.float32), ("1", torch.bfloat16)):  # the override, both ways
+        monkeypatch.setenv("EDSFT_CPU_BF16", forced)
+        cpu_supports_bf16.cache_clear()
+        assert resolve_dtype("auto", "cpu") == expected
+    monkeypatch.delenv("EDSFT_CPU_BF16")
+    cpu_supports_bf16.cache_clear()
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert dtype_name(torch.bfloat16) == "bfloat16"
     with pytest.raises(ValueError, match="dtype='int8'"):
         resolve_dtype("int8")
     with pytest.raises(ValueError, match="builtin:nope"):

@@ -35,7 +35,7 @@ def _pool(n: int, responses: list[str]) -> pa.Table:
 @pytest.mark.slow
 def test_score_pool_on_ray(ray_cluster, tmp_path):
     cfg = Config().replace(**{
-        "scoring.model": "builtin:tiny-llama", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
+        "scoring.model": "builtin:tiny-llama", "scoring.dtype": "float32", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
         "scoring.num_actors": 2, "scoring.cpus_per_actor": 0.5, "scoring.max_prompt_tokens": 64,
         "output.dir": str(tmp_path),
     })
@@ -55,6 +55,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     for s in (s1, s2):
         assert s["rows_in"] == N == s["rows_scored"] + s["rows_quarantined"]
         assert s["rows_quarantined"] == 1 and s["rows_per_s"] > 0 and s["tokens_per_s"] > 0
+        assert s["dtype"] == "float32"  # what the actors ran in lands in the stage summary (manifest.json)
     q = [json.loads(x) for x in (tmp_path / "scores.quarantine.jsonl").read_text().splitlines()]
     assert q == [{"row_id": f"id{BAD:03d}", "reason": "ValueError: prompt is empty after truncation"}]
 
@@ -76,7 +77,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     # Ray and the direct scorer agree (different batching, same numbers)
     pool = _pool(N, [""] * N)
     pool = pool.filter(pc.not_equal(pool["row_id"], f"id{BAD:03d}"))
-    direct = Scorer("builtin:tiny-llama", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
+    direct = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
         {c: pool[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")})
     for c in SCORE_COLUMNS:
         np.testing.assert_allclose(a[c].to_numpy(), direct[c], atol=1e-4, err_msg=c)
@@ -109,3 +110,7 @@ def test_actor_plan_one_actor_per_gpu_or_fractional_cpus():
     assert (gpu.num_gpus, gpu.concurrency, gpu.device, gpu.num_threads) == (1.0, (1, 4), "cuda", None)
     half = model_actor_plan(ScoringConfig(num_actors=2, min_actors=2, num_gpus_per_actor=0.5), gpus=1)
     assert (half.num_gpus, half.concurrency) == (0.5, (2, 2))
+    # CPU actors split the node's cores as torch threads: a lone actor on 2 cores runs 2 threads
+    assert model_actor_plan(ScoringConfig(num_actors=1), gpus=0, node_cpus=2).num_threads == 2
+    assert model_actor_plan(ScoringConfig(num_actors=2), gpus=0, node_cpus=2).num_threads == 1
+    assert model_actor_plan(ScoringConfig(num_actors=3), gpus=0, node_cpus=2).num_threads == 1

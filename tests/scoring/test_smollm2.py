@@ -21,12 +21,12 @@ def _batch(n: int) -> dict:
 @pytest.mark.slow
 def test_smollm2_scores_are_finite_normalised_and_deterministic():
     batch = _batch(32)
-    a = Scorer("builtin:smollm2-135m", max_new_tokens=10, batch_size=16, encoder="builtin:minilm")(batch)
+    a = Scorer("builtin:smollm2-135m", dtype="float32", max_new_tokens=10, batch_size=16, encoder="builtin:minilm")(batch)
     # a second run: a fresh scorer with another micro-batch size (other padding) and the static-cache
     # generation path (width bucketing, filler rows) on the first 12 prompts (to keep the test short)
     # gives the same answers and numbers
     k = 12
-    b = Scorer("builtin:smollm2-135m", max_new_tokens=10, batch_size=5, generation="static")(
+    b = Scorer("builtin:smollm2-135m", dtype="float32", max_new_tokens=10, batch_size=5, generation="static")(
         {c: v[:k] for c, v in batch.items()})
 
     assert all(e is None for e in a["error"])

@@ -87,6 +87,7 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
             "evaluation.max_new_tokens": 4,
             "evaluation.batch_size": 4,
             "evaluation.num_actors": 2,
+            "evaluation.dtype": "float32",  # exact parity: Ray batches rows differently, bf16 rounding would show
         }
     )
     _, adapter = _train_adapter(cfg, _rows(0, 8), tmp_path / "ckpt")
@@ -94,6 +95,7 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
     local = evaluate_models(cfg.replace(**{"evaluation.mode": "local"}), eval_path, str(adapter), str(tmp_path / "local.json"), progress=False)
     dist = evaluate_models(cfg.replace(**{"evaluation.mode": "distributed"}), eval_path, str(adapter), str(tmp_path / "d" / "metrics.json"), progress=False)
     assert dist["settings"]["mode"] == "distributed" and local["settings"]["mode"] == "local"
+    assert dist["settings"]["dtype"] == local["settings"]["dtype"] == "float32"  # recorded in metrics.json
     for variant in ("base", "finetuned"):
         for key in ("loss", "exact_match", "rouge_l", "n_tokens"):
             assert dist[variant][key] == pytest.approx(local[variant][key], rel=1e-4), (variant, key)

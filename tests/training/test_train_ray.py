@@ -47,6 +47,10 @@ def _cfg(**over) -> Config:
         "training.checkpoint_every": 4,
         "training.log_every": 4,
         "training.max_seq_len": 64,
+        # fp32: these tests are about restarts and resumes; LoRA on tiny-llama's random weights at
+        # lr 1e-2 is too noisy in bf16 for the loss thresholds below (bf16 resumes exactly, and bf16
+        # training quality is checked on SmolLM2 in test_evaluate.py / test_bf16_training.py)
+        "training.precision": "fp32",
     }
     base.update(over)
     return Config().replace(**base)

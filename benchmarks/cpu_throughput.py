@@ -1,0 +1,414 @@
+"""CPU throughput of edsft against plain Hugging Face / peft fp32 loops, all in one run.
+
+One run measures, on the same machine and in the same minutes (ratios are what to read: the
+machine may be shared, and the load average at the start is in the table):
+
+- the matmul peaks (``torch.mm`` 2048^3, fp32 and bf16, all threads): the physical reference;
+- scoring: ``edsft.distributed.scoring.score_pool`` (Ray Data, default config: dtype auto) against a
+  plain fp32 batched ``generate`` loop over the same prompts and the same ``max_new_tokens``; and the
+  thread layout (one process x all threads against one single-thread process per core);
+- LoRA SFT: ``edsft.distributed.train.train_sft`` (Ray Train + DeepSpeed, precision auto) against
+  a plain peft fp32 loop over the same examples (random micro batches, full logits), in
+  non-padding tokens/s and % of the bf16 peak at 4 x params x tokens/s (LoRA: forward 2N, backward
+  to the inputs 2N; no weight gradients for the frozen base);
+- evaluation: ``evaluate_models`` (local mode) against plain HF loss + generate loops;
+- the fixed per-trial cost of a training run (wall time minus training time: Ray Train controller,
+  worker group, DeepSpeed init, model load, export).
+
+``--before DIR`` runs the edsft rows once more from another source tree (e.g. the commit before
+this work) in a subprocess, in the same run, so "before / after" share the machine's state.
+``--gpu``: the H200 comparison is not implemented for this script yet; the row says "not measured".
+
+Usage:
+  python benchmarks/cpu_throughput.py [--prompts 48] [--examples 64] [--eval-rows 32] [--before /path/to/tree]
+Writes benchmarks/results/cpu_throughput.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "builtin:smollm2-135m"
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    flags = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].split()
+                break
+        name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), platform.processor())
+    except OSError:
+        name = platform.processor() or platform.machine()
+    from edsft.models import cpu_supports_bf16
+
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "bf16_flags": [f for f in flags if "bf16" in f or f.startswith("amx")],
+        "cpu_supports_bf16": cpu_supports_bf16(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def matmul_peaks(n: int = 2048, reps: int = 5) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)  # warm up (oneDNN picks its kernel)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best  # FLOP/s, best of reps (least disturbed by other load)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plain baselines (what a user would write without edsft): fp32, input order, full logits
+# ---------------------------------------------------------------------------------------------
+
+
+def _prompts(n: int) -> tuple[list[str], list[str]]:
+    from edsft.pools.builtin_tasks import generate_tasks
+
+    rows = generate_tasks(n, seed=11)
+    return [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows], [r["task"] for r in rows]
+
+
+def plain_generate(texts: list[str], max_new_tokens: int, batch_size: int = 16) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edsft.models import end_of_turn_ids, load_tokenizer, resolve_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(MODEL)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen_tokens = prompt_tokens = 0
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     for p in texts[s:s + batch_size]]
+            enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_ids(tok),
+                                 pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+            prompt_tokens += int(enc["attention_mask"].sum())
+            gen_tokens += int((out.sequences[:, enc["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "load_s": load_s, "rows": len(texts), "prompt_tokens": prompt_tokens, "response_tokens": gen_tokens}
+
+
+def _sft_rows(n: int, start: int = 0) -> list[dict]:
+    from edsft.pools.builtin_tasks import generate_tasks
+
+    rows = generate_tasks(n + start, seed=7)[start:]
+    return [{"row_id": f"t{i}", "prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+             "response": r["output"], "task": r["task"]} for i, r in enumerate(rows)]
+
+
+def plain_peft_loop(rows: list[dict], micro: int, max_seq_len: int, lr: float) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edsft.models import end_of_turn_ids, load_tokenizer, resolve_model
+    from edsft.training.data import IGNORE_INDEX, collate, tokenize_examples
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = load_tokenizer(MODEL)
+    items, _ = tokenize_examples(tok, rows, max_seq_len, end_of_turn_ids(tok))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens, t0 = 0, time.perf_counter()
+    model.train()
+    for s in range(0, len(order), micro):
+        batch = collate([items[i] for i in order[s:s + micro]], tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tokens += int(batch["attention_mask"].sum())
+    wall = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "params": n_params}
+
+
+def plain_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, batch_size: int = 16) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from edsft.models import end_of_turn_ids, load_tokenizer, resolve_model
+    from edsft.training.data import IGNORE_INDEX, collate, tokenize_examples
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = load_tokenizer(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32).eval()
+    items, _ = tokenize_examples(tok, rows, max_seq_len, end_of_turn_ids(tok))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(items), batch_size):
+            b = collate(items[s:s + batch_size], tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            F.cross_entropy(logits[:, :-1].float().transpose(1, 2), b["labels"][:, 1:], ignore_index=IGNORE_INDEX)
+    loss_s = time.perf_counter() - t0
+    gen = plain_generate([r["prompt"] for r in rows], max_new_tokens, batch_size)
+    return {"wall_s": loss_s + gen["wall_s"], "rows": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# edsft
+# ---------------------------------------------------------------------------------------------
+
+
+def _ray_init():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def edsft_score(texts, tasks, max_new_tokens: int, tmp: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edsft.config import Config
+    from edsft.distributed.scoring import score_pool
+    from edsft.storage import get_store
+
+    _ray_init()
+    n = len(texts)
+    pq.write_table(pa.table({"row_id": [f"r{i}" for i in range(n)], "prompt": texts, "response": [""] * n, "task": tasks}),
+                   tmp / "pool.parquet")
+    cfg = Config().replace(**{"scoring.model": MODEL, "scoring.max_new_tokens": max_new_tokens, "scoring.num_actors": 2,
+                              "scoring.min_actors": 2})
+    t0 = time.perf_counter()
+    s = score_pool(cfg, get_store(str(tmp / "pool.parquet")), get_store(str(tmp / "scores")), progress=False)
+    return {"wall_s": time.perf_counter() - t0, "rows": s["rows_scored"], "dtype": s.get("dtype"),
+            "tokens_per_s": s["tokens_per_s"]}
+
+
+def _score_worker(args) -> float:
+    texts, tasks, max_new_tokens, threads = args
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from edsft.scoring.scorer import Scorer
+
+    scorer = Scorer(MODEL, max_new_tokens=max_new_tokens, num_threads=threads)
+    batch = {"row_id": np.array([str(i) for i in range(len(texts))], dtype=object),
+             "prompt": np.array(texts, dtype=object), "task": np.array(tasks, dtype=object)}
+    t0 = time.perf_counter()
+    scorer(batch)
+    return time.perf_counter() - t0
+
+
+def thread_layout(texts, tasks, max_new_tokens: int) -> dict:
+    """Scoring wall time (model loaded) for 1 process x all cores against one 1-thread process per core."""
+    import multiprocessing as mp
+
+    cores = os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        one = pool.map(_score_worker, [(texts, tasks, max_new_tokens, cores)])[0]
+    parts = [(texts[i::cores], tasks[i::cores], max_new_tokens, 1) for i in range(cores)]
+    with ctx.Pool(cores) as pool:
+        many = max(pool.map(_score_worker, parts))
+    return {"one_x_all_threads_s": one, "per_core_single_thread_s": many}
+
+
+def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edsft.config import Config
+    from edsft.distributed.train import train_sft
+
+    _ray_init()
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "annotated.parquet")
+    cfg = Config().replace(**{
+        "training.model": MODEL, "training.num_workers": 1, "training.resources_per_worker": {"CPU": 2},
+        "training.micro_batch_size": micro, "training.epochs": 1, "training.max_seq_len": max_seq_len,
+        "training.lr": lr, "training.log_every": 1000,
+    })
+    t0 = time.perf_counter()
+    s = train_sft(cfg, str(tmp / "annotated.parquet"), str(tmp / "train"), progress=False)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "train_time_s": s["train_time_s"], "tokens": s["tokens_seen"],
+            "tokens_per_s": s["tokens_seen"] / s["train_time_s"], "overhead_s": wall - s["train_time_s"],
+            "precision": s.get("precision", "fp32"), "params": s["total_params"]}
+
+
+def edsft_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, tmp: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edsft.config import Config
+    from edsft.distributed.evaluate import evaluate_models
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "eval.parquet")
+    cfg = Config().replace(**{"training.model": MODEL, "training.max_seq_len": max_seq_len, "evaluation.mode": "local",
+                              "evaluation.max_new_tokens": max_new_tokens})
+    t0 = time.perf_counter()
+    m = evaluate_models(cfg, str(tmp / "eval.parquet"), None, str(tmp / "metrics.json"), progress=False)
+    return {"wall_s": time.perf_counter() - t0, "rows": m["n"], "dtype": m["settings"].get("dtype", "float32")}
+
+
+def edsft_rows(args) -> dict:
+    """Every edsft measurement (also what --before reruns from another tree)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    texts, tasks = _prompts(args.prompts)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        out["score"] = edsft_score(texts, tasks, args.max_new_tokens, tmp)
+        out["train"] = edsft_train(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4, tmp)
+        out["eval"] = edsft_eval(_sft_rows(args.eval_rows, start=args.examples), args.max_new_tokens, args.max_seq_len, tmp)
+    import ray
+
+    ray.shutdown()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def render(r: dict) -> str:
+    m, peak = r["machine"], r["peaks"]
+    bf16, fp32 = peak["bf16"], peak["fp32"]
+    lines = [
+        "# CPU throughput: edsft vs plain fp32 loops (one run)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · bf16 flags {m['bf16_flags'] or 'none'} · torch {m['torch']} · "
+        f"load average at start {m['load_avg_at_start']} (1/5/15 min; the machine is shared: read the ratios)",
+        "",
+        f"Sizes: {r['args']['prompts']} prompts x {r['args']['max_new_tokens']} new tokens; {r['args']['examples']} SFT examples "
+        f"(1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}); {r['args']['eval_rows']} eval rows.",
+        "",
+        "| measurement | edsft | plain fp32 loop | ratio | notes |",
+        "|---|---|---|---|---|",
+        f"| matmul peak 2048^3 | bf16 {bf16 / 1e9:.0f} GFLOP/s | fp32 {fp32 / 1e9:.0f} GFLOP/s | {bf16 / fp32:.1f}x | best of 5 |",
+    ]
+
+    def rows_for(tag: str, e: dict) -> None:
+        s, p = e["score"], r["plain"]["score"]
+        rate, prate = s["rows"] / s["wall_s"], p["rows"] / p["wall_s"]
+        lines.append(f"| scoring{tag} (prompts/s, start-up incl.) | {rate:.2f} ({s['tokens_per_s']:.0f} tok/s, {s['dtype']}) | "
+                     f"{prate:.2f} (model loaded) | {rate / prate:.2f}x | Ray Data, 2 actors; {s['wall_s']:.1f} s vs {p['wall_s']:.1f} s |")
+        t, pt = e["train"], r["plain"]["train"]
+        pct = 4 * t["params"] * t["tokens_per_s"] / bf16 * 100
+        ppct = 4 * pt["params"] * pt["tokens_per_s"] / bf16 * 100
+        lines.append(f"| LoRA SFT{tag} (non-padding tokens/s) | {t['tokens_per_s']:.0f} ({pct:.1f}% of bf16 peak, {t['precision']}) | "
+                     f"{pt['tokens_per_s']:.0f} ({ppct:.1f}%) | {t['tokens_per_s'] / pt['tokens_per_s']:.2f}x | "
+                     f"Ray Train + DeepSpeed; train {t['train_time_s']:.1f} s of {t['wall_s']:.1f} s wall |")
+        lines.append(f"| LoRA SFT{tag} end to end (s, start-up incl.) | {t['wall_s']:.1f} | {pt['wall_s']:.1f} (model loaded) | "
+                     f"{pt['wall_s'] / t['wall_s']:.2f}x | |")
+        lines.append(f"| fixed per-trial cost{tag} (s) | {t['overhead_s']:.1f} | | | wall minus training time |")
+        v, pv = e["eval"], r["plain"]["eval"]
+        lines.append(f"| evaluation{tag} (rows/s, base model, loss + generation) | {v['rows'] / v['wall_s']:.2f} ({v['dtype']}) | "
+                     f"{pv['rows'] / pv['wall_s']:.2f} | {(v['rows'] / v['wall_s']) / (pv['rows'] / pv['wall_s']):.2f}x | local mode |")
+
+    rows_for("", r["edsft"])
+    if r.get("before"):
+        rows_for(" [before]", r["before"])
+    tl = r.get("threads")
+    if tl:
+        lines.append(f"| scoring thread layout (s, model loaded) | 1 process x {m['cores']} threads: {tl['one_x_all_threads_s']:.1f} | "
+                     f"{m['cores']} processes x 1 thread: {tl['per_core_single_thread_s']:.1f} | "
+                     f"{tl['per_core_single_thread_s'] / tl['one_x_all_threads_s']:.2f}x | >1: one multi-thread process is faster |")
+    lines.append("| H200 (`--gpu`) | not measured | | | no GPU was available to this run |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--eval-rows", type=int, default=32)
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--before", help="another edsft source tree: its edsft rows are measured too, in a subprocess")
+    ap.add_argument("--no-threads", action="store_true", help="skip the thread-layout measurement")
+    ap.add_argument("--gpu", action="store_true", help="the H200 comparison (not implemented: reported as not measured)")
+    ap.add_argument("--edsft-only", help=argparse.SUPPRESS)  # internal: write edsft rows to this JSON file
+    args = ap.parse_args()
+    if args.edsft_only:
+        Path(args.edsft_only).write_text(json.dumps(edsft_rows(args)))
+        return
+    r: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "edsft_only"}}
+    print(f"load average at start: {r['machine']['load_avg_at_start']}", flush=True)
+    r["peaks"] = matmul_peaks()
+    texts, _ = _prompts(args.prompts)
+    r["plain"] = {
+        "score": plain_generate(texts, args.max_new_tokens),
+        "train": plain_peft_loop(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4),
+        "eval": plain_eval(_sft_rows(args.eval_rows, start=args.examples), args.max_new_tokens, args.max_seq_len),
+    }
+    print("plain loops done", flush=True)
+    r["edsft"] = edsft_rows(args)
+    print("edsft done", flush=True)
+    if args.before:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            env = dict(os.environ, PYTHONPATH=str(Path(args.before).absolute()))
+            cmd = [sys.executable, __file__, "--edsft-only", f.name] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k in ("prompts", "max_new_tokens", "examples", "eval_rows", "max_seq_len")]
+            subprocess.run(cmd, env=env, check=True)
+            r["before"] = json.loads(Path(f.name).read_text())
+    if not args.no_threads:
+        tt, tk = _prompts(args.prompts)
+        r["threads"] = thread_layout(tt, tk, args.max_new_tokens)
+    r["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = render(r) + f"\nload average at end: {r['machine']['load_avg_at_end']}\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cpu_throughput.md").write_text(text)
+    (RESULTS / "cpu_throughput.json").write_text(json.dumps(r, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
