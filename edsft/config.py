@@ -124,9 +124,10 @@ class PoolConfig(_Section):
 
     section_name: ClassVar[str] = "pool"
 
-    # builtin:tasks, builtin:pydocs, file, glob, folder or s3:// prefix
+    # builtin:tasks, builtin:pydocs, file, glob, folder (a `datasets` save_to_disk folder too), s3:// prefix
+    # or hf://datasets/<repo>[@revision]/<path>
     path: str = rule("builtin:tasks", nonempty="point it at a file, folder, s3:// prefix or builtin:tasks")
-    format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow"] = "auto"  # the file format; auto: by extension
     size: int = rule(2000, ge=1)  # rows generated for builtin:tasks (ignored for files)
     seed: int = rule(0, ge=0)  # seed of the builtin generators
     prompt_field: str = rule("instruction", nonempty="name the pool's prompt column, e.g. instruction")
@@ -141,11 +142,33 @@ class PoolConfig(_Section):
     eval_size: int = rule(280, ge=0)  # rows of the builtin balanced eval split
     eval_fraction: float = rule(0.0, ge=0, le=0.9)  # hold out this fraction of a file pool when eval_path is unset
     rows_per_shard: int = rule(50_000, ge=1)  # rows per Parquet part of pool.parquet
+    # How a record is laid out (pool.format is the *file* format): flat = the *_field columns above;
+    # alpaca = flat plus `system` and `history` ([[user, assistant], ...]); sharegpt = `conversations`
+    # of {from, value} turns; messages = OpenAI `messages` of {role, content}; auto: told per record.
+    layout: Literal["auto", "flat", "alpaca", "sharegpt", "messages"] = "auto"
+    # Renamed fields in LLaMA-Factory's dataset_info.json words; they take precedence over the *_field
+    # settings. columns: prompt, query, response, system, history, messages. tags: role_tag,
+    # content_tag, user_tag, assistant_tag, system_tag, observation_tag, function_tag.
+    columns: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    require_response: bool = False  # quarantine rows without a response (a conversation ending on a user turn)
 
     def _check(self) -> list[str]:
         if self.path.startswith("builtin:") and self.path not in BUILTIN_POOLS:
             return [f"pool.path={self.path!r} is not a built-in pool: use builtin:tasks or builtin:pydocs"]
-        return []
+        problems = []
+        for key, known in (("columns", POOL_COLUMNS), ("tags", POOL_TAGS)):
+            for name in getattr(self, key):
+                if name == "tools":
+                    problems.append("pool.columns maps 'tools': tool-use conversations are not supported; drop the entry")
+                elif name not in known:
+                    problems.append(f"pool.{key}: {_unknown(name, list(known), 'key')}")
+        return problems
+
+
+# LLaMA-Factory's dataset_info.json vocabulary (pool.columns / pool.tags keys).
+POOL_COLUMNS = ("prompt", "query", "response", "system", "history", "messages")
+POOL_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag", "function_tag")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ adding or removing a pool file re-runs ingest (and everything after it) instead 
 
 Small local pools (up to ``CONTENT_HASH_LIMIT`` bytes in all) are hashed by content, so that a
 copy that keeps the mtime (``cp -p``, an unpacked archive) or an edit within the same second is
-still seen. Bigger pools and ``s3://`` pools use each file's size and modification time (on S3
+still seen. Bigger pools and ``s3://`` / ``hf://`` pools use each file's size and modification time (on S3
 the object's LastModified, which every PUT renews): one listing, no reads.
 
 The listing is deliberately wider than what ingest reads (hidden files and unknown extensions
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ..storage import get_store, is_remote
+from .sources import pool_store, scheme_of
 
 __all__ = ["fingerprint", "CONTENT_HASH_LIMIT"]
 
@@ -30,7 +30,7 @@ CONTENT_HASH_LIMIT = 64 << 20
 
 
 def _files(path: str, endpoint_url: str | None, region: str | None) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    store = get_store(path, endpoint_url, region)
+    store = pool_store(path, endpoint_url, region)
     info = store.fs.get_file_info(store.path)
     if info.type == pafs.FileType.File:
         return store.fs, [info]
@@ -38,10 +38,10 @@ def _files(path: str, endpoint_url: str | None, region: str | None) -> tuple[paf
         infos = store.fs.get_file_info(pafs.FileSelector(store.path, recursive=True))
         return store.fs, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if any(c in path for c in "*?["):
-        if is_remote(path):
+        if scheme_of(path):
             head = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-            base = get_store(head, endpoint_url, region)
-            pattern = path[len("s3://"):]
+            base = pool_store(head, endpoint_url, region)
+            pattern = path[len(scheme_of(path)):]
             infos = base.fs.get_file_info(pafs.FileSelector(base.path, recursive=True, allow_not_found=True))
             return base.fs, sorted((i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)),
                                    key=lambda i: i.path)
@@ -70,7 +70,7 @@ def fingerprint(pool, endpoint_url: str | None = None, region: str | None = None
     entries = []
     for path in paths:
         fs, infos = _files(str(path), endpoint_url, region)
-        by_content = not is_remote(str(path)) and sum(i.size or 0 for i in infos) <= CONTENT_HASH_LIMIT
+        by_content = not scheme_of(str(path)) and sum(i.size or 0 for i in infos) <= CONTENT_HASH_LIMIT
         for i in infos:
             entries.append([i.path, i.size, _digest(fs, i.path) if by_content else i.mtime_ns])
         if not infos:

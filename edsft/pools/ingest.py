@@ -4,7 +4,7 @@ The pieces, each in its own module:
 
 * :mod:`~edsft.pools.sources` - what ``pool.path`` names (files, ``builtin:tasks``,
   ``builtin:pydocs``, or a registered source): its inputs, records and eval split;
-* :mod:`~edsft.pools.readers` - one file -> records with their line (JSONL, JSON, Parquet);
+* :mod:`~edsft.pools.readers` - one file -> records with their line (JSONL, JSON, Parquet, CSV, Arrow);
 * :mod:`~edsft.pools.records` - one record -> one row or a quarantine reason;
 * :mod:`~edsft.pools.writer` - the rolling Parquet parts and quarantine streams of a worker;
 * :mod:`~edsft.pools.finalize` - duplicates, eval.parquet, quarantine.jsonl, the checks;
@@ -29,6 +29,17 @@ for JSONL and the 0-based row index for Parquet, JSON arrays and built-in pools.
     duplicate_id     a row_id seen before (first kept); with content-hash ids an exact duplicate
     eval_overlap     an eval row whose row_id is also in the pool (would leak into training)
     unreadable_file  the file breaks off (truncated/fake .gz, corrupt Parquet): rows before are kept
+    malformed_csv    a CSV record with more or fewer cells than the header
+    no_user_turn     a conversation without a user turn (only system / assistant turns, or none)
+    role_order       system turns after the first user turn, or user / assistant not alternating from a user turn
+    empty_turn       a turn whose text is empty or only whitespace / invisible characters
+    unknown_role     a turn's role is none of pool.tags' user / assistant / system tags (tool turns included)
+    no_response      pool.require_response is set and the row has no response (a conversation ending on a user turn)
+
+Record layouts (``pool.layout``, :func:`~edsft.pools.records.mapping_for`): flat fields, alpaca
+(flat + ``system`` + ``history``), ShareGPT ``conversations`` and OpenAI ``messages``; ``auto``
+tells each record by its shape. A conversation's row keeps its final user turn as ``prompt``, its
+final assistant turn as ``response`` and the turns before (system included) as ``context`` (JSON).
 
 Files under a pool folder that are not read (names starting with ``_`` or ``.``, unknown
 extensions) are listed in the summary's ``skipped_files`` with the reason.

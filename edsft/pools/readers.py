@@ -7,12 +7,13 @@ for content it cannot parse (a malformed line, bytes that are not UTF-8) and car
 corrupt Parquet footer) ends in one ``unreadable_file`` record at the line where reading
 stopped, so the rows before it are kept and the damage is in the quarantine with the file's name.
 
-Line numbers: 1-based lines for JSONL, 0-based row indices for Parquet and JSON arrays, 0 for a
-problem with a whole ``.json`` file. JSONL lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r``.
+Line numbers: 1-based lines for JSONL and CSV (the line a record starts on; the header is line
+1), 0-based row indices for Parquet, Arrow and JSON arrays, 0 for a problem with a whole ``.json`` file. JSONL lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import posixpath
 from typing import Any, Callable, Iterator
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from ..storage import Store, get_store
 from .records import Bad, PoolError, snip
 
-__all__ = ["READERS", "EXTENSIONS", "COMPRESSED", "register_reader", "format_of", "read_file", "iter_lines"]
+__all__ = ["READERS", "EXTENSIONS", "COMPRESSED", "register_reader", "format_of", "read_file", "read_store", "iter_lines"]
 
 Reader = Callable[[Store], Iterator[tuple[int, Any]]]
 
@@ -131,7 +132,56 @@ def read_parquet(store: Store) -> Iterator[tuple[int, Any]]:
                 i += 1
 
 
+def read_csv(store: Store) -> Iterator[tuple[int, Any]]:
+    """CSV with a header row, streamed: every cell is text (``007`` stays ``007``), an empty cell is
+    null, a cell holding a JSON list (``messages``, ``history``) is parsed by the record mapping.
+
+    Python's ``csv`` keeps quoted newlines inside a cell; ``line`` is the 1-based physical line a
+    record starts on. Bytes that are not UTF-8 spoil only the record that holds them.
+    """
+    with store.fs.open_input_stream(store.path) as f:
+        # surrogateescape keeps undecodable bytes as lone surrogates, found per record below.
+        lines = (raw.decode("utf-8", errors="surrogateescape") for raw in iter_lines(f))
+        reader = csv.reader(lines)
+        header, start = None, 1
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if header is None:
+                header = [h.lstrip("\ufeff") for h in cells]
+                continue
+            if not cells:
+                continue  # a blank line is not a row
+            text = ",".join(cells)
+            if not text.isascii() and any("\udc80" <= c <= "\udcff" for c in text):
+                at = next(i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff")
+                yield line, Bad("not_utf8", f"byte 0x{ord(text[at]) - 0xDC00:02x} in this record is not UTF-8", snip(text.encode("utf-8", "surrogateescape")))
+                continue
+            if len(cells) != len(header):
+                yield line, Bad("malformed_csv", f"the record has {len(cells)} cells, the header {len(header)}: quote cells that hold a comma", snip(text))
+                continue
+            yield line, {k: (v if v != "" else None) for k, v in zip(header, cells)}
+
+
+def read_arrow(store: Store) -> Iterator[tuple[int, Any]]:
+    """Arrow IPC: the file format (``.arrow`` / ``.feather`` v2) or the stream format (what
+    ``datasets``' ``save_to_disk`` writes), batch by batch."""
+    with store.fs.open_input_file(store.path) as f:
+        try:
+            ipc = pa.ipc.open_file(f)
+            batches = (ipc.get_batch(k) for k in range(ipc.num_record_batches))
+        except pa.ArrowInvalid:  # not the file format: the stream format has no footer
+            f.seek(0)
+            batches = pa.ipc.open_stream(f)
+        i = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                yield i, rec
+                i += 1
+
+
 register_reader("jsonl", read_jsonl, (".jsonl", ".ndjson"))
+register_reader("csv", read_csv, (".csv",))
+register_reader("arrow", read_arrow, (".arrow", ".feather", ".ipc"))
 register_reader("json", read_json, (".json",))
 register_reader("parquet", read_parquet, (".parquet", ".pq"))
 
@@ -145,11 +195,19 @@ def _damaged(e: BaseException) -> bool:
     """
     if isinstance(e, (pa.ArrowInvalid, EOFError)):
         return True
-    return isinstance(e, OSError) and "AWS Error" not in str(e)
+    # The hub's HTTP errors are OSErrors too (requests' IOError): a failed download, not a bad file.
+    remote = "AWS Error" in str(e) or type(e).__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx", "urllib3")
+    return isinstance(e, OSError) and not remote
 
 
 def read_file(uri: str, fmt: str, endpoint_url: str | None = None, region: str | None = None) -> Iterator[tuple[int, Any]]:
     """The records of one file, streamed, ending in one ``unreadable_file`` record if it breaks off."""
+    return read_store(get_store(uri, endpoint_url, region), fmt)
+
+
+def read_store(store: Store, fmt: str) -> Iterator[tuple[int, Any]]:
+    """:func:`read_file` on a file of any filesystem (``store.uri`` names it in messages)."""
+    uri = store.uri
     reader = READERS.get(fmt)
     if reader is None:  # config validation guards the built-in formats; a registered one may be missing here
         raise PoolError(
@@ -158,7 +216,7 @@ def read_file(uri: str, fmt: str, endpoint_url: str | None = None, region: str |
         )
     n, line_rec = 0, (-1, None)
     try:
-        for n, line_rec in enumerate(reader(get_store(uri, endpoint_url, region)), start=1):
+        for n, line_rec in enumerate(reader(store), start=1):
             yield line_rec
     except Exception as e:  # noqa: BLE001 - narrowed by _damaged; anything else re-raises
         if not _damaged(e):

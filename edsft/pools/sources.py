@@ -5,8 +5,10 @@ A :class:`PoolSource` lists its *inputs* (files, or one generated split), reads 
 parallel (one Ray task each), and which eval split it brings. The ingest (in-process or on
 Ray) drives any source the same way; nothing outside this module asks what kind a pool is.
 
-* :class:`FileSource` - JSONL / JSON / Parquet files: a file, a glob, a folder, an s3:// prefix;
-  its eval split is ``pool.eval_fraction`` of its own rows.
+* :class:`FileSource` - JSONL / JSON / Parquet / CSV / Arrow files: a file, a glob, a folder (a
+  ``datasets`` ``save_to_disk`` folder reads its Arrow files), an s3:// prefix, or
+  ``hf://datasets/<org>/<name>/...`` on the hub (through ``huggingface_hub``'s fsspec filesystem,
+  :func:`hf_filesystem`); its eval split is ``pool.eval_fraction`` of its own rows.
 * :class:`BuiltinTasks` (``builtin:tasks``) and :class:`BuiltinPydocs` (``builtin:pydocs``) -
   generated pools with fixed columns and their own eval split.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as _glob
+import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -33,9 +36,9 @@ from typing import Any, Callable, Iterator, Protocol
 import pyarrow.fs as pafs
 
 from ..config import Config, PoolConfig
-from ..storage import get_store, is_remote
-from .readers import EXTENSIONS, READERS, format_of, read_file
-from .records import FieldMapping, PoolError, RecordMapping
+from ..storage import Store, get_store, is_remote
+from .readers import EXTENSIONS, READERS, format_of, read_store
+from .records import FieldMapping, PoolError, RecordMapping, mapping_for
 
 __all__ = [
     "Input",
@@ -51,6 +54,9 @@ __all__ = [
     "open_source",
     "eval_split_of",
     "list_files",
+    "pool_store",
+    "scheme_of",
+    "hf_filesystem",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,44 +127,97 @@ def _hidden(path: str) -> bool:
     return any(part.startswith((".", "_")) for part in path.split("/") if part)
 
 
-def _exists(path: str, endpoint_url: str | None, region: str | None) -> bool:
-    if is_remote(path):
-        store = get_store(path, endpoint_url, region)
-        return store.fs.get_file_info(store.path).type != pafs.FileType.NotFound
-    return Path(path).expanduser().exists()
+HF = "hf://"
+
+
+def hf_filesystem():
+    """The hub's fsspec filesystem (``huggingface_hub.HfFileSystem``, installed with transformers;
+    a token comes from its usual places). The one place the hub is reached: tests put a local
+    fsspec filesystem here."""
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem()
+
+
+def hf_store(uri: str) -> Store:
+    """A Store for ``hf://datasets/<org>/<name>[@revision]/<path>`` on :func:`hf_filesystem`."""
+    path = uri[len(HF):].rstrip("/")
+    if not path.startswith("datasets/") or path.count("/") < 2:
+        raise PoolError(f"pool.path={uri!r} is not a dataset on the hub: write hf://datasets/<org>/<name>/<file, folder or glob>")
+    return Store(pafs.PyFileSystem(pafs.FSSpecHandler(hf_filesystem())), path, HF + path)
+
+
+def pool_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
+    """The Store of a pool file or folder: local, s3:// or hf://."""
+    return hf_store(uri) if uri.startswith(HF) else get_store(uri, endpoint_url, region)
+
+
+def scheme_of(path: str) -> str:
+    """The scheme of a pool path: ``s3://``, ``hf://`` or "" (local)."""
+    return "s3://" if is_remote(path) else HF if path.startswith(HF) else ""
+
+
+def _saved_dataset(store: Store, rel: list[tuple[str, str]], prefix: str) -> Listing | None:
+    """The Arrow files of a ``datasets`` ``save_to_disk`` folder, in its own order (``state.json``
+    ``_data_files``), its metadata files skipped; a ``DatasetDict`` folder reads its ``train`` split.
+    None when the folder is not one."""
+    names = {r for _, r in rel}
+    if "dataset_dict.json" in names:
+        splits = json.loads(store.fs.open_input_stream(posixpath.join(store.path, "dataset_dict.json")).read()).get("splits", [])
+        if "train" not in splits:
+            raise PoolError(f"{store.uri} is a saved DatasetDict without a 'train' split (splits: {splits}): point pool.path at one split's folder")
+        sub = posixpath.join(store.path, "train")
+        return _saved_dataset(Store(store.fs, sub, store.uri.rstrip("/") + "/train"),
+                              [(p, r[len("train/"):]) for p, r in rel if r.startswith("train/")], prefix)
+    if "state.json" not in names:
+        return None
+    state = json.loads(store.fs.open_input_stream(posixpath.join(store.path, "state.json")).read())
+    data = [d["filename"] for d in state.get("_data_files", [])]
+    missing = [d for d in data if d not in names]
+    if missing:
+        raise PoolError(f"{store.uri}/state.json names {missing[0]!r}, which is not in the folder: re-save the dataset")
+    inputs = [Input(prefix + posixpath.join(store.path, d), "arrow") for d in data]
+    skipped = [Skipped(prefix + p, "not a data file of the saved dataset (state.json lists its Arrow files)")
+               for p, r in rel if r not in data and r not in ("state.json", "dataset_info.json")]
+    return Listing(inputs, skipped)
 
 
 def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, region: str | None = None) -> Listing:
-    """The files of a pool path: a file, a glob, a folder (recursive) or an s3:// prefix; sorted.
+    """The files of a pool path: a file, a glob, a folder (recursive; a ``save_to_disk`` folder
+    gives its Arrow files), an s3:// prefix or an hf:// path; sorted.
 
     A path with ``*?[`` is a glob unless it exists as written (a folder named ``runs[2]``).
     """
-    has_glob = any(c in path for c in "*?[") and not _exists(path, endpoint_url, region)
+    scheme = scheme_of(path)
+    store = pool_store(path, endpoint_url, region)
+    exists = store.fs.get_file_info(store.path).type != pafs.FileType.NotFound
+    has_glob = any(c in path for c in "*?[") and not exists
     skipped: list[Skipped] = []
     if has_glob:
-        if is_remote(path):
+        if scheme:
             # List below the longest glob-free prefix, then match the full key pattern.
             head = path[: min(path.index(c) for c in "*?[" if c in path)]
-            base = get_store(head.rsplit("/", 1)[0], endpoint_url, region)
-            pattern = path[len("s3://"):]
+            base = pool_store(head.rsplit("/", 1)[0], endpoint_url, region)
+            pattern = path[len(scheme):]
             infos = base.fs.get_file_info(pafs.FileSelector(base.path, recursive=True, allow_not_found=True))
-            files = sorted("s3://" + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern))
+            files = sorted(scheme + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern))
         else:
             files = sorted(str(Path(p).absolute()) for p in _glob.glob(str(Path(path).expanduser()), recursive=True) if Path(p).is_file())
         kind = f"glob {path!r}"
     else:
-        store = get_store(path, endpoint_url, region)
         info = store.fs.get_file_info(store.path)
         if info.type == pafs.FileType.File:
             files = [store.uri]
         elif info.type == pafs.FileType.Directory:
             infos = store.fs.get_file_info(pafs.FileSelector(store.path, recursive=True))
             rel = sorted((i.path, posixpath.relpath(i.path, store.path)) for i in infos if i.type == pafs.FileType.File)
-            prefix = "s3://" if is_remote(path) else ""
-            files = [prefix + p for p, r in rel if not _hidden(r)]
-            skipped = [Skipped(prefix + p, _HIDDEN) for p, r in rel if _hidden(r)]
+            saved = _saved_dataset(store, rel, scheme)
+            if saved is not None:
+                return saved
+            files = [scheme + p for p, r in rel if not _hidden(r)]
+            skipped = [Skipped(scheme + p, _HIDDEN) for p, r in rel if _hidden(r)]
         else:
-            raise PoolError(f"pool.path={path!r} does not exist: point it at a file, glob, folder or s3:// prefix")
+            raise PoolError(f"pool.path={path!r} does not exist: point it at a file, glob, folder, s3:// prefix or hf://datasets/ path")
         kind = f"folder {path!r}" if info.type == pafs.FileType.Directory else f"file {path!r}"
     inputs, unknown = [], []
     for f in files:
@@ -181,7 +240,7 @@ def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, re
 
 @dataclass(frozen=True)
 class FileSource:
-    """JSONL / JSON / Parquet files, local or s3://; fields mapped by ``pool.*_field``."""
+    """Pool files, local, s3:// or hf://; records mapped by ``pool.layout`` (:func:`~edsft.pools.records.mapping_for`)."""
 
     path: str
     pool: PoolConfig
@@ -199,14 +258,14 @@ class FileSource:
         return self.path
 
     @property
-    def mapping(self) -> FieldMapping:
-        return FieldMapping.from_pool(self.pool)
+    def mapping(self) -> RecordMapping:
+        return mapping_for(self.pool)
 
     def list_inputs(self) -> Listing:
         return list_files(self.path, self.pool.format, self.endpoint_url, self.region)
 
     def read(self, inp: Input) -> Iterator[tuple[int, Any]]:
-        return read_file(inp.origin, inp.fmt, self.endpoint_url, self.region)
+        return read_store(pool_store(inp.origin, self.endpoint_url, self.region), inp.fmt)
 
     def eval_split(self) -> EvalSplit:
         return EvalSplit(fraction=self.pool.eval_fraction)

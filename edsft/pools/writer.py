@@ -43,7 +43,7 @@ class PartWriter:
         self.in_part = 0  # rows written to the open part
         self.rows = 0
 
-    def add(self, row_id: str, prompt: str, response, task, source: str, line: int) -> None:
+    def add(self, row_id: str, prompt: str, response, task, source: str, line: int, context: str | None = None) -> None:
         c = self.cols
         c["row_id"].append(row_id)
         c["prompt"].append(prompt)
@@ -51,6 +51,7 @@ class PartWriter:
         c["task"].append(task)
         c["source"].append(source)
         c["line"].append(line)
+        c["context"].append(context)
         self.rows += 1
         if len(c["row_id"]) >= FLUSH_ROWS or self.in_part + len(c["row_id"]) >= self.rows_per_part:
             self.flush()
@@ -127,9 +128,9 @@ class Sink:
             if isinstance(out, Bad):
                 self.bad(source, line, out)
             else:
-                row_id, prompt, response, task = out
+                row_id, prompt, response, task, *context = out  # context: conversations only
                 target = self.held if self.hold_out and self._held_out(row_id) else self.pool
-                target.add(row_id, prompt, response, task, source, line)
+                target.add(row_id, prompt, response, task, source, line, *context)
             self._pending += 1
             if self.bar is not None and self._pending >= 4096:
                 self.bar.update(self._pending)

@@ -1,7 +1,8 @@
 """Score prompts: the base model answers each prompt greedily; we keep how unsure it was.
 
 One ``Scorer`` loads the model once (a Ray Data actor holds one) and maps a batch of
-``{row_id, prompt, task}`` columns to score columns. Everything comes out of one ``generate``
+``{row_id, prompt, task[, context]}`` columns to score columns (``context``: a conversation's
+earlier turns, rendered before the prompt by the chat template). Everything comes out of one ``generate``
 call per micro-batch: the response statistics from the logits generation produced anyway
 (``output_logits``; no second forward pass over the response) and the prompt embedding from the
 hidden states of the prefill step (captured with a forward hook, so decoding steps cost nothing).
@@ -24,13 +25,14 @@ import torch
 
 from edsft.config import choices
 from edsft.models import dtype_name, end_of_turn_ids, load_model, load_tokenizer
+from edsft.pools.records import context_turns
 from edsft.scoring.uncertainty import SCORE_COLUMNS, response_mask, response_scores
 
 __all__ = ["Scorer", "OUTPUT_COLUMNS", "INPUT_COLUMNS", "load_encoder"]
 
 log = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ("row_id", "prompt", "task")
+INPUT_COLUMNS = ("row_id", "prompt", "task", "context")  # context: only in pools with conversations
 OUTPUT_COLUMNS = ("row_id", "task", *SCORE_COLUMNS, "response_tokens", "prompt_tokens", "generated", "embedding")
 _LABEL_COLUMNS = ("response", "output", "label")  # what a pool may call its labels; never accepted here
 GENERATION_MODES = choices("scoring.generation")  # the one list: ScoringConfig.generation's Literal
@@ -145,20 +147,40 @@ class Scorer:
         return decoder.norm if k == n else blocks[k - 1]
 
     # ---- prompt preparation ------------------------------------------------------------
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        """Token ids fed to the model: the prompt truncated to max_prompt_tokens, in the chat template."""
+    def _prompt_ids(self, prompt: Any, context: str | None = None) -> list[int]:
+        """Token ids fed to the model: the prompt truncated to max_prompt_tokens, in the chat template.
+
+        A conversation row's ``context`` (system prompt and earlier turns) comes first, as many of
+        its latest turns as fit in what the prompt left of max_prompt_tokens (whole user/assistant
+        pairs, the system prompt last to go): the model answers the final turn knowing the conversation.
+        """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt is {type(prompt).__name__}, not a string")
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
         text = self.tokenizer.decode(ids)
         if not text.strip():
             raise ValueError("prompt is empty after truncation")
+        turns = self._fit_context(context_turns(context), self.max_prompt_tokens - len(ids))
         if self.has_template:
             # the template wraps the (truncated) user turn; its own tokens are not counted in the cap
-            out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+            out = self.tokenizer.apply_chat_template([*turns, {"role": "user", "content": text}], add_generation_prompt=True,
                                                      tokenize=True, return_dict=True)
             return list(out["input_ids"])
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer("\n\n".join([*(t["content"] for t in turns), text]))["input_ids"]
+
+    def _fit_context(self, turns: list[dict], budget: int) -> list[dict]:
+        """The latest context turns whose content fits in ``budget`` tokens, dropped oldest first
+        in user/assistant pairs (so the kept chat still starts on a user turn), then the system prompt."""
+        if not turns:
+            return turns
+        size = [len(self.tokenizer(t["content"], add_special_tokens=False)["input_ids"]) for t in turns]
+        system = [i for i, t in enumerate(turns) if t["role"] == "system"]
+        chat = [i for i in range(len(turns)) if i not in system]
+        while chat and sum(size[i] for i in system + chat) > budget:
+            chat = chat[2:]  # the oldest user turn and its answer
+        if sum(size[i] for i in system + chat) > budget:
+            system = []
+        return [turns[i] for i in system + chat]
 
     # ---- one micro-batch ---------------------------------------------------------------
     @torch.inference_mode()
@@ -212,13 +234,13 @@ class Scorer:
         result["generated"] = generated
         return result
 
-    def _score_rows(self, prompts: list, retries: int) -> list[dict | str]:
+    def _score_rows(self, prompts: list, retries: int, contexts: list | None = None) -> list[dict | str]:
         """Per row: a dict of its outputs, or the reason it failed (the row is then quarantined)."""
         rows: list[dict | str] = []
         ids: list[list[int] | None] = []
-        for p in prompts:  # bad inputs are found per row first: cheap, and they fail the same way every time
+        for p, c in zip(prompts, contexts or [None] * len(prompts)):  # bad inputs are found per row first: cheap
             try:
-                ids.append(self._prompt_ids(p))
+                ids.append(self._prompt_ids(p, c))
                 rows.append({})
             except Exception as e:  # noqa: BLE001
                 ids.append(None)
@@ -261,13 +283,15 @@ class Scorer:
         start = time.perf_counter()
         prompts = list(batch["prompt"])
         n = len(prompts)
+        # a conversation row's earlier turns (pools without conversations have no such column)
+        contexts = [c if isinstance(c, str) else None for c in batch["context"]] if "context" in batch else [None] * n
         # Sort by length so that each micro-batch holds prompts of similar length (less padding);
         # the output goes back in input order.
-        order = sorted(range(n), key=lambda i: len(prompts[i]) if isinstance(prompts[i], str) else 0)
+        order = sorted(range(n), key=lambda i: (len(prompts[i]) if isinstance(prompts[i], str) else 0) + len(contexts[i] or ""))
         rows: list[dict | str] = [None] * n  # type: ignore[list-item]
         for s in range(0, n, self.batch_size):
             chunk = order[s:s + self.batch_size]
-            for i, r in zip(chunk, self._score_rows([prompts[i] for i in chunk], self.max_retries)):
+            for i, r in zip(chunk, self._score_rows([prompts[i] for i in chunk], self.max_retries, [contexts[i] for i in chunk])):
                 rows[i] = r
         out = self._assemble(batch, rows)
         good = out["error"] == None  # noqa: E711 - elementwise on an object array

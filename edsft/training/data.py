@@ -1,7 +1,7 @@
 """SFT examples: chat-template tokenisation, response-only loss mask, truncation, packing.
 
-Targets come from applying the chat template to the WHOLE conversation (user prompt +
-assistant response). The loss covers only the assistant's tokens: the boundary is the
+Targets come from applying the chat template to the WHOLE conversation (the row's ``context``
+of system prompt and earlier turns, if any, then the user prompt and the assistant response). The loss covers only the assistant's tokens: the boundary is the
 length of the prompt rendered with ``add_generation_prompt=True``, which must be a prefix of
 the full conversation. We never append ``eos_token`` by hand: the SmolLM2 GGUF tokenizer has
 reported ``eos_token='<|im_start|>'`` while turns end with ``<|im_end|>``, and appending the
@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from edsft.pools.records import context_turns
 from edsft.storage import Store, get_store
 
 __all__ = [
@@ -44,8 +45,8 @@ IGNORE_INDEX = -100  # torch cross_entropy's ignore_index
 REQUIRED_COLUMNS = ("row_id", "prompt", "response")
 
 
-def load_examples(data: Store | str, columns: Sequence[str] = ("row_id", "prompt", "response", "task")) -> list[dict]:
-    """Rows of an annotated Parquet (file or folder) as dicts; ``task`` is optional."""
+def load_examples(data: Store | str, columns: Sequence[str] = ("row_id", "prompt", "response", "task", "context")) -> list[dict]:
+    """Rows of an annotated Parquet (file or folder) as dicts; ``task`` and ``context`` are optional."""
     store = get_store(data) if isinstance(data, str) else data
     if not store.exists():
         raise ValueError(f"training data {store.uri!r} does not exist: run the annotate stage first or pass its output")
@@ -60,19 +61,21 @@ def load_examples(data: Store | str, columns: Sequence[str] = ("row_id", "prompt
     rows = table.select(keep).to_pylist()
     for r in rows:
         r.setdefault("task", None)
+        r.setdefault("context", None)
     return rows
 
 
-def messages_for(prompt: str, response: str | None = None) -> list[dict]:
-    msgs = [{"role": "user", "content": prompt}]
+def messages_for(prompt: str, response: str | None = None, context: str | None = None) -> list[dict]:
+    """The conversation of a row: its context turns, the prompt as the final user turn, the response."""
+    msgs = [*context_turns(context), {"role": "user", "content": prompt}]
     if response is not None:
         msgs.append({"role": "assistant", "content": response})
     return msgs
 
 
-def prompt_text(tokenizer: Any, prompt: str) -> str:
+def prompt_text(tokenizer: Any, prompt: str, context: str | None = None) -> str:
     """The prompt as the model sees it at generation time (template + generation prompt)."""
-    return tokenizer.apply_chat_template(messages_for(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages_for(prompt, context=context), tokenize=False, add_generation_prompt=True)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -98,19 +101,20 @@ class TokenStats:
 
 
 def tokenize_example(
-    tokenizer: Any, prompt: str, response: str, end_ids: Iterable[int], max_seq_len: int
+    tokenizer: Any, prompt: str, response: str, end_ids: Iterable[int], max_seq_len: int, context: str | None = None
 ) -> tuple[dict | None, dict]:
     """One example -> ({input_ids, labels}, flags) or (None, flags) when nothing is left to learn.
 
     ``labels`` is aligned with ``input_ids`` (the shift happens in the loss) and is
     IGNORE_INDEX outside the response; the response span ends at (and includes) its first
-    end-of-turn token.
+    end-of-turn token. With a ``context`` (a conversation row) the whole conversation is the
+    input and only its final assistant turn is trained: the earlier turns are part of the prompt.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len={max_seq_len} must be >= 2: set training.max_seq_len to e.g. 256")
     end_ids = set(int(i) for i in end_ids)
-    ptext = prompt_text(tokenizer, prompt)
-    ftext = tokenizer.apply_chat_template(messages_for(prompt, response), tokenize=False)
+    ptext = prompt_text(tokenizer, prompt, context)
+    ftext = tokenizer.apply_chat_template(messages_for(prompt, response, context), tokenize=False)
     full = _ids(tokenizer, ftext)
     pids = _ids(tokenizer, ptext)
     flags = {"truncated": False, "dropped": False, "fallback": False}
@@ -154,7 +158,7 @@ def tokenize_examples(
     stats = TokenStats(examples=len(rows))
     out = []
     for r in rows:
-        ex, flags = tokenize_example(tokenizer, str(r["prompt"]), str(r["response"]), end_ids, max_seq_len)
+        ex, flags = tokenize_example(tokenizer, str(r["prompt"]), str(r["response"]), end_ids, max_seq_len, r.get("context"))
         stats.truncated += flags["truncated"]
         stats.boundary_fallbacks += flags["fallback"]
         if ex is None:

@@ -84,7 +84,7 @@ class Evaluator:
         out: list[dict] = [{"loss_sum": 0.0, "n_tokens": 0} for _ in rows]
         encoded = []
         for i, r in enumerate(rows):
-            ex, _ = tokenize_example(self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len)
+            ex, _ = tokenize_example(self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len, r.get("context"))
             if ex is not None:
                 encoded.append((i, ex))
         encoded.sort(key=lambda x: len(x[1]["input_ids"]))  # similar lengths share a micro batch
@@ -101,10 +101,14 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], variant: str) -> list[str]:
-        """Greedy completions, cut at the first end-of-turn token, special tokens removed (in input order)."""
+    def generate(self, prompts: Sequence[str], variant: str, contexts: Sequence[str | None] | None = None) -> list[str]:
+        """Greedy completions, cut at the first end-of-turn token, special tokens removed (in input order).
+
+        ``contexts``: per prompt, a conversation row's earlier turns (None: a single-turn prompt)."""
+        contexts = list(contexts) if contexts is not None else [None] * len(prompts)
         budget = max(1, self.max_seq_len)  # prompts keep their last max_seq_len tokens
-        encoded = [self.tokenizer(prompt_text(self.tokenizer, p), add_special_tokens=False)["input_ids"][-budget:] for p in prompts]
+        encoded = [self.tokenizer(prompt_text(self.tokenizer, p, c), add_special_tokens=False)["input_ids"][-budget:]
+                   for p, c in zip(prompts, contexts)]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a micro batch
         preds: list[str] = [""] * len(prompts)
         with self._variant(variant):
@@ -136,7 +140,7 @@ class Evaluator:
         results = []
         for variant in variants or self.variants:
             losses = self.losses(rows, variant)
-            preds = self.generate([str(r["prompt"]) for r in rows], variant) if generate else [None] * len(rows)
+            preds = self.generate([str(r["prompt"]) for r in rows], variant, [r.get("context") for r in rows]) if generate else [None] * len(rows)
             for r, loss, pred in zip(rows, losses, preds):
                 res = {"row_id": r.get("row_id"), "task": r.get("task"), "variant": variant, **loss}
                 if pred is not None:
