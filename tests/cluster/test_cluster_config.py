@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+# at import time, while `conftest` is still tests/cluster/conftest.py: by the time a test body runs,
+# another folder's conftest may have taken that module name
+from conftest import child_env
 
 from edsft.config import load_config
 
@@ -225,8 +228,6 @@ def test_token_auth_as_cluster_yaml_sets_it_refuses_a_driver_without_the_token(r
     starts it with RAY_AUTH_MODE=token, as cluster.yaml does): a driver joining through the GCS
     port gets in with the cluster's token and is refused with another or none."""
     import subprocess
-
-    from conftest import child_env
 
     probe = f"import ray; ray.init(address={ray_head['gcs']!r}); print('joined', ray.cluster_resources().get('CPU'))"
 
