@@ -41,8 +41,11 @@ from .storage import Store, get_store
 
 __all__ = ["annotate", "AnnotationError", "ANNOTATED_SCHEMA", "escape_cell", "unescape_cell", "read_annotations"]
 
+# context: a conversation pool's earlier turns and system prompt (JSON messages), null for flat rows;
+# training applies the chat template to the whole conversation, so it must survive annotation
 ANNOTATED_SCHEMA = pa.schema(
-    [("row_id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("task", pa.string()), ("rank", pa.int64())]
+    [("row_id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("task", pa.string()),
+     ("rank", pa.int64()), ("context", pa.string())]
 )
 EXPORT_FIELDS = ["row_id", "prompt", "task", "response"]
 EXAMPLES = 10  # how many bad lines / ids a summary quotes; the counts are always complete
@@ -67,6 +70,13 @@ def unescape_cell(text: str) -> str:
 
 class AnnotationError(UserError):
     """Annotations that cannot be used (exit code 2 in the CLI)."""
+
+
+def _annotated(rows: pa.Table) -> pa.Table:
+    """The annotated table in its schema; flat pools have no context column, so it is all null."""
+    if "context" not in rows.column_names:
+        rows = rows.append_column("context", pa.nulls(rows.num_rows, pa.string()))
+    return rows.select(ANNOTATED_SCHEMA.names).cast(ANNOTATED_SCHEMA)
 
 
 def _selected_pool_rows(selection: Store, pool: Store, with_response: bool) -> pa.Table:
@@ -117,7 +127,7 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
                 f"{missing} selected rows have no response in the pool: the oracle needs pool.response_field; "
                 "use annotation.mode=export for real annotation"
             )
-        table = rows.select(["row_id", "prompt", "response", "task", "rank"]).cast(ANNOTATED_SCHEMA)
+        table = _annotated(rows)
         out.write_table(table)
         formats = _write_formats(cfg, rows, export_dir.child("annotated"), "annotated")
         return {"mode": "oracle", "rows": table.num_rows, "out": out.uri, "formats": formats}
@@ -153,7 +163,7 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
     keep = [i for i, r in enumerate(selected) if r in got.answers]
     rows = rows.take(pa.array(keep, pa.int64()))
     rows = rows.append_column("response", pa.array([got.answers[r][0] for r in rows.column("row_id").to_pylist()], pa.string()))
-    table = rows.select(["row_id", "prompt", "response", "task", "rank"]).cast(ANNOTATED_SCHEMA)
+    table = _annotated(rows)
     out.write_table(table)
     formats = _write_formats(cfg, rows, export_dir.child("annotated"), "annotated")
     return {**summary, "rows": table.num_rows, "out": out.uri, "formats": formats}

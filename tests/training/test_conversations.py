@@ -117,3 +117,34 @@ def test_a_conversation_pool_scores_on_ray_as_in_process(ray_cluster, tmp_path):
     for i, r in enumerate(pool):
         assert scores[r["row_id"]]["prompt_tokens"] == out["prompt_tokens"][i]
         np.testing.assert_allclose(scores[r["row_id"]]["embedding"], out["embedding"][i], atol=1e-4)
+
+
+def test_a_conversation_pool_keeps_its_context_through_annotation_into_training_examples(tmp_path):
+    """ingest (messages layout) -> annotate (oracle) -> load_examples: the earlier turns reach training."""
+    from edsft.annotation import annotate
+    from edsft.config import Config
+    from edsft.pools.ingest import ingest_pool
+    from edsft.storage import get_store
+    from edsft.training.data import load_examples
+
+    src = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}, {"role": "user", "content": f"follow-up {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(6)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config().replace(**{"pool.path": str(src), "pool.layout": "messages", "output.dir": str(tmp_path / "run")})
+    run = get_store(str(tmp_path / "run"))
+    ingest_pool(cfg, run, progress=False)
+    pool = run.child("pool.parquet").read_table()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sel = pa.table({"row_id": pool.column("row_id"), "rank": pa.array(range(pool.num_rows), pa.int64())})
+    pq.write_table(sel, tmp_path / "selection.parquet")
+    annotate(cfg, get_store(str(tmp_path / "selection.parquet")), run.child("pool.parquet"),
+             get_store(str(tmp_path / "annotated.parquet")), get_store(str(tmp_path / "exports")))
+    got = {r["prompt"]: r for r in load_examples(get_store(str(tmp_path / "annotated.parquet")))}
+    assert set(got) == {f"follow-up {i}" for i in range(6)}
+    for i in range(6):
+        turns = json.loads(got[f"follow-up {i}"]["context"])
+        assert [t["content"] for t in turns] == ["Be brief.", f"q{i}", f"a{i}"] and got[f"follow-up {i}"]["response"] == f"answer {i}"
