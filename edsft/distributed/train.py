@@ -235,6 +235,10 @@ def train_sft(
     # Ray's 60 s default for starting the worker group is too short on a busy 2-core node where
     # each worker imports torch/transformers/deepspeed; the driver's value reaches the controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    # The controller polls the workers every 2 s by default, so a finished run waited up to 2 s
+    # before the worker group was shut down (measured: 2.4 s of a 37 s single-worker run); a poll is
+    # a small actor call, cheap at 0.5 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     storage_uri = "s3://" + storage_path if storage_fs is not None else storage_path
     resources = dict(tc.resources_per_worker) or {"CPU": 1}
     trainer = TorchTrainer(
