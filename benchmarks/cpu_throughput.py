@@ -275,7 +275,7 @@ def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: 
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "train_time_s": s["train_time_s"], "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_seen"] / s["train_time_s"], "overhead_s": wall - s["train_time_s"],
-            "precision": s.get("precision", "fp32"), "params": s["total_params"]}
+            "precision": s.get("precision", "fp32"), "params": s["total_params"], "phases_s": s.get("phases_s")}
 
 
 def edsft_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, tmp: Path) -> dict:
@@ -364,6 +364,59 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+def overhead_runs(args) -> list[dict]:
+    """``--overhead N``: only the LoRA SFT run, N times per tree, after and before alternating.
+
+    Each run is a fresh subprocess (its own Ray cluster, imports and DeepSpeed start-up), like a
+    Tune trial's first train call on a node; the order alternates so drifting load hits both trees.
+    """
+    trees = [("after", Path(__file__).absolute().parents[1])] + ([("before", Path(args.before).absolute())] if args.before else [])
+    runs = []
+    for i in range(args.overhead):
+        for tag, tree in trees if i % 2 == 0 else trees[::-1]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                env = dict(os.environ, PYTHONPATH=str(tree))
+                cmd = [sys.executable, __file__, "--edsft-only", f.name, "--train-only", f"--examples={args.examples}",
+                       f"--max-seq-len={args.max_seq_len}"]
+                load = [round(x, 2) for x in os.getloadavg()]
+                # cwd too: Ray workers put the driver's working directory on sys.path ahead of PYTHONPATH
+                subprocess.run(cmd, env=env, check=True, cwd=tree)
+                train = json.loads(Path(f.name).read_text())["train"]
+            runs.append({"tree": tag, "repeat": i, "load_avg_at_start": load, **train})
+            print(f"{tag} #{i}: wall {train['wall_s']:.1f} s, fixed {train['overhead_s']:.1f} s, load {load}", flush=True)
+    return runs
+
+
+def render_overhead(r: dict) -> str:
+    m, runs = r["machine"], r["runs"]
+    phases = list(dict.fromkeys(k for x in runs for k in (x.get("phases_s") or {})))
+    lines = [
+        "# Fixed per-trial cost of a LoRA SFT run (edsft train through Ray Train + DeepSpeed, 1 worker)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · load average at start {m['load_avg_at_start']} "
+        "(1/5/15 min). The machine is shared with other jobs (load far above its 2 cores): single figures swing by 2x, "
+        "read the ratios of runs taken side by side.",
+        "",
+        f"{r['args']['examples']} examples of {MODEL}, 1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}; "
+        "each run a fresh process (own Ray cluster). fixed = wall minus training time. "
+        "Phases: the train summary's phases_s (\"before\" has none: it predates them).",
+        "",
+        "| tree | run | load (1 min) | wall s | train s | fixed s | " + " | ".join(phases) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(phases),
+    ]
+    for x in runs:
+        ph = x.get("phases_s") or {}
+        lines.append(f"| {x['tree']} | {x['repeat']} | {x['load_avg_at_start'][0]} | {x['wall_s']:.1f} | {x['train_time_s']:.1f} | "
+                     f"{x['overhead_s']:.1f} | " + " | ".join(f"{ph[k]:.1f}" if k in ph else "" for k in phases) + " |")
+    pairs = [(a, b) for a in runs for b in runs if a["tree"] == "before" and b["tree"] == "after" and a["repeat"] == b["repeat"]]
+    if pairs:
+        ratios = [a["overhead_s"] / b["overhead_s"] for a, b in pairs]
+        lines += ["", "fixed-cost ratio before/after, per repeat (>1: after is cheaper): "
+                  + ", ".join(f"{x:.2f}x" for x in ratios)]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=48)
@@ -374,12 +427,30 @@ def main() -> None:
     ap.add_argument("--before", help="another edsft source tree: its edsft rows are measured too, in a subprocess")
     ap.add_argument("--no-threads", action="store_true", help="skip the thread-layout measurement")
     ap.add_argument("--gpu", action="store_true", help="the H200 comparison (not implemented: reported as not measured)")
+    ap.add_argument("--overhead", type=int, default=0, metavar="N",
+                    help="only the fixed per-trial cost: N LoRA SFT runs per tree (with --before: before and after alternating); "
+                         "writes results/cpu_overhead.md")
     ap.add_argument("--edsft-only", help=argparse.SUPPRESS)  # internal: write edsft rows to this JSON file
+    ap.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # internal: with --edsft-only
     args = ap.parse_args()
     if args.edsft_only:
-        Path(args.edsft_only).write_text(json.dumps(edsft_rows(args)))
+        if args.train_only:
+            with tempfile.TemporaryDirectory() as d:
+                rows = {"train": edsft_train(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4, Path(d))}
+        else:
+            rows = edsft_rows(args)
+        Path(args.edsft_only).write_text(json.dumps(rows))
         return
     r: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "edsft_only"}}
+    if args.overhead:
+        r["runs"] = overhead_runs(args)
+        r["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        text = render_overhead(r) + f"\nload average at end: {r['machine']['load_avg_at_end']}\n"
+        print(text)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "cpu_overhead.md").write_text(text)
+        (RESULTS / "cpu_overhead.json").write_text(json.dumps(r, indent=2, default=float))
+        return
     print(f"load average at start: {r['machine']['load_avg_at_start']}", flush=True)
     r["peaks"] = matmul_peaks()
     texts, _ = _prompts(args.prompts)
@@ -397,7 +468,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--edsft-only", f.name] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("prompts", "max_new_tokens", "examples", "eval_rows", "max_seq_len")]
-            subprocess.run(cmd, env=env, check=True)
+            subprocess.run(cmd, env=env, check=True, cwd=args.before)  # cwd: see overhead_runs
             r["before"] = json.loads(Path(f.name).read_text())
     if not args.no_threads:
         tt, tk = _prompts(args.prompts)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,29 @@ class DDPEngine(Engine):
         self._load_common(folder, self._engine_state(folder))
 
 
+@contextlib.contextmanager
+def _without_shm_comm_op():
+    """DeepSpeed's comm backend without its shared-memory CPU all-reduce op, for a single process.
+
+    On CPU, DeepSpeed's torch comm backend (created once per process, inside ``initialize``) loads
+    a C++ shared-memory all-reduce extension: it probes every op's compatibility (compiler
+    subprocesses), then JIT-compiles the extension with ninja the first time on a machine and
+    re-checks it on every start; a rebuild took 118 s of a 2-core node's trial start-up (0.1-0.4 s
+    when cached). One process has nothing to all-reduce, so the backend is created without it and
+    falls back to torch.distributed, which it uses whenever the op is missing.
+    """
+    module = sys.modules.get("deepspeed.comm.torch")  # the attribute deepspeed.comm.torch is torch itself
+    original = getattr(module, "build_shm_op", None)
+    if original is None:  # another DeepSpeed layout: leave it as it is
+        yield
+        return
+    module.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        module.build_shm_op = original
+
+
 class DeepSpeedEngine(Engine):
     backend = "deepspeed"
 
@@ -253,8 +277,6 @@ class DeepSpeedEngine(Engine):
         super().__init__(*args)
         import deepspeed
 
-        if not dist.is_initialized():  # Ray Train has set up the process group already
-            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         ds_config = {
             "train_batch_size": self.plan.global_batch,
             "train_micro_batch_size_per_gpu": self.plan.micro_batch_size,
@@ -264,13 +286,17 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 10**9,  # our loop logs; silence DeepSpeed's own prints
             "wall_clock_breakdown": False,
         }
-        self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model,
-            optimizer=self.optimizer,  # a torch optimizer: DeepSpeed's fused CPU/GPU Adam is not needed
-            lr_scheduler=self.scheduler,
-            config=ds_config,
-            dist_init_required=False,
-        )
+        single_cpu_process = self.world_size == 1 and self.device.type == "cpu"
+        with _without_shm_comm_op() if single_cpu_process else contextlib.nullcontext():
+            if not dist.is_initialized():  # Ray Train has set up the process group already
+                deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+            self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model,
+                optimizer=self.optimizer,  # a torch optimizer: DeepSpeed's fused CPU/GPU Adam is not needed
+                lr_scheduler=self.scheduler,
+                config=ds_config,
+                dist_init_required=False,
+            )
 
     def micro_step(self, batch: dict, micro: int) -> tuple[float, int]:
         loss, n = self.forward_loss(self.wrapped, batch)

@@ -34,7 +34,7 @@ from edsft.training.data import collate, pack_examples, tokenize_examples
 from edsft.training.engine import build_engine, use_bf16
 from edsft.training.schedule import batch_plan, micro_batch_indices
 
-__all__ = ["train_loop", "build_model", "TRAINER_STATE", "SUMMARY", "ADAPTER_DIR", "MERGED_DIR", "MODEL_DIR"]
+__all__ = ["train_loop", "build_model", "Phases", "TRAINER_STATE", "SUMMARY", "ADAPTER_DIR", "MERGED_DIR", "MODEL_DIR"]
 
 TRAINER_STATE = "trainer_state.json"  # step, loss curve, token counts: written by rank 0
 SUMMARY = "train_summary.json"  # in the final checkpoint only
@@ -112,6 +112,7 @@ def train_loop(
     callbacks: Sequence[Callable[..., None]] = (),
     device: torch.device | str | None = None,
     progress: bool = False,
+    phases: "Phases | None" = None,
 ) -> dict:
     """Train on ``examples`` (dicts with prompt/response) and return the summary dict.
 
@@ -119,10 +120,16 @@ def train_loop(
     after each report as ``cb(step=, rank=, metrics=, checkpoint_dir=)`` (fault injection in
     tests, custom logging). The final checkpoint folder holds ``adapter/`` (or ``model/``),
     ``merged/`` when asked, and ``train_summary.json``.
+
+    ``phases`` is a :class:`Phases` timer the caller started (with its own phases marked, e.g. the
+    Ray worker's imports and data download); the loop marks its phases on it and the summary
+    reports them as ``phases_s`` (seconds per phase, rank 0).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     report = report or (lambda metrics, ckpt: None)
     t_setup = time.time()
+    # where a run's fixed cost goes: seconds per phase, in the summary as phases_s
+    phases = phases if phases is not None else Phases(t_setup)
 
     # 1. data ---------------------------------------------------------------------------------
     tokenizer = load_tokenizer(model_spec)
@@ -135,6 +142,7 @@ def train_loop(
     if cfg.packing:
         items = pack_examples(items, cfg.max_seq_len)
         stats.blocks = len(items)
+    phases.mark("tokenize")
 
     # 2. batches (micro batches grouped by length: little compute on padding) --------------------
     lengths = [len(x["input_ids"]) for x in items]
@@ -153,7 +161,9 @@ def train_loop(
     model = build_model(cfg, model_spec, device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    phases.mark("model_load")
     engine = build_engine(cfg, model, plan, device, rank, world_size)
+    phases.mark("engine_init")
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank dropout streams
 
     # 4. resume -----------------------------------------------------------------------------------
@@ -170,6 +180,7 @@ def train_loop(
         _load_rng(folder, rank)
         state = saved["state"]
         state["resumed_from_steps"].append(state["step"])
+        phases.mark("resume")
 
     # 5. train ------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -189,6 +200,8 @@ def train_loop(
         grad_norm = engine.optimizer_step()
         step += 1
         bar.update(1)
+        if "first_step" not in phases.seconds:
+            phases.mark("first_step")  # includes the one-off costs of the first forward/backward
         final = step == plan.total_steps
         log_now = step % cfg.log_every == 0 or final
         ckpt_now = final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
@@ -216,12 +229,16 @@ def train_loop(
         if ckpt_now:
             ckpt_dir = Path(checkpoint_dir_fn(step))
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+            phases.mark("train")
             _save_checkpoint(engine, ckpt_dir, rank, state, plan, stats)
+            phases.mark("checkpoint")
             if final:
                 summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
-                _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary)
+                _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary, phases)
         window_t0 = time.time()  # checkpoint time is not training time
         report(metrics, str(ckpt_dir) if ckpt_dir else None)
+        if ckpt_dir is not None and not final:
+            phases.mark("checkpoint")  # Ray persists the checkpoint inside report
         for cb in callbacks:
             cb(step=step, rank=rank, metrics=metrics, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None)
     bar.close()
@@ -230,11 +247,37 @@ def train_loop(
         ckpt_dir = Path(checkpoint_dir_fn(step))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(engine, ckpt_dir, rank, state, plan, stats)
+        phases.mark("checkpoint")
         summary = _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
-        _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary)
+        _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary, phases)
         metrics = {"step": step, "loss": state["loss_curve"][-1][1] if state["loss_curve"] else math.nan}
         report(metrics, str(ckpt_dir))
-    return _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16)
+    return {**_summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16), **phases.as_dict()}
+
+
+class Phases:
+    """Wall seconds per named phase of a run, each measured from the previous mark (repeats add up).
+
+    ``as_dict`` also gives the absolute start and end (``time.time()``) so that a driver in another
+    process can account for what happened before and after (worker group start, teardown, upload).
+    """
+
+    def __init__(self, started_at: float):
+        self.started_at = self.last = started_at
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> "Phases":
+        now = time.time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+        return self
+
+    def as_dict(self) -> dict:
+        return {
+            "phases_s": {k: round(v, 3) for k, v in self.seconds.items()},
+            "phases_started_at": self.started_at,
+            "phases_ended_at": self.last,
+        }
 
 
 def _save_checkpoint(engine, folder: Path, rank: int, state: dict, plan, stats) -> None:
@@ -273,7 +316,7 @@ def _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_si
     }
 
 
-def _export_final(cfg, engine, tokenizer, model_spec: str, folder: Path, rank: int, summary: dict) -> None:
+def _export_final(cfg, engine, tokenizer, model_spec: str, folder: Path, rank: int, summary: dict, phases: Phases) -> None:
     """adapter/ (or model/) as safetensors + tokenizer, merged/ if asked, train_summary.json."""
     full_state = engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
     if rank != 0:
@@ -291,4 +334,5 @@ def _export_final(cfg, engine, tokenizer, model_spec: str, folder: Path, rank: i
         merged = PeftModel.from_pretrained(base, str(target)).merge_and_unload()
         merged.save_pretrained(str(folder / MERGED_DIR), safe_serialization=True)
         tokenizer.save_pretrained(str(folder / MERGED_DIR))
+    summary = {**summary, **phases.mark("export").as_dict()}
     (folder / SUMMARY).write_text(json.dumps(summary, indent=2))

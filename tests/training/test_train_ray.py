@@ -134,3 +134,22 @@ def test_deepspeed_zero2_lora_survives_a_killed_worker(ray_cluster, tmp_path):
     assert shards == ["zero_rank0.json", "zero_rank0.safetensors", "zero_rank1.json", "zero_rank1.safetensors"]
     assert {p.name for p in last.glob("rng_rank*.safetensors")} == {"rng_rank0.safetensors", "rng_rank1.safetensors"}
     assert_no_pickle(last)  # what a resume reads from training.storage_path holds no pickle
+
+
+def test_single_worker_summary_says_where_the_fixed_cost_goes(ray_cluster, tmp_path):
+    """One worker (the CPU default): the summary's phases_s is the run's timeline and adds up to its wall time."""
+    from edsft.distributed.train import train_sft
+
+    data, out = _data(tmp_path, n=16), tmp_path / "out"
+    cfg = _cfg(**{"training.num_workers": 1, "training.resources_per_worker": {"CPU": 2}, "training.max_steps": 4,
+                  "training.checkpoint_every": 2, "training.log_every": 2})
+    summary = train_sft(cfg, data, str(out), progress=False)
+    phases = summary["phases_s"]
+    timeline = ["driver_prepare", "worker_start", "worker_import", "worker_prepare", "tokenize", "model_load",
+                "engine_init", "first_step", "train", "checkpoint", "export", "finish", "upload"]
+    assert list(phases) == timeline, phases
+    assert all(v >= 0 for v in phases.values()), phases
+    # consecutive marks: the phases cover the whole call (rounding and the summary write aside)
+    assert abs(sum(phases.values()) - summary["wall_time_s"]) < 0.5, (sum(phases.values()), summary["wall_time_s"])
+    assert summary["fixed_cost_s"] == pytest.approx(summary["wall_time_s"] - summary["train_time_s"], abs=0.01)
+    assert json.loads((out / "train_summary.json").read_text())["phases_s"] == phases
