@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test smoke clean
+.PHONY: env demo test lint smoke clean
 
 env: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ demo: env
 smoke: env
 	$(BIN)/edsft run --config jobs/configs/smoke.yaml
 
-test: env
+# lint first: it takes seconds, the suite takes minutes
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -17,7 +17,6 @@ import posixpath
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -105,7 +104,9 @@ def evaluate_models(
     if not rows:
         raise ValueError(f"eval data {data.uri!r} has no rows: build the held-out split (pool.eval_path / eval_size) first")
     if not ev.base_model and adapter_store is None:
-        raise ValueError("evaluation.base_model=false and no adapter: nothing to evaluate; pass the trained adapter or enable base_model")
+        raise ValueError(
+            "evaluation.base_model=false and no adapter: nothing to evaluate; pass the trained adapter or enable base_model"
+        )
     model_spec = cfg.training_model
     settings = {
         "max_seq_len": cfg.training.max_seq_len,

@@ -22,8 +22,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,9 @@ def build_model(cfg: Any, model_spec: str, device: torch.device) -> torch.nn.Mod
 
     targets = cfg.lora_target_modules
     targets = targets if isinstance(targets, str) else list(targets)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, lora)  # autocast_adapter_dtype=True keeps the adapters in fp32
     return model.train()
 
@@ -112,7 +115,7 @@ def train_loop(
     callbacks: Sequence[Callable[..., None]] = (),
     device: torch.device | str | None = None,
     progress: bool = False,
-    phases: "Phases | None" = None,
+    phases: Phases | None = None,
 ) -> dict:
     """Train on ``examples`` (dicts with prompt/response) and return the summary dict.
 
@@ -252,7 +255,10 @@ def train_loop(
         _export_final(cfg, engine, tokenizer, model_spec, ckpt_dir, rank, summary, phases)
         metrics = {"step": step, "loss": state["loss_curve"][-1][1] if state["loss_curve"] else math.nan}
         report(metrics, str(ckpt_dir))
-    return {**_summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16), **phases.as_dict()}
+    return {
+        **_summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_size, t_setup, engine.bf16),
+        **phases.as_dict(),
+    }
 
 
 class Phases:
@@ -266,7 +272,7 @@ class Phases:
         self.started_at = self.last = started_at
         self.seconds: dict[str, float] = {}
 
-    def mark(self, name: str) -> "Phases":
+    def mark(self, name: str) -> Phases:
         now = time.time()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
         self.last = now
@@ -284,7 +290,13 @@ def _save_checkpoint(engine, folder: Path, rank: int, state: dict, plan, stats) 
     engine.save(folder)  # collective for DeepSpeed
     _save_rng(folder, rank)
     if rank == 0:
-        blob = {"state": state, "plan": plan.as_dict(), "data": stats.as_dict(), "backend": engine.backend, "world_size": plan.world_size}
+        blob = {
+            "state": state,
+            "plan": plan.as_dict(),
+            "data": stats.as_dict(),
+            "backend": engine.backend,
+            "world_size": plan.world_size,
+        }
         (folder / TRAINER_STATE).write_text(json.dumps(blob, indent=2))
 
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.cloudpickle
+from _ckpt import assert_no_pickle
 from safetensors.torch import load_file
 
-import ray.cloudpickle
-
-from _ckpt import assert_no_pickle
 from edsft.config import Config
 
 pytestmark = pytest.mark.slow
@@ -141,12 +140,32 @@ def test_single_worker_summary_says_where_the_fixed_cost_goes(ray_cluster, tmp_p
     from edsft.distributed.train import train_sft
 
     data, out = _data(tmp_path, n=16), tmp_path / "out"
-    cfg = _cfg(**{"training.num_workers": 1, "training.resources_per_worker": {"CPU": 2}, "training.max_steps": 4,
-                  "training.checkpoint_every": 2, "training.log_every": 2})
+    cfg = _cfg(
+        **{
+            "training.num_workers": 1,
+            "training.resources_per_worker": {"CPU": 2},
+            "training.max_steps": 4,
+            "training.checkpoint_every": 2,
+            "training.log_every": 2,
+        }
+    )
     summary = train_sft(cfg, data, str(out), progress=False)
     phases = summary["phases_s"]
-    timeline = ["driver_prepare", "worker_start", "worker_import", "worker_prepare", "tokenize", "model_load",
-                "engine_init", "first_step", "train", "checkpoint", "export", "finish", "upload"]
+    timeline = [
+        "driver_prepare",
+        "worker_start",
+        "worker_import",
+        "worker_prepare",
+        "tokenize",
+        "model_load",
+        "engine_init",
+        "first_step",
+        "train",
+        "checkpoint",
+        "export",
+        "finish",
+        "upload",
+    ]
     assert list(phases) == timeline, phases
     assert all(v >= 0 for v in phases.values()), phases
     # consecutive marks: the phases cover the whole call (rounding and the summary write aside)
