@@ -1,0 +1,161 @@
+"""lm-evaluation-harness benchmarks on the base model and the LoRA adapter, offline.
+
+A local multiple-choice task (8 rows of JSONL, a task YAML with ``dataset_path: json``) runs on
+builtin:tiny-llama and on a LoRA adapter made here; lm-eval's accuracy must equal the accuracy
+computed by hand from the same models' log-likelihoods of each choice, which proves both that the
+task ran as written and that the adapter (whose log-likelihoods differ from the base's) was applied.
+Through the evaluate stage the scores land in metrics.json under ``lm_eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from edsft.config import Config  # noqa: E402
+from edsft.errors import UserError  # noqa: E402
+from edsft.models import load_model, load_tokenizer  # noqa: E402
+from edsft.storage import get_store  # noqa: E402
+
+MODEL = "builtin:tiny-llama"
+ROWS = [
+    ("The sky is", ["blue", "green", "loud"], 0),
+    ("Two plus two is", ["seven", "four", "cat"], 1),
+    ("Water is", ["dry", "square", "wet"], 2),
+    ("Fire is", ["hot", "cold", "tall"], 0),
+    ("The sun rises in the", ["west", "east", "north"], 1),
+    ("Cats say", ["moo", "quack", "meow"], 2),
+    ("Ice is", ["cold", "hot", "sweet"], 0),
+    ("A week has seven", ["cars", "days", "trees"], 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # nothing here may reach a hub: the task's data is a local file read by `datasets`
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _task_folder(root: Path) -> Path:
+    folder = root / "tasks"
+    folder.mkdir()
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in ROWS))
+    # data_files paths are read relative to the working directory, so the YAML names the file absolutely
+    (folder / "tiny_mc.yaml").write_text(
+        f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+    return folder
+
+
+def _adapter(root: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_model(MODEL, dtype="float32", device="cpu")
+    # init_lora_weights=False: random A and B, so the adapter really moves the log-likelihoods
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+    return root / "adapter"
+
+
+def _choice_logprobs(model, tokenizer) -> list[list[float]]:
+    """log p(" choice" | question) per row and choice, the way lm-eval scores multiple choice."""
+    out = []
+    for question, choices, _ in ROWS:
+        ctx = tokenizer(question, add_special_tokens=False).input_ids
+        row = []
+        for choice in choices:
+            whole = tokenizer(question + " " + choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].float().log_softmax(-1)
+            cont = whole[len(ctx):]
+            row.append(sum(logits[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        out.append(row)
+    return out
+
+
+def _accuracy(logprobs: list[list[float]]) -> float:
+    return sum(max(range(len(lp)), key=lp.__getitem__) == y for lp, (_, _, y) in zip(logprobs, ROWS)) / len(ROWS)
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_base_and_adapter_in_metrics_json(tmp_path):
+    from peft import PeftModel
+
+    from edsft.distributed.evaluate import evaluate_models
+
+    tasks, adapter = _task_folder(tmp_path), _adapter(tmp_path)
+    cfg = Config().replace(
+        **{
+            "training.model": MODEL,
+            "training.max_seq_len": 32,
+            "evaluation.mode": "local",
+            "evaluation.generate": False,
+            "evaluation.dtype": "float32",
+            "evaluation.lm_eval_tasks": ["tiny_mc"],
+            "evaluation.lm_eval_include_path": str(tasks),
+        }
+    )
+    eval_path = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_pylist([{"row_id": f"r{i}", "prompt": q, "response": c[y]} for i, (q, c, y) in enumerate(ROWS)]), eval_path)
+    m = evaluate_models(cfg, str(eval_path), get_store(str(adapter)), get_store(str(tmp_path / "metrics.json")), progress=False)
+
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["lm_eval"] == m["lm_eval"] and set(m["lm_eval"]) == {"base", "finetuned"}
+    base, tuned = m["lm_eval"]["base"]["tiny_mc"], m["lm_eval"]["finetuned"]["tiny_mc"]
+    assert 0.0 <= base["acc"] <= 1.0 and 0.0 <= tuned["acc"] <= 1.0
+
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL, dtype="float32", device="cpu")
+    base_lp = _choice_logprobs(model, tokenizer)
+    tuned_lp = _choice_logprobs(PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer)
+    assert max(abs(a - b) for ra, rb in zip(base_lp, tuned_lp) for a, b in zip(ra, rb)) > 1e-3  # the adapter matters
+    assert base["acc"] == pytest.approx(_accuracy(base_lp))
+    assert tuned["acc"] == pytest.approx(_accuracy(tuned_lp))
+
+
+def test_no_tasks_leaves_metrics_json_unchanged(tmp_path):
+    from edsft.distributed.evaluate import evaluate_models
+
+    cfg = Config().replace(**{"training.model": MODEL, "training.max_seq_len": 32, "evaluation.mode": "local", "evaluation.generate": False})
+    eval_path = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_pylist([{"row_id": "r0", "prompt": "The sky is", "response": "blue"}]), eval_path)
+    m = evaluate_models(cfg, str(eval_path), None, get_store(str(tmp_path / "metrics.json")), progress=False)
+    assert "lm_eval" not in m and "lm_eval" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_unknown_task_and_missing_harness_are_user_errors(tmp_path, monkeypatch):
+    from edsft.training.lm_eval import run_lm_eval
+
+    tasks = _task_folder(tmp_path)
+    with pytest.raises(UserError, match=r"lm_eval_tasks names \['no_such_task'\]"):
+        run_lm_eval(MODEL, None, ["no_such_task"], tasks)
+    with pytest.raises(UserError, match="lm_eval_include_path"):
+        run_lm_eval(MODEL, None, ["tiny_mc"], tmp_path / "missing")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what a missing install looks like to `import`
+    with pytest.raises(UserError, match=r"pip install 'edsft\[lm-eval\]'"):
+        run_lm_eval(MODEL, None, ["tiny_mc"], tasks)
