@@ -159,3 +159,42 @@ def test_unknown_task_and_missing_harness_are_user_errors(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what a missing install looks like to `import`
     with pytest.raises(UserError, match=r"pip install 'edsft\[lm-eval\]'"):
         run_lm_eval(MODEL, None, ["tiny_mc"], tasks)
+
+
+def test_report_shows_the_benchmark_table(tmp_path):
+    import pandas as pd
+
+    from edsft import report as R
+
+    run = get_store(str(tmp_path / "run"))
+    trials = [("t0", "random", 10, 0, 0.25), ("t1", "random", 10, 1, 0.75), ("t2", "k_center", 10, 0, 0.5), ("t3", "k_center", 10, 1, None)]
+    rows = []
+    for tid, selector, budget, seed, acc in trials:
+        rows.append(dict(trial_id=tid, selector=selector, params="{}", budget=budget, seed=seed, status="TERMINATED", exact_match=0.1 * seed))
+        metrics = {"finetuned": {"exact_match": 0.1 * seed}}
+        if acc is not None:  # t3 ran before lm_eval_tasks was set: it is left out, not counted as 0
+            metrics["lm_eval"] = {"finetuned": {"tiny_mc": {"acc": acc, "acc_stderr": 0.1, "sample_len": 8.0}}}
+        run.child("sweep", "trials", tid, "metrics.json").write_json(metrics)
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
+    run.child("sweep", "base_metrics.json").write_json({"base": {"exact_match": 0.0}, "lm_eval": {"base": {"tiny_mc": {"acc": 0.125}}}})
+
+    R.build_report(run)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "## Benchmarks (lm-evaluation-harness)" in md and "| selector | B | tiny_mc/acc |" in md
+    assert "| base model | - | 0.125 (n=1) |" in md
+    assert "| random | 10 | 0.500 (n=2) |" in md  # mean over seeds
+    assert "| k_center | 10 | 0.500 (n=1) |" in md
+    assert "stderr" not in md.split("## Benchmarks")[1]
+
+
+def test_report_without_lm_eval_has_no_benchmark_section(tmp_path):
+    import pandas as pd
+
+    from edsft import report as R
+
+    run = get_store(str(tmp_path / "run"))
+    rows = [dict(trial_id="t0", selector="random", params="{}", budget=10, seed=0, status="TERMINATED", exact_match=0.2)]
+    run.child("sweep", "trials", "t0", "metrics.json").write_json({"finetuned": {"exact_match": 0.2}})
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
+    R.build_report(run)
+    assert "Benchmarks" not in (tmp_path / "run" / "report" / "report.md").read_text()
