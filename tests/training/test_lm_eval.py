@@ -3,12 +3,13 @@
 A local multiple-choice task (8 rows of JSONL, a task YAML with ``dataset_path: json``) runs on
 builtin:tiny-llama and on a LoRA adapter made here; lm-eval's accuracy must equal the accuracy
 computed by hand from the same models' log-likelihoods of each choice, which proves both that the
-task ran as written and that the adapter (whose log-likelihoods differ from the base's) was applied.
+task ran as written and that the adapter (which changes the accuracy here) was applied.
 Through the evaluate stage the scores land in metrics.json under ``lm_eval``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+from edsft.config import Config
+from edsft.errors import UserError
+from edsft.models import load_model, load_tokenizer
+from edsft.storage import get_store
 
-from edsft.config import Config  # noqa: E402
-from edsft.errors import UserError  # noqa: E402
-from edsft.models import load_model, load_tokenizer  # noqa: E402
-from edsft.storage import get_store  # noqa: E402
+# the report tests need no harness; CI installs it (Makefile: .[dev,metrics,lm-eval])
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install 'edsft[lm-eval]'")
 
 MODEL = "builtin:tiny-llama"
 ROWS = [
@@ -74,7 +76,7 @@ metric_list:
 def _adapter(root: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(3)  # a seed whose adapter changes the accuracy on ROWS (0.125 -> 0.5): see the test
     model = load_model(MODEL, dtype="float32", device="cpu")
     # init_lora_weights=False: random A and B, so the adapter really moves the log-likelihoods
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -102,6 +104,7 @@ def _accuracy(logprobs: list[list[float]]) -> float:
     return sum(max(range(len(lp)), key=lp.__getitem__) == y for lp, (_, _, y) in zip(logprobs, ROWS)) / len(ROWS)
 
 
+@needs_lm_eval
 @pytest.mark.slow
 def test_lm_eval_scores_base_and_adapter_in_metrics_json(tmp_path):
     from peft import PeftModel
@@ -133,7 +136,8 @@ def test_lm_eval_scores_base_and_adapter_in_metrics_json(tmp_path):
     model = load_model(MODEL, dtype="float32", device="cpu")
     base_lp = _choice_logprobs(model, tokenizer)
     tuned_lp = _choice_logprobs(PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer)
-    assert max(abs(a - b) for ra, rb in zip(base_lp, tuned_lp) for a, b in zip(ra, rb)) > 1e-3  # the adapter matters
+    # the adapter changes the answers, so equal accuracies below could not come from the base model twice
+    assert _accuracy(base_lp) != _accuracy(tuned_lp), (_accuracy(base_lp), _accuracy(tuned_lp))
     assert base["acc"] == pytest.approx(_accuracy(base_lp))
     assert tuned["acc"] == pytest.approx(_accuracy(tuned_lp))
 
@@ -148,6 +152,7 @@ def test_no_tasks_leaves_metrics_json_unchanged(tmp_path):
     assert "lm_eval" not in m and "lm_eval" not in json.loads((tmp_path / "metrics.json").read_text())
 
 
+@needs_lm_eval
 def test_unknown_task_and_missing_harness_are_user_errors(tmp_path, monkeypatch):
     from edsft.training.lm_eval import run_lm_eval
 
