@@ -58,8 +58,10 @@ def machine() -> dict:
             if line.startswith(("flags", "Features")):
                 flags = line.split(":", 1)[1].split()
                 break
-        name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), platform.processor())
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+            platform.processor(),
+        )
     except OSError:
         name = platform.processor() or platform.machine()
     from edsft.models import cpu_supports_bf16
@@ -120,13 +122,22 @@ def plain_generate(texts: list[str], max_new_tokens: int, batch_size: int = 16) 
     gen_tokens = prompt_tokens = 0
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
-            chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                     for p in texts[s:s + batch_size]]
+            chats = [
+                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in texts[s : s + batch_size]
+            ]
             enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_ids(tok),
-                                 pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_of_turn_ids(tok),
+                pad_token_id=tok.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             prompt_tokens += int(enc["attention_mask"].sum())
-            gen_tokens += int((out.sequences[:, enc["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+            gen_tokens += int((out.sequences[:, enc["input_ids"].shape[1] :] != tok.pad_token_id).sum())
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "load_s": load_s, "rows": len(texts), "prompt_tokens": prompt_tokens, "response_tokens": gen_tokens}
 
@@ -135,8 +146,15 @@ def _sft_rows(n: int, start: int = 0) -> list[dict]:
     from edsft.pools.builtin_tasks import generate_tasks
 
     rows = generate_tasks(n + start, seed=7)[start:]
-    return [{"row_id": f"t{i}", "prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
-             "response": r["output"], "task": r["task"]} for i, r in enumerate(rows)]
+    return [
+        {
+            "row_id": f"t{i}",
+            "prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+            "response": r["output"],
+            "task": r["task"],
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def plain_peft_loop(rows: list[dict], micro: int, max_seq_len: int, lr: float) -> dict:
@@ -152,16 +170,19 @@ def plain_peft_loop(rows: list[dict], micro: int, max_seq_len: int, lr: float) -
     tok = load_tokenizer(MODEL)
     items, _ = tokenize_examples(tok, rows, max_seq_len, end_of_turn_ids(tok))
     model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
     tokens, t0 = 0, time.perf_counter()
     model.train()
     for s in range(0, len(order), micro):
-        batch = collate([items[i] for i in order[s:s + micro]], tok.pad_token_id)
+        batch = collate([items[i] for i in order[s : s + micro]], tok.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -186,7 +207,7 @@ def plain_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, batch_si
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(items), batch_size):
-            b = collate(items[s:s + batch_size], tok.pad_token_id)
+            b = collate(items[s : s + batch_size], tok.pad_token_id)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             F.cross_entropy(logits[:, :-1].float().transpose(1, 2), b["labels"][:, 1:], ignore_index=IGNORE_INDEX)
     loss_s = time.perf_counter() - t0
@@ -216,14 +237,21 @@ def edsft_score(texts, tasks, max_new_tokens: int, tmp: Path) -> dict:
 
     _ray_init()
     n = len(texts)
-    pq.write_table(pa.table({"row_id": [f"r{i}" for i in range(n)], "prompt": texts, "response": [""] * n, "task": tasks}),
-                   tmp / "pool.parquet")
-    cfg = Config().replace(**{"scoring.model": MODEL, "scoring.max_new_tokens": max_new_tokens, "scoring.num_actors": 2,
-                              "scoring.min_actors": 2})
+    pq.write_table(
+        pa.table({"row_id": [f"r{i}" for i in range(n)], "prompt": texts, "response": [""] * n, "task": tasks}),
+        tmp / "pool.parquet",
+    )
+    cfg = Config().replace(
+        **{"scoring.model": MODEL, "scoring.max_new_tokens": max_new_tokens, "scoring.num_actors": 2, "scoring.min_actors": 2}
+    )
     t0 = time.perf_counter()
     s = score_pool(cfg, get_store(str(tmp / "pool.parquet")), get_store(str(tmp / "scores")), progress=False)
-    return {"wall_s": time.perf_counter() - t0, "rows": s["rows_scored"], "dtype": s.get("dtype"),
-            "tokens_per_s": s["tokens_per_s"]}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "rows": s["rows_scored"],
+        "dtype": s.get("dtype"),
+        "tokens_per_s": s["tokens_per_s"],
+    }
 
 
 def _score_worker(args) -> float:
@@ -235,8 +263,11 @@ def _score_worker(args) -> float:
     from edsft.scoring.scorer import Scorer
 
     scorer = Scorer(MODEL, max_new_tokens=max_new_tokens, num_threads=threads)
-    batch = {"row_id": np.array([str(i) for i in range(len(texts))], dtype=object),
-             "prompt": np.array(texts, dtype=object), "task": np.array(tasks, dtype=object)}
+    batch = {
+        "row_id": np.array([str(i) for i in range(len(texts))], dtype=object),
+        "prompt": np.array(texts, dtype=object),
+        "task": np.array(tasks, dtype=object),
+    }
     t0 = time.perf_counter()
     scorer(batch)
     return time.perf_counter() - t0
@@ -265,17 +296,30 @@ def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: 
 
     _ray_init()
     pq.write_table(pa.Table.from_pylist(rows), tmp / "annotated.parquet")
-    cfg = Config().replace(**{
-        "training.model": MODEL, "training.num_workers": 1, "training.resources_per_worker": {"CPU": 2},
-        "training.micro_batch_size": micro, "training.epochs": 1, "training.max_seq_len": max_seq_len,
-        "training.lr": lr, "training.log_every": 1000,
-    })
+    cfg = Config().replace(
+        **{
+            "training.model": MODEL,
+            "training.num_workers": 1,
+            "training.resources_per_worker": {"CPU": 2},
+            "training.micro_batch_size": micro,
+            "training.epochs": 1,
+            "training.max_seq_len": max_seq_len,
+            "training.lr": lr,
+            "training.log_every": 1000,
+        }
+    )
     t0 = time.perf_counter()
     s = train_sft(cfg, str(tmp / "annotated.parquet"), str(tmp / "train"), progress=False)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "train_time_s": s["train_time_s"], "tokens": s["tokens_seen"],
-            "tokens_per_s": s["tokens_seen"] / s["train_time_s"], "overhead_s": wall - s["train_time_s"],
-            "precision": s.get("precision", "fp32"), "params": s["total_params"]}
+    return {
+        "wall_s": wall,
+        "train_time_s": s["train_time_s"],
+        "tokens": s["tokens_seen"],
+        "tokens_per_s": s["tokens_seen"] / s["train_time_s"],
+        "overhead_s": wall - s["train_time_s"],
+        "precision": s.get("precision", "fp32"),
+        "params": s["total_params"],
+    }
 
 
 def edsft_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, tmp: Path) -> dict:
@@ -286,8 +330,14 @@ def edsft_eval(rows: list[dict], max_new_tokens: int, max_seq_len: int, tmp: Pat
     from edsft.distributed.evaluate import evaluate_models
 
     pq.write_table(pa.Table.from_pylist(rows), tmp / "eval.parquet")
-    cfg = Config().replace(**{"training.model": MODEL, "training.max_seq_len": max_seq_len, "evaluation.mode": "local",
-                              "evaluation.max_new_tokens": max_new_tokens})
+    cfg = Config().replace(
+        **{
+            "training.model": MODEL,
+            "training.max_seq_len": max_seq_len,
+            "evaluation.mode": "local",
+            "evaluation.max_new_tokens": max_new_tokens,
+        }
+    )
     t0 = time.perf_counter()
     m = evaluate_models(cfg, str(tmp / "eval.parquet"), None, str(tmp / "metrics.json"), progress=False)
     return {"wall_s": time.perf_counter() - t0, "rows": m["n"], "dtype": m["settings"].get("dtype", "float32")}
@@ -336,29 +386,39 @@ def render(r: dict) -> str:
     def rows_for(tag: str, e: dict) -> None:
         s, p = e["score"], r["plain"]["score"]
         rate, prate = s["rows"] / s["wall_s"], p["rows"] / p["wall_s"]
-        lines.append(f"| scoring{tag} (prompts/s, start-up incl.) | {rate:.2f} ({s['tokens_per_s']:.0f} tok/s, {s['dtype']}) | "
-                     f"{prate:.2f} (model loaded) | {rate / prate:.2f}x | Ray Data, 2 actors; {s['wall_s']:.1f} s vs {p['wall_s']:.1f} s |")
+        lines.append(
+            f"| scoring{tag} (prompts/s, start-up incl.) | {rate:.2f} ({s['tokens_per_s']:.0f} tok/s, {s['dtype']}) | "
+            f"{prate:.2f} (model loaded) | {rate / prate:.2f}x | Ray Data, 2 actors; {s['wall_s']:.1f} s vs {p['wall_s']:.1f} s |"
+        )
         t, pt = e["train"], r["plain"]["train"]
         pct = 4 * t["params"] * t["tokens_per_s"] / bf16 * 100
         ppct = 4 * pt["params"] * pt["tokens_per_s"] / bf16 * 100
-        lines.append(f"| LoRA SFT{tag} (non-padding tokens/s) | {t['tokens_per_s']:.0f} ({pct:.1f}% of bf16 peak, {t['precision']}) | "
-                     f"{pt['tokens_per_s']:.0f} ({ppct:.1f}%) | {t['tokens_per_s'] / pt['tokens_per_s']:.2f}x | "
-                     f"Ray Train + DeepSpeed; train {t['train_time_s']:.1f} s of {t['wall_s']:.1f} s wall |")
-        lines.append(f"| LoRA SFT{tag} end to end (s, start-up incl.) | {t['wall_s']:.1f} | {pt['wall_s']:.1f} (model loaded) | "
-                     f"{pt['wall_s'] / t['wall_s']:.2f}x | |")
+        lines.append(
+            f"| LoRA SFT{tag} (non-padding tokens/s) | {t['tokens_per_s']:.0f} ({pct:.1f}% of bf16 peak, {t['precision']}) | "
+            f"{pt['tokens_per_s']:.0f} ({ppct:.1f}%) | {t['tokens_per_s'] / pt['tokens_per_s']:.2f}x | "
+            f"Ray Train + DeepSpeed; train {t['train_time_s']:.1f} s of {t['wall_s']:.1f} s wall |"
+        )
+        lines.append(
+            f"| LoRA SFT{tag} end to end (s, start-up incl.) | {t['wall_s']:.1f} | {pt['wall_s']:.1f} (model loaded) | "
+            f"{pt['wall_s'] / t['wall_s']:.2f}x | |"
+        )
         lines.append(f"| fixed per-trial cost{tag} (s) | {t['overhead_s']:.1f} | | | wall minus training time |")
         v, pv = e["eval"], r["plain"]["eval"]
-        lines.append(f"| evaluation{tag} (rows/s, base model, loss + generation) | {v['rows'] / v['wall_s']:.2f} ({v['dtype']}) | "
-                     f"{pv['rows'] / pv['wall_s']:.2f} | {(v['rows'] / v['wall_s']) / (pv['rows'] / pv['wall_s']):.2f}x | local mode |")
+        lines.append(
+            f"| evaluation{tag} (rows/s, base model, loss + generation) | {v['rows'] / v['wall_s']:.2f} ({v['dtype']}) | "
+            f"{pv['rows'] / pv['wall_s']:.2f} | {(v['rows'] / v['wall_s']) / (pv['rows'] / pv['wall_s']):.2f}x | local mode |"
+        )
 
     rows_for("", r["edsft"])
     if r.get("before"):
         rows_for(" [before]", r["before"])
     tl = r.get("threads")
     if tl:
-        lines.append(f"| scoring thread layout (s, model loaded) | 1 process x {m['cores']} threads: {tl['one_x_all_threads_s']:.1f} | "
-                     f"{m['cores']} processes x 1 thread: {tl['per_core_single_thread_s']:.1f} | "
-                     f"{tl['per_core_single_thread_s'] / tl['one_x_all_threads_s']:.2f}x | >1: one multi-thread process is faster |")
+        lines.append(
+            f"| scoring thread layout (s, model loaded) | 1 process x {m['cores']} threads: {tl['one_x_all_threads_s']:.1f} | "
+            f"{m['cores']} processes x 1 thread: {tl['per_core_single_thread_s']:.1f} | "
+            f"{tl['per_core_single_thread_s'] / tl['one_x_all_threads_s']:.2f}x | >1: one multi-thread process is faster |"
+        )
     lines.append("| H200 (`--gpu`) | not measured | | | no GPU was available to this run |")
     lines.append("")
     return "\n".join(lines)
@@ -395,8 +455,10 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             env = dict(os.environ, PYTHONPATH=str(Path(args.before).absolute()))
             cmd = [sys.executable, __file__, "--edsft-only", f.name] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("prompts", "max_new_tokens", "examples", "eval_rows", "max_seq_len")]
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in vars(args).items()
+                if k in ("prompts", "max_new_tokens", "examples", "eval_rows", "max_seq_len")
+            ]
             subprocess.run(cmd, env=env, check=True)
             r["before"] = json.loads(Path(f.name).read_text())
     if not args.no_threads:

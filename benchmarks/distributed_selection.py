@@ -46,12 +46,14 @@ def write_pool(folder: Path, n: int, d: int = 384, centers: int = 100, seed: int
         lab = rng.integers(centers, size=k)
         X = C[lab] + 0.35 * rng.normal(size=(k, d)).astype(np.float32)
         cols = {c: rng.uniform(size=k) for c in SCORES}
-        t = pa.table({
-            "row_id": pa.array([f"{seed}-{i:08d}" for i in range(s, s + k)]),
-            "task": pa.array(np.array(["qa", "math", "code", "chat"])[lab % 4]),
-            **{c: pa.array(v) for c, v in cols.items()},
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), d),
-        })
+        t = pa.table(
+            {
+                "row_id": pa.array([f"{seed}-{i:08d}" for i in range(s, s + k)]),
+                "task": pa.array(np.array(["qa", "math", "code", "chat"])[lab % 4]),
+                **{c: pa.array(v) for c, v in cols.items()},
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), d),
+            }
+        )
         pq.write_table(t, folder / f"part-{f:05d}.parquet", row_group_size=50_000)
     (folder / "_SUCCESS").touch()
     return folder
@@ -63,9 +65,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cap-s", type=float, default=20 * 60, help="total time cap in seconds")
     ap.add_argument("--data", default="/tmp/edsft_bench", help="where the synthetic pools are written")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--only", action="append", default=[], metavar="SELECTOR:N:BUDGET:M",
-                    help="run just these combinations, without the time prediction (repeatable); cached "
-                    "runs are still reported")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SELECTOR:N:BUDGET:M",
+        help="run just these combinations, without the time prediction (repeatable); cached runs are still reported",
+    )
     args = ap.parse_args(argv)
 
     import ray
@@ -76,8 +82,7 @@ def main(argv=None) -> int:
 
     # (selector, n, budget, shards). Centralised = m=1 (one shard task = the in-process selector, exactly).
     if args.quick:
-        plan = [("facility_location", 20_000, 200, m) for m in (1, 2, 4, 8)] + \
-               [("k_center", 20_000, 200, m) for m in (1, 8)]
+        plan = [("facility_location", 20_000, 200, m) for m in (1, 2, 4, 8)] + [("k_center", 20_000, 200, m) for m in (1, 8)]
     else:
         # the grid (n in {100k, 1M}, budget in {1k, 10k}, m in {1, 2, 4, 8}) in priority order;
         # the time cap skips the tail (the predicted cost of each run comes from the runs before it)
@@ -126,16 +131,29 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         folder = write_pool(Path(args.data) / f"n{n}", n)
         gen_s = time.perf_counter() - t0
-        cfg = Config().replace(**{
-            "selection.name": name, "selection.budget": budget, "selection.shards": m,
-            "selection.mode": "distributed", "selection.seed": 0,
-        })
+        cfg = Config().replace(
+            **{
+                "selection.name": name,
+                "selection.budget": budget,
+                "selection.shards": m,
+                "selection.mode": "distributed",
+                "selection.seed": 0,
+            }
+        )
         out = get_store(Path(args.data) / f"sel-{name}-{n}-{budget}-{m}.parquet")
         summary = select_subset(cfg, get_store(folder), out, progress=False)
         done[(name, n, budget, m)] = summary["wall_s"]
-        row = {"selector": name, "n": n, "budget": budget, "m": m, "wall_s": summary["wall_s"],
-               "task_rss_mb": summary.get("max_task_rss_mb"), "objective": summary.get("objective"),
-               "winner": summary.get("winner"), "data_s": round(gen_s, 1)}
+        row = {
+            "selector": name,
+            "n": n,
+            "budget": budget,
+            "m": m,
+            "wall_s": summary["wall_s"],
+            "task_rss_mb": summary.get("max_task_rss_mb"),
+            "objective": summary.get("objective"),
+            "winner": summary.get("winner"),
+            "data_s": round(gen_s, 1),
+        }
         rows.append(row)
         print(row, flush=True)
         if not args.quick:
@@ -149,8 +167,7 @@ def main(argv=None) -> int:
         key = (r["selector"], r["n"], r["budget"])
         same = [x for x in rows if "skipped" not in x and (x["selector"], x["n"], x["budget"]) == key]
         central = [x for x in same if x["m"] == 1]
-        ref, ref_name = (central[0], "m=1") if central else (
-            ([x for x in same if x["m"] == 8] or [None])[0], "best m=8")
+        ref, ref_name = (central[0], "m=1") if central else (([x for x in same if x["m"] == 8] or [None])[0], "best m=8")
         if ref is None:
             continue
         if r["selector"] == "k_center":  # minimised: report ours / reference (<= 2 is the guarantee)
@@ -166,8 +183,11 @@ def main(argv=None) -> int:
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU, "
         f"Python {platform.python_version()}, Ray {ray.__version__}",
         f"- load average at the start {load0:.1f}, at the end {os.getloadavg()[0]:.1f}"
-        + (" (nothing else ran: wall times are comparable)" if load0 < 1.5 else
-           " (the cores were shared with other jobs: wall times are upper bounds)"),
+        + (
+            " (nothing else ran: wall times are comparable)"
+            if load0 < 1.5
+            else " (the cores were shared with other jobs: wall times are upper bounds)"
+        ),
         "- data: Gaussian blobs, 100 centers, d=384, float32, Parquet parts of 100k rows (row groups of 50k)",
         "- selection tasks: 0.25 CPU each (selection.cpus_per_task), Ray local cluster with all cores",
         f"- selection wall time summed over the runs: {sum(done.values()):.0f} s; this invocation "
@@ -197,8 +217,11 @@ def main(argv=None) -> int:
     lines += ["", "Cost curve at m=8 (wall s by n):", ""]
     for sel in sorted({r["selector"] for r in rows}):
         for b in sorted({r["budget"] for r in rows}):
-            pts = sorted((r["n"], r["wall_s"]) for r in rows
-                         if "skipped" not in r and r["selector"] == sel and r["budget"] == b and r["m"] == 8)
+            pts = sorted(
+                (r["n"], r["wall_s"])
+                for r in rows
+                if "skipped" not in r and r["selector"] == sel and r["budget"] == b and r["m"] == 8
+            )
             if len(pts) > 1:
                 lines.append(f"- {sel}, budget {b}: " + ", ".join(f"n={n:,}: {w:.1f}s" for n, w in pts))
     text = "\n".join(lines) + "\n"

@@ -53,8 +53,18 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 TASK_AWARE = ("task_balanced",)
 # The label-free candidates for small budgets plus the paper's diversity baselines.
 CPU_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center")
-GPU_SELECTORS = ("random", "dedup", "typiclust", "probcover", "facility_location", "k_center", "fl_uncertainty",
-                 "uncertain_k_center", "uncertainty", "task_balanced")
+GPU_SELECTORS = (
+    "random",
+    "dedup",
+    "typiclust",
+    "probcover",
+    "facility_location",
+    "k_center",
+    "fl_uncertainty",
+    "uncertain_k_center",
+    "uncertainty",
+    "task_balanced",
+)
 GPU_PARAMS = {"uncertainty": {"score": ["mean_entropy", "max_entropy", "least_confidence", "min_margin"]}}
 # Measured on this 2-core machine (benchmarks/results/training.md, scoring.md): the time estimate's inputs.
 CPU_S_PER_STEP = 3.1  # SmolLM2-135M + LoRA, micro batch 8, ~50 tokens per example
@@ -88,12 +98,22 @@ class Plan:
 
 def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None) -> list[Plan]:
     if mode == "tiny":
-        base = dict(budgets=(8, 16), random_budgets=(32,), seeds=(0, 1), selectors=("random", "dedup", "typiclust", "probcover"),
-                    recipe=Recipe(epochs=1.0, min_steps=2))
+        base = dict(
+            budgets=(8, 16),
+            random_budgets=(32,),
+            seeds=(0, 1),
+            selectors=("random", "dedup", "typiclust", "probcover"),
+            recipe=Recipe(epochs=1.0, min_steps=2),
+        )
     else:
-        base = dict(budgets=(32, 64, 128, 256, 512), random_budgets=(1024, 2048), seeds=(0, 1, 2),
-                    selectors=GPU_SELECTORS if mode == "gpu" else CPU_SELECTORS, params=GPU_PARAMS if mode == "gpu" else {},
-                    recipe=Recipe(epochs=2.0, min_steps=24))
+        base = dict(
+            budgets=(32, 64, 128, 256, 512),
+            random_budgets=(1024, 2048),
+            seeds=(0, 1, 2),
+            selectors=GPU_SELECTORS if mode == "gpu" else CPU_SELECTORS,
+            params=GPU_PARAMS if mode == "gpu" else {},
+            recipe=Recipe(epochs=2.0, min_steps=24),
+        )
     if seeds is not None:
         base["seeds"] = tuple(seeds)
     if selectors is not None:
@@ -115,9 +135,21 @@ def build_config(mode: str, pool: str, out_dir: str) -> Config:
     if mode == "tiny":
         data = {
             "pool": {"path": path, "size": 300, "eval_size": 40},
-            "scoring": {"model": "builtin:tiny-llama", "max_new_tokens": 4, "batch_size": 32, "num_actors": 1, "cpus_per_actor": 0.5},
-            "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 0.95}, "max_seq_len": 64,
-                         "micro_batch_size": 8, "lr": 3e-4},
+            "scoring": {
+                "model": "builtin:tiny-llama",
+                "max_new_tokens": 4,
+                "batch_size": 32,
+                "num_actors": 1,
+                "cpus_per_actor": 0.5,
+            },
+            "training": {
+                "backend": "ddp",
+                "num_workers": 1,
+                "resources_per_worker": {"CPU": 0.95},
+                "max_seq_len": 64,
+                "micro_batch_size": 8,
+                "lr": 3e-4,
+            },
             "evaluation": {"max_new_tokens": 4, "batch_size": 20},
         }
         if pool == "pydocs":  # the whole pydocs train split is scored: keep the eval split tiny
@@ -125,19 +157,45 @@ def build_config(mode: str, pool: str, out_dir: str) -> Config:
     elif mode == "gpu":
         data = {
             "pool": {"path": path, "size": 20_000, "eval_size": 560},
-            "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 24, "batch_size": 64, "num_actors": 1,
-                        "num_gpus_per_actor": 1.0, "cpus_per_actor": 2},
-            "training": {"backend": "deepspeed", "zero_stage": 2, "num_workers": 1, "use_gpu": True,
-                         "resources_per_worker": {"CPU": 4, "GPU": 1}, "max_seq_len": 256, "micro_batch_size": 16, "lr": 2e-4},
+            "scoring": {
+                "model": "builtin:smollm2-135m",
+                "max_new_tokens": 24,
+                "batch_size": 64,
+                "num_actors": 1,
+                "num_gpus_per_actor": 1.0,
+                "cpus_per_actor": 2,
+            },
+            "training": {
+                "backend": "deepspeed",
+                "zero_stage": 2,
+                "num_workers": 1,
+                "use_gpu": True,
+                "resources_per_worker": {"CPU": 4, "GPU": 1},
+                "max_seq_len": 256,
+                "micro_batch_size": 16,
+                "lr": 2e-4,
+            },
             "evaluation": {"max_new_tokens": 24, "batch_size": 64, "num_gpus_per_actor": 1.0},
         }
     elif mode == "cpu":
         data = {
             "pool": {"path": path, "size": 5_000, "eval_size": 560},
-            "scoring": {"model": "builtin:smollm2-135m", "max_new_tokens": 16, "batch_size": 16, "num_actors": 2, "cpus_per_actor": 0.5},
+            "scoring": {
+                "model": "builtin:smollm2-135m",
+                "max_new_tokens": 16,
+                "batch_size": 16,
+                "num_actors": 2,
+                "cpus_per_actor": 0.5,
+            },
             # two trials side by side on two cores, one worker each
-            "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 0.95}, "max_seq_len": 128,
-                         "micro_batch_size": 8, "lr": 3e-4},
+            "training": {
+                "backend": "ddp",
+                "num_workers": 1,
+                "resources_per_worker": {"CPU": 0.95},
+                "max_seq_len": 128,
+                "micro_batch_size": 8,
+                "lr": 3e-4,
+            },
             "evaluation": {"max_new_tokens": 16, "batch_size": 16},
         }
     else:
@@ -159,11 +217,18 @@ def sweeps(cfg: Config, plan: Plan) -> list[Config]:
     gb = global_batch(cfg)
     for b in list(plan.budgets) + list(plan.random_budgets):
         sel = list(plan.selectors) if b in plan.budgets else ["random"]
-        out.append(cfg.replace(**{
-            "sweep.selectors": sel, "sweep.budgets": [b], "sweep.seeds": list(plan.seeds), "sweep.metric": plan.metric,
-            "sweep.params": {k: v for k, v in plan.params.items() if k in sel},
-            "training.max_steps": plan.recipe.steps(b, gb),
-        }))
+        out.append(
+            cfg.replace(
+                **{
+                    "sweep.selectors": sel,
+                    "sweep.budgets": [b],
+                    "sweep.seeds": list(plan.seeds),
+                    "sweep.metric": plan.metric,
+                    "sweep.params": {k: v for k, v in plan.params.items() if k in sel},
+                    "training.max_steps": plan.recipe.steps(b, gb),
+                }
+            )
+        )
     return out
 
 
@@ -208,8 +273,11 @@ def run_plan(mode: str, plan: Plan, out_root: Path, publish_dir: Path | None) ->
         part = run.child("sweep", f"results_b{b}.parquet")
         part.write_table(run.child("sweep", "results.parquet").read_table())
         parts.append(part.read_table().to_pandas())
-        print(f"[benchmark] {plan.pool} B={b}: {s['finished']}/{s['trials']} trials finished "
-              f"({s['computed']} computed now), max_steps={c.training.max_steps}", flush=True)
+        print(
+            f"[benchmark] {plan.pool} B={b}: {s['finished']}/{s['trials']} trials finished "
+            f"({s['computed']} computed now), max_steps={c.training.max_steps}",
+            flush=True,
+        )
     results = pd.concat(parts, ignore_index=True)
     run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(results, preserve_index=False))
     rep = R.build_report(run, metric=plan.metric)
@@ -260,29 +328,46 @@ def publish(run, results, tables, mode: str, plan: Plan, cfg: Config, wall: floa
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     n, steps = trial_count(cfg, plan)
     lines = [
-        f"# Label efficiency: {cfg.pool.path} ({mode})", "",
+        f"# Label efficiency: {cfg.pool.path} ({mode})",
+        "",
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores; "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; wall {wall / 60:.1f} min.", "",
-        f"**Headline (label-free selectors, {plan.metric}).** {tables['headline']['text']}", "",
-        "| | |", "|---|---|",
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; wall {wall / 60:.1f} min.",
+        "",
+        f"**Headline (label-free selectors, {plan.metric}).** {tables['headline']['text']}",
+        "",
+        "| | |",
+        "|---|---|",
         f"| pool | `{cfg.pool.path}`, {cfg.pool.size if plan.pool == 'tasks' else 'all'} prompts, {cfg.pool.eval_size} eval prompts (balanced by task) |",
         f"| model | `{cfg.scoring.model}`, LoRA r={cfg.training.lora_r} |",
         f"| selectors | {', '.join(plan.selectors)} (task-aware, not in the headline: {', '.join(s for s in plan.selectors if s in TASK_AWARE) or 'none'}) |",
         f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
         f"| seeds | {', '.join(map(str, plan.seeds))} |",
         f"| recipe | {plan.recipe.epochs:g} epochs, at least {plan.recipe.min_steps} optimizer steps, global batch {global_batch(cfg)}, lr {cfg.training.lr:g}: "
-        + ", ".join(f"B={c.sweep.budgets[0]}: {c.training.max_steps}" for c in sweeps(cfg, plan)) + " steps |",
+        + ", ".join(f"B={c.sweep.budgets[0]}: {c.training.max_steps}" for c in sweeps(cfg, plan))
+        + " steps |",
         f"| trials | {len(results)} ({n} planned, {steps} optimizer steps) |",
         f"| intervals | means: 95% t over seeds; B / B_random: 95% bootstrap over {main['boot']['resampled']} ({main['boot']['n_boot']} resamples), per cell, not adjusted for multiplicity |",
         "",
     ]
     if tables["worse"]:
-        lines += ["Significantly MORE labels than random (interval above 1): "
-                  + "; ".join(f"{k} at B={', '.join(map(str, v))}" for k, v in sorted(tables["worse"].items())), ""]
+        lines += [
+            "Significantly MORE labels than random (interval above 1): "
+            + "; ".join(f"{k} at B={', '.join(map(str, v))}" for k, v in sorted(tables["worse"].items())),
+            "",
+        ]
     for m, t in tables["metrics"].items():
-        lines += [f"## {m} ({R.metric_label(m)}; {'higher' if R.higher_is_better(m) else 'lower'} is better)", "",
-                  "Mean [95% t-interval] (seeds); B / B_random at the mean:", "", R.markdown_table(t["summary"], t["eff"]), "",
-                  "B / B_random [95% bootstrap interval]:", "", R.interval_table(t["boot"]), ""]
+        lines += [
+            f"## {m} ({R.metric_label(m)}; {'higher' if R.higher_is_better(m) else 'lower'} is better)",
+            "",
+            "Mean [95% t-interval] (seeds); B / B_random at the mean:",
+            "",
+            R.markdown_table(t["summary"], t["eff"]),
+            "",
+            "B / B_random [95% bootstrap interval]:",
+            "",
+            R.interval_table(t["boot"]),
+            "",
+        ]
     Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
     written = [Path(f"{prefix}.md"), Path(f"{prefix}_results.parquet"), Path(f"{prefix}_intervals.csv")]
     for p in written:
@@ -344,12 +429,22 @@ def coverage_stats(tasks, picks, pool_freq: dict) -> dict:
     got = dict(zip(fam.tolist(), cnt.tolist()))
     top3 = sorted(pool_freq, key=lambda f: -pool_freq[f])[:3]
     share = {f: got.get(f, 0) / len(picks) for f in pool_freq}
-    return {"covered": len(got), "ge3": sum(c >= 3 for c in got.values()), "top3": sum(share[f] for f in top3),
-            "tv": 0.5 * sum(abs(share[f] - pool_freq[f]) for f in pool_freq)}
+    return {
+        "covered": len(got),
+        "ge3": sum(c >= 3 for c in got.values()),
+        "top3": sum(share[f] for f in top3),
+        "tv": 0.5 * sum(abs(share[f] - pool_freq[f]) for f in pool_freq),
+    }
 
 
-def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 1, 2), out: Path | None = None,
-                      cache: Path = ROOT / "runs" / "label_efficiency_coverage", kinds=("minilm", "smollm2_last")) -> str:
+def coverage_analysis(
+    n: int = 5000,
+    budgets=(32, 64, 128, 256, 512),
+    seeds=(0, 1, 2),
+    out: Path | None = None,
+    cache: Path = ROOT / "runs" / "label_efficiency_coverage",
+    kinds=("minilm", "smollm2_last"),
+) -> str:
     """Family coverage vs frequency of every selector's picks on builtin:tasks, per embedding (mean over
     seeds; deterministic selectors still vary with the seed where they are randomized). Also the picks'
     density: median distance to the 20 nearest pool rows, relative to the pool's median (1 = typical,
@@ -366,19 +461,29 @@ def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 
     fam, cnt = np.unique(tasks, return_counts=True)
     pool_freq = dict(zip(fam.tolist(), (cnt / cnt.sum()).tolist()))
     top3 = sorted(pool_freq, key=lambda f: -pool_freq[f])[:3]
-    lines = [f"# Why diversity loses at small budgets: family coverage of the picks (builtin:tasks, {n} prompts)", "",
-             f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start {load0[0]:.1f}. No training: "
-             "the picked sets only. Task labels are read by this analysis, never by the selectors.", "",
-             f"Pool: {len(fam)} families; the 3 most frequent ({', '.join(top3)}) hold {sum(pool_freq[f] for f in top3):.0%} of it; "
-             f"the rarest holds {min(pool_freq.values()):.1%}.", "",
-             "Cell: families covered / families with >= 3 picks / share of picks in the top-3 families / total-variation "
-             "distance of the picked family mix to the pool's / density of the picks (median 20-NN distance over the pool's "
-             "median: > 1 = sparser than a typical prompt). Mean over seeds " + ", ".join(map(str, seeds)) + ".", ""]
+    lines = [
+        f"# Why diversity loses at small budgets: family coverage of the picks (builtin:tasks, {n} prompts)",
+        "",
+        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start {load0[0]:.1f}. No training: "
+        "the picked sets only. Task labels are read by this analysis, never by the selectors.",
+        "",
+        f"Pool: {len(fam)} families; the 3 most frequent ({', '.join(top3)}) hold {sum(pool_freq[f] for f in top3):.0%} of it; "
+        f"the rarest holds {min(pool_freq.values()):.1%}.",
+        "",
+        "Cell: families covered / families with >= 3 picks / share of picks in the top-3 families / total-variation "
+        "distance of the picked family mix to the pool's / density of the picks (median 20-NN distance over the pool's "
+        "median: > 1 = sparser than a typical prompt). Mean over seeds " + ", ".join(map(str, seeds)) + ".",
+        "",
+    ]
     for name, X in embs.items():
         typ = typicality(X, 20)
         pool_med = float(np.median(1 / typ))
-        lines += [f"## embedding: {name} (d={X.shape[1]})", "", "| selector | " + " | ".join(f"B={b}" for b in budgets) + " | s (B=512) |",
-                  "|---" * (len(budgets) + 2) + "|"]
+        lines += [
+            f"## embedding: {name} (d={X.shape[1]})",
+            "",
+            "| selector | " + " | ".join(f"B={b}" for b in budgets) + " | s (B=512) |",
+            "|---" * (len(budgets) + 2) + "|",
+        ]
         for sel in COVERAGE_SELECTORS:
             cells, secs = [], float("nan")
             for b in budgets:
@@ -392,8 +497,10 @@ def coverage_analysis(n: int = 5000, budgets=(32, 64, 128, 256, 512), seeds=(0, 
                 cells.append(f"{m['covered']:.1f} / {m['ge3']:.1f} / {m['top3']:.0%} / {m['tv']:.2f} / {m['density']:.2f}")
             lines.append(f"| {sel} | " + " | ".join(cells) + f" | {secs:.1f} |")
         lines.append("")
-    lines.append(f"Wall {(time.time() - t0) / 60:.1f} min (embeddings cached in {cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}); "
-                 f"load average at the end {os.getloadavg()[0]:.1f}.")
+    lines.append(
+        f"Wall {(time.time() - t0) / 60:.1f} min (embeddings cached in {cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}); "
+        f"load average at the end {os.getloadavg()[0]:.1f}."
+    )
     text = "\n".join(lines) + "\n"
     if out is not None:
         out.write_text(text)
@@ -411,8 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="parent folder of the run folders (default runs/)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, the trial count and a time estimate only")
     ap.add_argument("--coverage", action="store_true", help="no training: family coverage vs frequency of every selector's picks")
-    ap.add_argument("--embeddings", nargs="+", choices=["minilm", "smollm2_last"], default=["minilm", "smollm2_last"],
-                    help="--coverage: which embeddings (SmolLM2 costs ~10x MiniLM on CPU)")
+    ap.add_argument(
+        "--embeddings",
+        nargs="+",
+        choices=["minilm", "smollm2_last"],
+        default=["minilm", "smollm2_last"],
+        help="--coverage: which embeddings (SmolLM2 costs ~10x MiniLM on CPU)",
+    )
     ap.add_argument("--no-publish", action="store_true", help="do not write benchmarks/results")
     ap.add_argument("--publish-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -427,15 +539,30 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"))
         n, steps = trial_count(cfg, plan)
         rows = cfg.pool.size if plan.pool == "tasks" else 3140
-        est = f", about {estimate_hours(cfg, plan, rows, cfg.pool.eval_size):.1f} h on 2 CPU cores at the measured speed" if mode == "cpu" else ""
-        print(f"[benchmark] mode={mode} pool={cfg.pool.path} selectors={list(plan.selectors)} budgets={list(plan.budgets)} "
-              f"(+ random {list(plan.random_budgets)}) seeds={list(plan.seeds)}: {n} trials, {steps} optimizer steps{est}", flush=True)
+        est = (
+            f", about {estimate_hours(cfg, plan, rows, cfg.pool.eval_size):.1f} h on 2 CPU cores at the measured speed"
+            if mode == "cpu"
+            else ""
+        )
+        print(
+            f"[benchmark] mode={mode} pool={cfg.pool.path} selectors={list(plan.selectors)} budgets={list(plan.budgets)} "
+            f"(+ random {list(plan.random_budgets)}) seeds={list(plan.seeds)}: {n} trials, {steps} optimizer steps{est}",
+            flush=True,
+        )
         if args.dry_run:
             continue
         summary[plan.pool] = run_plan(mode, plan, out_root, None if args.no_publish else Path(args.publish_dir))
     if summary:
-        print(json.dumps({k: {"headline": v["label_free_headline"]["text"], "wall_min": round(v["wall_s"] / 60, 1)} for k, v in summary.items()},
-                         indent=1), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: {"headline": v["label_free_headline"]["text"], "wall_min": round(v["wall_s"] / 60, 1)}
+                    for k, v in summary.items()
+                },
+                indent=1,
+            ),
+            flush=True,
+        )
     return 0
 
 

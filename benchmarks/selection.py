@@ -114,13 +114,19 @@ def grid(quick: bool, headline: bool = False) -> list[dict]:
     """Cells in priority order (the time cap skips the tail): the headline comparison first."""
     fl, kc = "facility_location", "k_center"
     if headline:
-        return [{"family": fl, "n": 20000, "d": 64, "budget": 1000, "method": m}
-                for m in ("edsft-fl-lazy", "apricot-lazy", "edsft-fl-naive", "apricot-pre-lazy")]
+        return [
+            {"family": fl, "n": 20000, "d": 64, "budget": 1000, "method": m}
+            for m in ("edsft-fl-lazy", "apricot-lazy", "edsft-fl-naive", "apricot-pre-lazy")
+        ]
     if quick:
-        return [{"family": fl, "n": 5000, "d": 64, "budget": 100, "method": m}
-                for m in ("edsft-fl-lazy", "edsft-fl-naive", "apricot-lazy", "apricot-pre-lazy")]
-    cells = [{"family": fl, "n": 20000, "d": 64, "budget": 1000, "method": m}
-             for m in ("edsft-fl-lazy", "edsft-fl-naive", "edsft-fl-stochastic", "apricot-lazy", "apricot-pre-lazy")]
+        return [
+            {"family": fl, "n": 5000, "d": 64, "budget": 100, "method": m}
+            for m in ("edsft-fl-lazy", "edsft-fl-naive", "apricot-lazy", "apricot-pre-lazy")
+        ]
+    cells = [
+        {"family": fl, "n": 20000, "d": 64, "budget": 1000, "method": m}
+        for m in ("edsft-fl-lazy", "edsft-fl-naive", "edsft-fl-stochastic", "apricot-lazy", "apricot-pre-lazy")
+    ]
     cells += [{"family": kc, "n": 100_000, "d": 384, "budget": 1000, "method": m} for m in ("edsft-kcenter", "numpy-kcenter")]
     cells += [{"family": fl, "n": 100_000, "d": 64, "budget": 1000, "method": "edsft-fl-sparse-lazy"}]
     cells += [{"family": kc, "n": 1_000_000, "d": 384, "budget": 100, "method": "edsft-kcenter"}]
@@ -174,10 +180,14 @@ def table(rows: list[dict]) -> str:
             if o is None or o is r or r["method"] in refs:
                 cols.append("")
             else:
-                cols.append(f"{o['wall_s'] / r['wall_s']:.1f}x, {o['cpu_s'] / r['cpu_s']:.1f}x, "
-                            f"{r['objective'] / o['objective']:.5f}")
-        out.append(f"{head} {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['objective']:.6g} | "
-                   + " | ".join(cols) + " |")
+                cols.append(
+                    f"{o['wall_s'] / r['wall_s']:.1f}x, {o['cpu_s'] / r['cpu_s']:.1f}x, {r['objective'] / o['objective']:.5f}"
+                )
+        out.append(
+            f"{head} {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['objective']:.6g} | "
+            + " | ".join(cols)
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -189,23 +199,24 @@ def load_note(header: str) -> str:
         return "Machine load unknown."
     if load < 1.5:
         return f"Quiet machine (load average {load:.1f} at start, nothing else scheduled): wall times are comparable."
-    return (f"Shared machine (load average {load:.1f} at start): other jobs ran on the same cores, so wall times are "
-            "noisy and inflated and cpu s is the fairer comparison.")
+    return (
+        f"Shared machine (load average {load:.1f} at start): other jobs ran on the same cores, so wall times are "
+        "noisy and inflated and cpu s is the fairer comparison."
+    )
 
 
 def render(header: str, rows: list[dict]) -> str:
     return (
         "# Selection benchmark\n\n"
         + header
-        + "\n\n" + load_note(header)
+        + "\n\n"
+        + load_note(header)
         + " cpu s is the process CPU time over all threads. Each cell ran in its own process (peak RSS is that cell's). Objective: facility location = "
         "sum over the pool of the best clipped-cosine similarity to the picks (edsft's objective, higher is "
         "better) for every method's picks; k-center = covering radius (lower is better). apricot-lazy = "
         "apricot's own pipeline on the raw float64 data (its cosine transform and pairwise matrix); "
         "apricot-pre-lazy = apricot's lazy greedy on edsft's exact similarity passed as a precomputed float64 "
-        "matrix (same objective; building that matrix is not timed for apricot, it is for edsft).\n\n"
-        + table(rows)
-        + "\n"
+        "matrix (same objective; building that matrix is not timed for apricot, it is for edsft).\n\n" + table(rows) + "\n"
     )
 
 
@@ -236,8 +247,12 @@ def main() -> None:
             rows.append({**cfg, "status": "skipped (total time cap)"})
             continue
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
-                               timeout=min(args.cell_timeout, left))
+            p = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                timeout=min(args.cell_timeout, left),
+            )
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             row = json.loads(line[-1][7:]) if line else {**cfg, "status": "failed: " + p.stderr.strip()[-200:]}
         except subprocess.TimeoutExpired:

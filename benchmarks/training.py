@@ -42,7 +42,14 @@ def _rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         seq = [words[(i * 7 + j) % len(words)] for j in range(4 + i % 5)]
-        rows.append({"row_id": str(i), "prompt": "Reverse this list of words: " + " ".join(seq), "response": " ".join(reversed(seq)), "task": "reverse"})
+        rows.append(
+            {
+                "row_id": str(i),
+                "prompt": "Reverse this list of words: " + " ".join(seq),
+                "response": " ".join(reversed(seq)),
+                "task": "reverse",
+            }
+        )
     return rows
 
 
@@ -74,17 +81,21 @@ def cpu(steps: int) -> dict:
     from edsft.config import Config
 
     torch.set_num_threads(2)
-    cfg = Config().replace(
-        **{
-            "training.model": "builtin:smollm2-135m",
-            "training.backend": "ddp",
-            "training.max_steps": steps,
-            "training.micro_batch_size": 8,
-            "training.log_every": 1,
-            "training.max_seq_len": 128,
-            "training.warmup_ratio": 0.0,
-        }
-    ).training
+    cfg = (
+        Config()
+        .replace(
+            **{
+                "training.model": "builtin:smollm2-135m",
+                "training.backend": "ddp",
+                "training.max_steps": steps,
+                "training.micro_batch_size": 8,
+                "training.log_every": 1,
+                "training.max_seq_len": 128,
+                "training.warmup_ratio": 0.0,
+            }
+        )
+        .training
+    )
     out = {"model": "builtin:smollm2-135m", "lora_r": cfg.lora_r, "micro_batch_size": 8, "threads": 2}
     out.update(_timed_loop(cfg, "builtin:smollm2-135m", _rows(256)))
     return out
@@ -99,9 +110,16 @@ def _llama_1b(folder: Path, attn: str) -> str:
 
     tok = load_tokenizer("builtin:tiny-llama")
     config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -126,7 +144,15 @@ def gpu(steps: int) -> dict:
     ray.init(include_dashboard=False)
     work = Path(tempfile.mkdtemp(prefix="edsft-bench-"))
     # long examples so that seq 512 blocks fill up: ~100-token prompts, ~100-token responses
-    rows = [{"row_id": str(i), "prompt": " ".join(["context"] * 90) + f" item {i}", "response": " ".join(["answer"] * 90), "task": "t"} for i in range(4096)]
+    rows = [
+        {
+            "row_id": str(i),
+            "prompt": " ".join(["context"] * 90) + f" item {i}",
+            "response": " ".join(["answer"] * 90),
+            "task": "t",
+        }
+        for i in range(4096)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), work / "train.parquet")
     variants = {
         "naive": {"micro": 1, "accum": 8, "packing": False, "attn": "eager", "ckpt": True},
@@ -137,17 +163,30 @@ def gpu(steps: int) -> dict:
         spec = _llama_1b(work / f"llama-{v['attn']}", v["attn"])
         cfg = Config().replace(
             **{
-                "training.model": spec, "training.backend": "deepspeed", "training.zero_stage": 2,
-                "training.num_workers": n_gpus, "training.use_gpu": True, "training.resources_per_worker": {"GPU": 1, "CPU": 2},
-                "training.max_seq_len": 512, "training.micro_batch_size": v["micro"], "training.grad_accum": v["accum"],
-                "training.packing": v["packing"], "training.gradient_checkpointing": v["ckpt"], "training.max_steps": steps,
-                "training.log_every": 1, "training.checkpoint_every": 0, "training.warmup_ratio": 0.0,
+                "training.model": spec,
+                "training.backend": "deepspeed",
+                "training.zero_stage": 2,
+                "training.num_workers": n_gpus,
+                "training.use_gpu": True,
+                "training.resources_per_worker": {"GPU": 1, "CPU": 2},
+                "training.max_seq_len": 512,
+                "training.micro_batch_size": v["micro"],
+                "training.grad_accum": v["accum"],
+                "training.packing": v["packing"],
+                "training.gradient_checkpointing": v["ckpt"],
+                "training.max_steps": steps,
+                "training.log_every": 1,
+                "training.checkpoint_every": 0,
+                "training.warmup_ratio": 0.0,
             }
         )
         s = train_sft(cfg, str(work / "train.parquet"), str(work / f"out-{name}"), progress=False)
         tps = s["tokens_per_s"]
         results[name] = {
-            **v, "s_per_step": s["s_per_step"], "tokens_per_s": tps, "total_params": s["total_params"],
+            **v,
+            "s_per_step": s["s_per_step"],
+            "tokens_per_s": tps,
+            "total_params": s["total_params"],
             "mfu": 6 * s["total_params"] * tps / (H100_BF16_PEAK * n_gpus),
         }
     return {"gpus": n_gpus, "device": torch.cuda.get_device_name(0), "seq": 512, "variants": results}

@@ -44,8 +44,14 @@ __all__ = ["annotate", "AnnotationError", "ANNOTATED_SCHEMA", "escape_cell", "un
 # context: a conversation pool's earlier turns and system prompt (JSON messages), null for flat rows;
 # training applies the chat template to the whole conversation, so it must survive annotation
 ANNOTATED_SCHEMA = pa.schema(
-    [("row_id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("task", pa.string()),
-     ("rank", pa.int64()), ("context", pa.string())]
+    [
+        ("row_id", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("task", pa.string()),
+        ("rank", pa.int64()),
+        ("context", pa.string()),
+    ]
 )
 EXPORT_FIELDS = ["row_id", "prompt", "task", "response"]
 EXAMPLES = 10  # how many bad lines / ids a summary quotes; the counts are always complete
@@ -115,8 +121,7 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
             "rows": len(recs),
             "exported": [target.child("to_annotate.jsonl").uri, target.child("to_annotate.csv").uri],
             "formats": formats,
-            "next": "fill in `response`, then run with annotation.mode=import "
-            "annotation.annotations_path=<the JSONL or CSV>",
+            "next": "fill in `response`, then run with annotation.mode=import annotation.annotations_path=<the JSONL or CSV>",
         }
 
     if mode == "oracle":
@@ -157,8 +162,11 @@ def annotate(cfg: Config, selection: Store, pool: Store, out: Store, export_dir:
             f"{missing} of the {len(selected)} selected row_ids have no usable annotation in {src.uri} "
             f"(e.g. {report['missing_examples']}; {got.bad_total} bad lines, {report['unknown_ids']} unknown ids, "
             f"format {got.format}): annotate them"
-            + ("" if missing == len(selected) else
-               f", or set annotation.allow_missing=true to train on the {len(selected) - missing} that have one")
+            + (
+                ""
+                if missing == len(selected)
+                else f", or set annotation.allow_missing=true to train on the {len(selected) - missing} that have one"
+            )
         )
     keep = [i for i, r in enumerate(selected) if r in got.answers]
     rows = rows.take(pa.array(keep, pa.int64()))
@@ -313,8 +321,12 @@ def _reconcile(got: Annotations, selected: list[str]) -> dict:
 def _log_import(s: dict) -> None:
     """One console line with every count, so a partial import never passes for a complete one."""
     parts = [f"{s['annotated']} of {s['selected']} selected ids annotated in {s['source']} ({s['format']})"]
-    for key, what in (("missing_ids", "missing"), ("unknown_ids", "unknown (ignored)"),
-                      ("duplicate_ids", "repeated with the same response"), ("conflicting_ids", "with conflicting responses")):
+    for key, what in (
+        ("missing_ids", "missing"),
+        ("unknown_ids", "unknown (ignored)"),
+        ("duplicate_ids", "repeated with the same response"),
+        ("conflicting_ids", "with conflicting responses"),
+    ):
         if s[key]:
             ex = [e[0] if isinstance(e, tuple) else e for e in s[key.replace("_ids", "_examples")][:3]]
             parts.append(f"{s[key]} {what} (e.g. {', '.join(map(str, ex))})")

@@ -37,8 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", "-c", help="YAML config (default: the embedded quickstart)")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. selection.budget=200")
-        sp.add_argument("--verbose", "-v", action="store_true",
-                        help="show Ray's and the libraries' logs live (they always go to <output.dir>/logs/edsft.log)")
+        sp.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            help="show Ray's and the libraries' logs live (they always go to <output.dir>/logs/edsft.log)",
+        )
 
     for verb in STAGE_VERBS:
         sp = sub.add_parser(verb, help=f"run the {verb} stage")
@@ -124,8 +128,11 @@ def _open_console(cfg, verbose: bool):
     from .console import Console, log_path_for
     from .storage import get_store, is_remote
 
-    upload = get_store(cfg.output.dir, cfg.storage.endpoint_url, cfg.storage.region).child("logs", "edsft.log") \
-        if is_remote(cfg.output.dir) else None
+    upload = (
+        get_store(cfg.output.dir, cfg.storage.endpoint_url, cfg.storage.region).child("logs", "edsft.log")
+        if is_remote(cfg.output.dir)
+        else None
+    )
     con = Console(log_path_for(cfg.output.dir), verbose=verbose, upload_to=upload)
     con.ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     return con

@@ -24,9 +24,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -388,7 +389,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def replace(self, **dotted: Any) -> "Config":
+    def replace(self, **dotted: Any) -> Config:
         """A copy with dotted overrides applied and validated: ``cfg.replace(**{"selection.budget": 5})``."""
         data = config_to_dict(self)
         for key, value in dotted.items():

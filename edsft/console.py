@@ -26,16 +26,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 __all__ = ["Console", "Bar", "active", "bar", "note", "progress", "log_path_for", "summary_table", "format_seconds"]
 
-_ACTIVE: "Console | None" = None
+_ACTIVE: Console | None = None
 PREFIX = "[edsft]"
 
 
-def active() -> "Console | None":
+def active() -> Console | None:
     """The console of the run in progress in this process (None in library use and in Ray workers)."""
     return _ACTIVE
 
@@ -68,7 +69,7 @@ class Bar:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -129,8 +130,15 @@ class Console:
     ``interval``: seconds between plain progress lines when the stream is not a terminal.
     """
 
-    def __init__(self, log_path: str | os.PathLike, *, verbose: bool = False, stream: TextIO | None = None,
-                 interval: float | None = None, upload_to: Any = None):
+    def __init__(
+        self,
+        log_path: str | os.PathLike,
+        *,
+        verbose: bool = False,
+        stream: TextIO | None = None,
+        interval: float | None = None,
+        upload_to: Any = None,
+    ):
         self.log_path = Path(log_path)
         self.verbose = verbose
         self.upload_to = upload_to  # a Store for an s3:// run folder's logs/edsft.log
@@ -144,7 +152,7 @@ class Console:
         self._stop = threading.Event()
 
     # ---- capture -----------------------------------------------------------------------------
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         global _ACTIVE
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a", buffering=1, encoding="utf-8", errors="replace")
@@ -174,10 +182,12 @@ class Console:
             os.close(target)
         # Python-level writers (print, warnings, logging.lastResort, Ray's log forwarding) go to
         # fd 1/2 even when sys.stdout/err were replaced (pytest's capsys, notebooks)
-        sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), encoding="utf-8", errors="replace",
-                                      line_buffering=True, write_through=True)
-        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), encoding="utf-8", errors="replace",
-                                      line_buffering=True, write_through=True)
+        sys.stdout = io.TextIOWrapper(
+            os.fdopen(os.dup(1), "wb", buffering=0), encoding="utf-8", errors="replace", line_buffering=True, write_through=True
+        )
+        sys.stderr = io.TextIOWrapper(
+            os.fdopen(os.dup(2), "wb", buffering=0), encoding="utf-8", errors="replace", line_buffering=True, write_through=True
+        )
         _ACTIVE = self
         self._threads.append(threading.Thread(target=self._tick, daemon=True, name="edsft-progress"))
         self._threads[-1].start()
@@ -190,8 +200,9 @@ class Console:
             fd = f.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
             return f  # a replaced stream (pytest's capsys): write to it as it is
-        return io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), encoding="utf-8", errors="replace",
-                                line_buffering=True, write_through=True)
+        return io.TextIOWrapper(
+            os.fdopen(os.dup(fd), "wb", buffering=0), encoding="utf-8", errors="replace", line_buffering=True, write_through=True
+        )
 
     def _tee(self, r: int) -> None:
         with os.fdopen(r, "rb", buffering=0) as pipe:
@@ -253,8 +264,14 @@ class Console:
 
     def stage_started(self, name: str, text: str) -> None:
         with self._lock:
-            self._stage = {"name": name, "t0": time.monotonic(), "done": None, "total": None, "unit": "rows",
-                           "last": time.monotonic()}
+            self._stage = {
+                "name": name,
+                "t0": time.monotonic(),
+                "done": None,
+                "total": None,
+                "unit": "rows",
+                "last": time.monotonic(),
+            }
             if self.tty:  # one line per stage on a terminal: this one turns into its progress, then its result
                 self._log.write(f"{PREFIX} {name}: {text}\n")
                 self._show(f"{PREFIX} {name}: {text}")

@@ -23,7 +23,8 @@ Pure pyarrow/json: no torch, no ray (config layer).
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,8 +33,20 @@ import pyarrow.parquet as pq
 from .errors import UserError
 from .storage import Store
 
-__all__ = ["CONTEXT_COLUMN", "LAYOUTS", "SubsetError", "conversation", "records", "response_of", "subset_rows",
-           "pool_rows", "in_rank_order", "write_subsets", "native_layout", "pool_fields"]
+__all__ = [
+    "CONTEXT_COLUMN",
+    "LAYOUTS",
+    "SubsetError",
+    "conversation",
+    "records",
+    "response_of",
+    "subset_rows",
+    "pool_rows",
+    "in_rank_order",
+    "write_subsets",
+    "native_layout",
+    "pool_fields",
+]
 
 # The pool column with a row's turns before its prompt, as a list of {"role", "content"} (or its JSON
 # text): the system prompt and earlier user/assistant turns of a chat pool. Flat pools have none.
@@ -88,8 +101,10 @@ def _messages(row: Mapping, turns: list[dict], pool_fields: Mapping) -> dict:
 
 def _sharegpt(row: Mapping, turns: list[dict], pool_fields: Mapping) -> dict:
     system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
-    rec = {"row_id": row["row_id"],
-           "conversations": [{"from": _SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in turns if t["role"] != "system"]}
+    rec = {
+        "row_id": row["row_id"],
+        "conversations": [{"from": _SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in turns if t["role"] != "system"],
+    }
     if system:
         rec["system"] = system
     return rec
@@ -127,7 +142,10 @@ def response_of(rec: Mapping) -> Any:
         return rec["response"]
     if "output" in rec and "instruction" in rec:
         return rec["output"]
-    for key, role, content, assistant in (("messages", "role", "content", "assistant"), ("conversations", "from", "value", "gpt")):
+    for key, role, content, assistant in (
+        ("messages", "role", "content", "assistant"),
+        ("conversations", "from", "value", "gpt"),
+    ):
         turns = rec.get(key)
         if isinstance(turns, list) and turns and isinstance(turns[-1], dict):
             return turns[-1].get(content) if turns[-1].get(role) == assistant else None
@@ -145,18 +163,32 @@ def _dataset_info(file_name: str, layout: str, recs: list[dict], pool_fields: Ma
                 columns[key] = key
         return {"file_name": file_name, "formatting": "alpaca", "columns": columns}
     if layout == "messages":
-        return {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": "messages"},
-                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system"}}
+        return {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
     if layout == "sharegpt":
         columns = {"messages": "conversations"}
         if any("system" in r for r in recs):
             columns["system"] = "system"
         return {"file_name": file_name, "formatting": "sharegpt", "columns": columns}
     # a flat pool: alpaca with the pool's own column names
-    return {"file_name": file_name, "formatting": "alpaca",
-            "columns": {"prompt": pool_fields.get("prompt_field") or "prompt",
-                        "response": pool_fields.get("response_field") or "response"}}
+    return {
+        "file_name": file_name,
+        "formatting": "alpaca",
+        "columns": {
+            "prompt": pool_fields.get("prompt_field") or "prompt",
+            "response": pool_fields.get("response_field") or "response",
+        },
+    }
 
 
 def native_layout(pool_format: str) -> str:
@@ -164,8 +196,9 @@ def native_layout(pool_format: str) -> str:
     return pool_format if pool_format in _WRITERS else "pool"
 
 
-def write_subsets(folder: Store, subsets: Mapping[str, pa.Table], pool_format: str = "auto",
-                  pool_fields: Mapping | None = None) -> dict:
+def write_subsets(
+    folder: Store, subsets: Mapping[str, pa.Table], pool_format: str = "auto", pool_fields: Mapping | None = None
+) -> dict:
     """Write each subset (name -> rows) as ``<name>.<layout>.jsonl`` in alpaca, messages and the pool's
     own layout, and ``dataset_info.json`` with an entry ``edsft_<name>_<layout>`` per file.
     Returns {name: {layout: file uri}, "dataset_info": uri}."""
@@ -208,7 +241,11 @@ def pool_rows(row_ids: Iterable[str], pool: Store, with_response: bool) -> pa.Ta
     wanted = pa.array(sorted(set(row_ids)), pa.string())
     files = pool.parquet_files()
     names = pq.read_schema(files[0], filesystem=pool.fs).names if files else []
-    cols = ["row_id", "prompt", "task"] + ([CONTEXT_COLUMN] if CONTEXT_COLUMN in names else []) + (["response"] if with_response else [])
+    cols = (
+        ["row_id", "prompt", "task"]
+        + ([CONTEXT_COLUMN] if CONTEXT_COLUMN in names else [])
+        + (["response"] if with_response else [])
+    )
     parts = []
     # Stream the pool part by part, keeping only selected rows: the pool never sits whole in memory.
     for path in files:

@@ -240,11 +240,13 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> Path
     the hub cache (offline when ``HF_HUB_OFFLINE=1``); everything else becomes a local ``Path``.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"model spec {spec!r} is empty: pass a hub id, a local folder, s3://bucket/prefix or builtin:smollm2-135m")
+        raise ValueError(
+            f"model spec {spec!r} is empty: pass a hub id, a local folder, s3://bucket/prefix or builtin:smollm2-135m"
+        )
     spec = spec.strip()
     root = models_cache_dir(cache_dir)
     if spec.startswith("builtin:"):
-        name = spec[len("builtin:"):]
+        name = spec[len("builtin:") :]
         if name not in BUILTIN_MODELS:
             raise ValueError(f"model={spec!r} is not a builtin model: use one of {['builtin:' + k for k in BUILTIN_MODELS]}")
         root.mkdir(parents=True, exist_ok=True)
@@ -303,8 +305,14 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     """'auto' -> bf16 on CUDA and on CPUs with native bf16 (cpu_supports_bf16), else fp32; names map to torch dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype == "auto":
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.bfloat16 if dev.type == "cuda" or (dev.type == "cpu" and cpu_supports_bf16()) else torch.float32

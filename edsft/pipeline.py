@@ -31,8 +31,9 @@ import importlib.metadata
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import console
 from .config import Config, config_hash, config_to_dict
@@ -41,7 +42,18 @@ from .pools.sources import open_source
 from .storage import Store, get_store, set_default_storage
 from .validate import check_config
 
-__all__ = ["Run", "STAGES", "run_stage", "run_pipeline", "summarize", "run_trial", "StageNotBuilt", "ManifestError", "read_manifest", "stage_plan"]
+__all__ = [
+    "Run",
+    "STAGES",
+    "run_stage",
+    "run_pipeline",
+    "summarize",
+    "run_trial",
+    "StageNotBuilt",
+    "ManifestError",
+    "read_manifest",
+    "stage_plan",
+]
 
 STAGING = "_staging"
 
@@ -78,19 +90,19 @@ class Run:
 
     cfg: Config
     store: Store
-    parent: "Run | None" = None
+    parent: Run | None = None
     inherited: tuple[str, ...] = ()
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, cfg: Config) -> "Run":
+    def open(cls, cfg: Config) -> Run:
         set_default_storage(cfg.storage.endpoint_url, cfg.storage.region)
         return cls(cfg, get_store(cfg.output.dir, cfg.storage.endpoint_url, cfg.storage.region))
 
     def path(self, *parts: str) -> Store:
         return self.store.child(*parts)
 
-    def owner(self, stage: str) -> "Run":
+    def owner(self, stage: str) -> Run:
         """The run whose folder holds ``stage``'s artifacts."""
         return self.parent if stage in self.inherited and self.parent is not None else self
 
@@ -161,8 +173,19 @@ def _pool_fingerprint(cfg: Config) -> str | None:
 
 # Optional third-party packages a stage may need; only their absence is "not available in this
 # install". An ImportError from anything else (edsft's own modules included) is a bug and surfaces.
-_OPTIONAL = {"ray", "torch", "transformers", "peft", "deepspeed", "sentence_transformers", "matplotlib", "pandas", "mlflow", "tensorboard",
-             "wandb"}
+_OPTIONAL = {
+    "ray",
+    "torch",
+    "transformers",
+    "peft",
+    "deepspeed",
+    "sentence_transformers",
+    "matplotlib",
+    "pandas",
+    "mlflow",
+    "tensorboard",
+    "wandb",
+}
 
 
 def _impl(module: str, name: str, stage: str) -> Callable:
@@ -171,7 +194,9 @@ def _impl(module: str, name: str, stage: str) -> Callable:
     except ImportError as e:
         missing = (e.name or "").split(".")[0]
         if missing in _OPTIONAL:
-            raise StageNotBuilt(f"stage {stage!r} needs {missing!r}, which is not installed: pip install 'edsft[all]' (or {missing})") from e
+            raise StageNotBuilt(
+                f"stage {stage!r} needs {missing!r}, which is not installed: pip install 'edsft[all]' (or {missing})"
+            ) from e
         raise
     return getattr(mod, name)
 
@@ -189,7 +214,9 @@ def _ingest(run: Run, out: Store, progress: bool) -> dict:
 def _score(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.scoring", "score_pool", "score")
-    return fn(run.cfg, run.input("pool.parquet"), out.child("scores.parquet"), out.child("score_quarantine.jsonl"), progress=progress)
+    return fn(
+        run.cfg, run.input("pool.parquet"), out.child("scores.parquet"), out.child("score_quarantine.jsonl"), progress=progress
+    )
 
 
 def _select(run: Run, out: Store, progress: bool) -> dict:
@@ -229,7 +256,9 @@ def _evaluate(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.evaluate", "evaluate_models", "evaluate")
     adapter = run.input("train", "adapter")
-    return fn(run.cfg, run.input("eval.parquet"), adapter if adapter.exists() else None, out.child("metrics.json"), progress=progress)
+    return fn(
+        run.cfg, run.input("eval.parquet"), adapter if adapter.exists() else None, out.child("metrics.json"), progress=progress
+    )
 
 
 def _sweep(run: Run, out: Store, progress: bool) -> dict:
@@ -263,25 +292,55 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         # a failed ingest keeps quarantine.jsonl: it says which rows were bad and why
-        Stage("ingest", ("pool",), (), ("pool.parquet", "eval.parquet", "quarantine.jsonl"), _ingest,
-              keep_on_failure=("quarantine.jsonl",)),
+        Stage(
+            "ingest",
+            ("pool",),
+            (),
+            ("pool.parquet", "eval.parquet", "quarantine.jsonl"),
+            _ingest,
+            keep_on_failure=("quarantine.jsonl",),
+        ),
         Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score, needs=("pool.parquet",)),
         # selection.parquet is the largest budget (what annotate, train and evaluate read); with a list
         # of budgets selection/b<size>.parquet holds each; subset/ the trainer-ready files of each
         # (score's hash covers ingest's, so reading the pool's prompts adds no upstream)
-        Stage("select", ("selection",), ("score",), ("selection.parquet", "selection", "subset"), _select,
-              needs=("scores.parquet", "pool.parquet")),
-        Stage("annotate", ("annotation",), ("select", "ingest"),
-              ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv", "annotated", "to_annotate"), _annotate,
-              needs=("selection.parquet", "pool.parquet")),
+        Stage(
+            "select",
+            ("selection",),
+            ("score",),
+            ("selection.parquet", "selection", "subset"),
+            _select,
+            needs=("scores.parquet", "pool.parquet"),
+        ),
+        Stage(
+            "annotate",
+            ("annotation",),
+            ("select", "ingest"),
+            ("annotated.parquet", "to_annotate.jsonl", "to_annotate.csv", "annotated", "to_annotate"),
+            _annotate,
+            needs=("selection.parquet", "pool.parquet"),
+        ),
         # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
         # Train's checkpoints live in the staging folder until the run finishes
         Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, needs=("annotated.parquet",), resumable=True),
-        Stage("evaluate", ("evaluation",), ("train", "ingest"), ("metrics.json", "predictions.jsonl"), _evaluate, needs=("eval.parquet",)),
+        Stage(
+            "evaluate",
+            ("evaluation",),
+            ("train", "ingest"),
+            ("metrics.json", "predictions.jsonl"),
+            _evaluate,
+            needs=("eval.parquet",),
+        ),
         # the trials are child runs with their own manifests (committed stage by stage), and Tune
         # keeps its own experiment state: only the results table is staged
-        Stage("sweep", ("sweep", "selection", "annotation", "training", "evaluation"), ("score", "ingest"), ("sweep/results.parquet",), _sweep,
-              needs=("pool.parquet", "eval.parquet", "scores.parquet")),
+        Stage(
+            "sweep",
+            ("sweep", "selection", "annotation", "training", "evaluation"),
+            ("score", "ingest"),
+            ("sweep/results.parquet",),
+            _sweep,
+            needs=("pool.parquet", "eval.parquet", "scores.parquet"),
+        ),
         Stage("report", (), ("sweep",), ("report",), _report, needs=("sweep/results.parquet",)),
     ]
 }
@@ -357,16 +416,20 @@ def _check_upstream(run: Run, st: Stage) -> None:
     its artifacts were brought from elsewhere (e.g. a hand-made results table for ``report``)."""
     for need in st.needs:
         if not run.input(need).exists():
-            raise UserError(f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
-                            f"first (or `edsft run`, which runs every stage that is missing)")
+            raise UserError(
+                f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
+                f"first (or `edsft run`, which runs every stage that is missing)"
+            )
     for u in st.upstream:
         if not run.entry(u):
             continue
         why = why_not_done(run, u)
         if why is not None:
             where = "" if run.owner(u) is run else f" in {run.owner(u).store.uri}"
-            raise UserError(f"stage {st.name!r} needs the {u!r} stage's outputs{where}, which are not usable ({why}): "
-                            f"run `edsft {u}` (or `edsft run`, which runs what is missing) first")
+            raise UserError(
+                f"stage {st.name!r} needs the {u!r} stage's outputs{where}, which are not usable ({why}): "
+                f"run `edsft {u}` (or `edsft run`, which runs what is missing) first"
+            )
 
 
 def _rebase(obj: Any, old: str, new: str) -> Any:
@@ -403,9 +466,14 @@ def _execute(run: Run, st: Stage, progress: bool, force: bool) -> dict:
         raise
     wall = time.time() - t0
     produced = [o for o in st.outputs if staging.child(o).exists()]
-    entry = {"hash": h, "inputs": inputs, "wall_s": round(wall, 3), "finished_at": _now(),
-             "artifact": run.path(produced[0] if produced else st.outputs[0]).uri,
-             "summary": _rebase(summary, staging.uri, run.store.uri)}
+    entry = {
+        "hash": h,
+        "inputs": inputs,
+        "wall_s": round(wall, 3),
+        "finished_at": _now(),
+        "artifact": run.path(produced[0] if produced else st.outputs[0]).uri,
+        "summary": _rebase(summary, staging.uri, run.store.uri),
+    }
     # The commit: say so first, move, then record what is on disk. A kill anywhere in between
     # leaves "committing", which is never taken for done.
     run.record(st.name, {**entry, "state": "committing"})

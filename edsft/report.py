@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,9 +70,36 @@ def metric_label(metric: str) -> str:
 
 # Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30 (standard tables).
 _T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
 )
 
 
@@ -95,21 +123,43 @@ def t_critical(df: int, confidence: float = 0.95) -> float:
 
 def _normal_quantile(p: float) -> float:
     """Inverse standard normal CDF (Acklam's rational approximation, refined by one Newton step)."""
-    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+    a = (
+        -3.969683028665376e01,
+        2.209460984245205e02,
+        -2.759285104469687e02,
+        1.383577518672690e02,
+        -3.066479806614716e01,
+        2.506628277459239e00,
+    )
     b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01, -1.328068155288572e01)
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+    c = (
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e00,
+        -2.549732539343734e00,
+        4.374664141464968e00,
+        2.938163982698783e00,
+    )
     d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
     lo, hi = 0.02425, 1 - 0.02425
     if p < lo:
         q = math.sqrt(-2 * math.log(p))
-        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
     elif p <= hi:
         q = p - 0.5
         r = q * q
-        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        x = (
+            (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5])
+            * q
+            / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        )
     else:
         q = math.sqrt(-2 * math.log(1 - p))
-        x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
     e = 0.5 * math.erfc(-x / math.sqrt(2)) - p
     return x - e * math.sqrt(2 * math.pi) * math.exp(x * x / 2)
 
@@ -156,7 +206,9 @@ def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> p
     Columns: selector, params, label, budget, n, mean, std, lo, hi. With one seed std/lo/hi are
     NaN (no interval can be drawn from one sample) - the plots then draw no band and say so."""
     if metric not in results.columns:
-        raise ValueError(f"metric={metric!r} is not a column of the results: pick one of {sorted(c for c in results.columns if c in METRICS or c.startswith('base_'))}")
+        raise ValueError(
+            f"metric={metric!r} is not a column of the results: pick one of {sorted(c for c in results.columns if c in METRICS or c.startswith('base_'))}"
+        )
     rows = []
     data = results.dropna(subset=[metric])
     for (selector, params, budget), g in data.groupby(_GROUP_COLS, sort=True):
@@ -169,7 +221,19 @@ def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> p
             lo, hi = mean - half, mean + half
         else:
             std = lo = hi = float("nan")
-        rows.append(dict(selector=selector, params=params, label=_label(selector, params), budget=int(budget), n=n, mean=mean, std=std, lo=lo, hi=hi))
+        rows.append(
+            dict(
+                selector=selector,
+                params=params,
+                label=_label(selector, params),
+                budget=int(budget),
+                n=n,
+                mean=mean,
+                std=std,
+                lo=lo,
+                hi=hi,
+            )
+        )
     cols = ["selector", "params", "label", "budget", "n", "mean", "std", "lo", "hi"]
     return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
 
@@ -179,7 +243,9 @@ def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> p
 # --------------------------------------------------------------------------------------------
 
 
-def random_equivalent_budget(budgets: Iterable[float], values: Iterable[float], target: float, higher_better: bool = True) -> tuple[float, str]:
+def random_equivalent_budget(
+    budgets: Iterable[float], values: Iterable[float], target: float, higher_better: bool = True
+) -> tuple[float, str]:
     """The budget random needs to reach ``target``, from random's mean curve.
 
     Piecewise-linear interpolation in log-budget on the running best of the curve (random's
@@ -248,7 +314,9 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     if ref.empty:
         ref = summary[summary["selector"] == reference]
     if ref.empty:
-        raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
+        raise ValueError(
+            f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)"
+        )
     ref = ref.sort_values("budget")
     hib = higher_is_better(metric)
     # random's curve flat (e.g. exact match 0 everywhere): no inverse, every budget "reaches" it
@@ -256,13 +324,36 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     rows = []
     for _, r in summary[summary["label"] != ref["label"].iloc[0]].iterrows():
         if flat:
-            rows.append(dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"],
-                             random_budget=float("nan"), bound="flat", ratio=float("nan"), ratio_bound=""))
+            rows.append(
+                dict(
+                    label=r["label"],
+                    selector=r["selector"],
+                    params=r["params"],
+                    budget=int(r["budget"]),
+                    mean=r["mean"],
+                    random_budget=float("nan"),
+                    bound="flat",
+                    ratio=float("nan"),
+                    ratio_bound="",
+                )
+            )
             continue
         rb, bound = random_equivalent_budget(ref["budget"], ref["mean"], float(r["mean"]), hib)
         ratio = r["budget"] / rb
         ratio_bound = {"": "", ">": "<", "<": ">"}[bound]
-        rows.append(dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"], random_budget=rb, bound=bound, ratio=ratio, ratio_bound=ratio_bound))
+        rows.append(
+            dict(
+                label=r["label"],
+                selector=r["selector"],
+                params=r["params"],
+                budget=int(r["budget"]),
+                mean=r["mean"],
+                random_budget=rb,
+                bound=bound,
+                ratio=ratio,
+                ratio_bound=ratio_bound,
+            )
+        )
     cols = ["label", "selector", "params", "budget", "mean", "random_budget", "bound", "ratio", "ratio_bound"]
     return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
 
@@ -292,13 +383,25 @@ def headline(eff: pd.DataFrame, metric: str) -> dict:
     _, _, label, ratio, n_exact, n, bound = per[0]
     budgets = sorted(eff[eff["label"] == label]["budget"].unique().tolist())
     if bound:
-        text = (f"{label} is the best selector on {metric}: random never reaches the same value inside the swept "
-                f"budgets, so the ratio B / B_random is {bound} {ratio:.2f} (a bound, budgets {budgets}).")
+        text = (
+            f"{label} is the best selector on {metric}: random never reaches the same value inside the swept "
+            f"budgets, so the ratio B / B_random is {bound} {ratio:.2f} (a bound, budgets {budgets})."
+        )
     else:
         cost = "less" if ratio < 1 else "more"
-        text = (f"{label} reaches random's {metric} with {ratio:.2f}x the labels (geometric mean of B / B_random over "
-                f"{n_exact} of {n} budgets in {budgets}; {abs(1 - ratio) * 100:.0f}% {cost} annotation than random).")
-    return {"selector": label, "ratio": ratio, "bound": bound, "budgets_interpolated": n_exact, "budgets": budgets, "metric": metric, "text": text}
+        text = (
+            f"{label} reaches random's {metric} with {ratio:.2f}x the labels (geometric mean of B / B_random over "
+            f"{n_exact} of {n} budgets in {budgets}; {abs(1 - ratio) * 100:.0f}% {cost} annotation than random)."
+        )
+    return {
+        "selector": label,
+        "ratio": ratio,
+        "bound": bound,
+        "budgets_interpolated": n_exact,
+        "budgets": budgets,
+        "metric": metric,
+        "text": text,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +418,11 @@ def per_example_results(run, results: pd.DataFrame) -> pd.DataFrame | None:
     (then the bootstrap resamples seeds only)."""
     frames = []
     for tid in results["trial_id"] if "trial_id" in results.columns else []:
-        rows = [r for r in run.child("sweep", "trials", str(tid), "predictions.jsonl").read_jsonl() if r.get("variant", "finetuned") == "finetuned"]
+        rows = [
+            r
+            for r in run.child("sweep", "trials", str(tid), "predictions.jsonl").read_jsonl()
+            if r.get("variant", "finetuned") == "finetuned"
+        ]
         if not rows:
             return None
         df = pd.DataFrame(rows)
@@ -360,9 +467,16 @@ def _example_arrays(examples: pd.DataFrame, trial_ids: list, metric: str):
     return tasks, num, den
 
 
-def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.DataFrame | None = None, *,
-                               n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
-                               reference: str = "random") -> dict:
+def bootstrap_label_efficiency(
+    results: pd.DataFrame,
+    metric: str,
+    examples: pd.DataFrame | None = None,
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    reference: str = "random",
+) -> dict:
     """B / B_random per (selector, budget) with a percentile bootstrap interval.
 
     Each of ``n_boot`` resamples draws (1) the eval prompts with replacement, within each task (the
@@ -384,7 +498,9 @@ def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.
     res["label"] = [_label(a, b) for a, b in zip(res["selector"], res["params"])]
     ref = res[(res["selector"] == reference) & res["params"].isin(["{}", ""])]
     if ref.empty:
-        raise ValueError(f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)")
+        raise ValueError(
+            f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)"
+        )
     ref_label = ref["label"].iloc[0]
     if "trial_id" not in res.columns:
         res["trial_id"] = [f"{l}-b{b}-s{s}" for l, b, s in zip(res["label"], res["budget"], res["seed"])]
@@ -414,8 +530,13 @@ def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.
     for (label, budget), g in res.groupby(["label", "budget"], sort=True):
         rows = res.index.get_indexer(g.index)
         pick = rows[rng.integers(len(rows), size=(n_boot, len(rows)))]  # seeds with replacement
-        cells[(label, int(budget))] = (g["selector"].iloc[0], g["params"].iloc[0], vals[pick, np.arange(n_boot)[:, None]].mean(axis=1),
-                                       float(point[rows].mean()), len(rows))
+        cells[(label, int(budget))] = (
+            g["selector"].iloc[0],
+            g["params"].iloc[0],
+            vals[pick, np.arange(n_boot)[:, None]].mean(axis=1),
+            float(point[rows].mean()),
+            len(rows),
+        )
     ref_budgets = sorted(b for (l, b) in cells if l == ref_label)
     ref_curves = np.stack([cells[(ref_label, b)][2] for b in ref_budgets], axis=1)
     ref_point = np.array([[cells[(ref_label, b)][3] for b in ref_budgets]])
@@ -430,31 +551,84 @@ def bootstrap_label_efficiency(results: pd.DataFrame, metric: str, examples: pd.
         if label == ref_label:
             continue
         if flat:
-            per_budget.append(dict(label=label, selector=selector, params=params, budget=budget, mean=mean, ratio=np.nan, ratio_bound="",
-                                   lo=np.nan, hi=np.nan, n_seeds=n_seeds, n_seeds_random=ref_seeds, censored=np.nan))
+            per_budget.append(
+                dict(
+                    label=label,
+                    selector=selector,
+                    params=params,
+                    budget=budget,
+                    mean=mean,
+                    ratio=np.nan,
+                    ratio_bound="",
+                    lo=np.nan,
+                    hi=np.nan,
+                    n_seeds=n_seeds,
+                    n_seeds_random=ref_seeds,
+                    censored=np.nan,
+                )
+            )
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
         ratio_boot = budget / rb
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
-        per_budget.append(dict(label=label, selector=selector, params=params, budget=budget, mean=mean,
-                               ratio=float(budget / rb0[0]), ratio_bound={0: "", 1: "<", -1: ">"}[int(code0[0])],
-                               lo=float(np.quantile(ratio_boot, q)), hi=float(np.quantile(ratio_boot, 1 - q)),
-                               n_seeds=n_seeds, n_seeds_random=ref_seeds, censored=float((code != 0).mean())))
-    cols = ["label", "selector", "params", "budget", "mean", "ratio", "ratio_bound", "lo", "hi", "n_seeds", "n_seeds_random", "censored"]
+        per_budget.append(
+            dict(
+                label=label,
+                selector=selector,
+                params=params,
+                budget=budget,
+                mean=mean,
+                ratio=float(budget / rb0[0]),
+                ratio_bound={0: "", 1: "<", -1: ">"}[int(code0[0])],
+                lo=float(np.quantile(ratio_boot, q)),
+                hi=float(np.quantile(ratio_boot, 1 - q)),
+                n_seeds=n_seeds,
+                n_seeds_random=ref_seeds,
+                censored=float((code != 0).mean()),
+            )
+        )
+    cols = [
+        "label",
+        "selector",
+        "params",
+        "budget",
+        "mean",
+        "ratio",
+        "ratio_bound",
+        "lo",
+        "hi",
+        "n_seeds",
+        "n_seeds_random",
+        "censored",
+    ]
     per_budget = pd.DataFrame(per_budget, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
     per_sel = []
     for label, ls in sorted(logs.items()):
         g = per_budget[per_budget["label"] == label]
         gm = np.exp(np.mean(ls, axis=0))
-        per_sel.append(dict(label=label, ratio=float(np.exp(np.log(g["ratio"]).mean())), lo=float(np.quantile(gm, q)),
-                            hi=float(np.quantile(gm, 1 - q)), n_budgets=len(g)))
+        per_sel.append(
+            dict(
+                label=label,
+                ratio=float(np.exp(np.log(g["ratio"]).mean())),
+                lo=float(np.quantile(gm, q)),
+                hi=float(np.quantile(gm, 1 - q)),
+                n_budgets=len(g),
+            )
+        )
     per_sel = pd.DataFrame(per_sel, columns=["label", "ratio", "lo", "hi", "n_budgets"])
     min_seeds = int(min([ref_seeds] + per_budget["n_seeds"].tolist()))
-    return {"per_budget": per_budget, "per_selector": per_sel, "resampled": resampled, "n_boot": n_boot,
-            "confidence": confidence, "min_seeds": min_seeds, "flat": flat,
-            "random_curve": dict(zip(ref_budgets, ref_point[0].tolist()))}
+    return {
+        "per_budget": per_budget,
+        "per_selector": per_sel,
+        "resampled": resampled,
+        "n_boot": n_boot,
+        "confidence": confidence,
+        "min_seeds": min_seeds,
+        "flat": flat,
+        "random_curve": dict(zip(ref_budgets, ref_point[0].tolist())),
+    }
 
 
 def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = None) -> dict:
@@ -472,16 +646,33 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
     how = f"{conf} bootstrap intervals over {boot['resampled']}, {boot['n_boot']} resamples"
     base = {"metric": metric, "resampled": boot["resampled"], "significant_budgets": [], "interval": None}
     if pb.empty:
-        return {**base, "selector": None, "ratio": None, "text": f"no selector besides random: no label-efficiency ratio for {metric}"}
+        return {
+            **base,
+            "selector": None,
+            "ratio": None,
+            "text": f"no selector besides random: no label-efficiency ratio for {metric}",
+        }
     if boot.get("flat"):
         curve = ", ".join(f"B={b}: {v:.3g}" for b, v in boot["random_curve"].items())
-        return {**base, "selector": None, "ratio": None,
-                "text": (f"no headline: random's {metric} does not change across its budgets ({curve}), so no budget is "
-                         f"'random's equivalent' of a selector's value; the metric carries no signal at these budgets.")}
+        return {
+            **base,
+            "selector": None,
+            "ratio": None,
+            "text": (
+                f"no headline: random's {metric} does not change across its budgets ({curve}), so no budget is "
+                f"'random's equivalent' of a selector's value; the metric carries no signal at these budgets."
+            ),
+        }
     if boot["min_seeds"] < 2:
-        return {**base, "selector": None, "ratio": None,
-                "text": (f"no headline: a single seed per selector and budget gives no interval, and without one a "
-                         f"difference from random on {metric} cannot be told from seed noise (run >= 2 seeds, e.g. sweep.seeds=[0, 1, 2]).")}
+        return {
+            **base,
+            "selector": None,
+            "ratio": None,
+            "text": (
+                f"no headline: a single seed per selector and budget gives no interval, and without one a "
+                f"difference from random on {metric} cannot be told from seed noise (run >= 2 seeds, e.g. sweep.seeds=[0, 1, 2])."
+            ),
+        }
 
     def point_ratio(label):
         if eff is not None and len(eff[eff["label"] == label]):
@@ -498,14 +689,24 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
         parts = "; ".join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in w.itertuples())
         rest = sorted(set(pb[pb["label"] == label]["budget"]) - set(w["budget"]))
         tail = f"; at B={', '.join(map(str, rest))} the difference from random is not significant" if rest else ""
-        text = (f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
-                f"(B / B_random, {how}, each excluding 1): {parts}{tail}.")
-        return {**base, "selector": label, "ratio": point_ratio(label), "significant_budgets": w["budget"].tolist(),
-                "interval": [float(w["lo"].min()), float(w["hi"].max())], "text": text}
+        text = (
+            f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
+            f"(B / B_random, {how}, each excluding 1): {parts}{tail}."
+        )
+        return {
+            **base,
+            "selector": label,
+            "ratio": point_ratio(label),
+            "significant_budgets": w["budget"].tolist(),
+            "interval": [float(w["lo"].min()), float(w["hi"].max())],
+            "text": text,
+        }
     best = ps.sort_values("ratio").iloc[0]
-    text = (f"no selector needs significantly fewer labels than random on {metric} ({how}: every interval of "
-            f"B / B_random includes 1 or lies above it); the closest is {best['label']} at {best['ratio']:.2f}x "
-            f"[{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean over {int(best['n_budgets'])} budgets): not significant.")
+    text = (
+        f"no selector needs significantly fewer labels than random on {metric} ({how}: every interval of "
+        f"B / B_random includes 1 or lies above it); the closest is {best['label']} at {best['ratio']:.2f}x "
+        f"[{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean over {int(best['n_budgets'])} budgets): not significant."
+    )
     return {**base, "selector": None, "ratio": None, "closest": best["label"], "text": text}
 
 
@@ -567,7 +768,11 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
     for label in labels:
         g = summary[summary["label"] == label].sort_values("budget")
         is_ref = g["selector"].iloc[0] == reference
-        style = dict(color="black", linestyle="--", marker="o", linewidth=2.0, zorder=3) if is_ref else dict(color=colors[k % 10], linestyle="-", marker="s", linewidth=1.6)
+        style = (
+            dict(color="black", linestyle="--", marker="o", linewidth=2.0, zorder=3)
+            if is_ref
+            else dict(color=colors[k % 10], linestyle="-", marker="s", linewidth=1.6)
+        )
         k += 0 if is_ref else 1
         ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
         if g["n"].min() >= 2:
@@ -619,7 +824,9 @@ def plot_label_efficiency(eff: pd.DataFrame, metric: str, ax=None):
         ax.plot(exact["budget"], exact["ratio"], color=c, linestyle="-", marker="s", markersize=5, label=label)
         ax.scatter(cens["budget"], cens["ratio"], facecolors="none", edgecolors=c, marker="s", s=36, zorder=3)
         for _, r in cens.iterrows():  # the arrow points where the true ratio lies
-            ax.annotate(r["ratio_bound"], (r["budget"], r["ratio"]), textcoords="offset points", xytext=(6, -3), color=c, fontsize=8)
+            ax.annotate(
+                r["ratio_bound"], (r["budget"], r["ratio"]), textcoords="offset points", xytext=(6, -3), color=c, fontsize=8
+            )
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="random (parity)")
     if not eff.empty:
         _budget_axis(ax, eff["budget"])
@@ -655,7 +862,9 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
     ratio = {}
     if eff is not None:
         for _, r in eff.iterrows():
-            ratio[(r["label"], r["budget"])] = f"{r['ratio_bound']}{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "no ratio (random's curve is flat)"
+            ratio[(r["label"], r["budget"])] = (
+                f"{r['ratio_bound']}{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) else "no ratio (random's curve is flat)"
+            )
     labels = sorted(summary["label"].unique(), key=lambda s: (s != "random", s))
     for label in labels:
         g = summary[summary["label"] == label].set_index("budget")
@@ -679,8 +888,12 @@ def markdown_table(summary: pd.DataFrame, eff: pd.DataFrame | None = None) -> st
 def _efficiency_table(eff: pd.DataFrame) -> str:
     lines = ["| selector | B | mean | random needs | B / B_random |", "|---|---|---|---|---|"]
     for _, r in eff.iterrows():
-        need = {"": f"{r['random_budget']:.0f}", ">": f"> {r['random_budget']:.0f} (above random's best)", "<": f"< {r['random_budget']:.0f} (below random's smallest budget)",
-                "flat": "undefined (random's curve is flat)"}[r["bound"]]
+        need = {
+            "": f"{r['random_budget']:.0f}",
+            ">": f"> {r['random_budget']:.0f} (above random's best)",
+            "<": f"< {r['random_budget']:.0f} (below random's smallest budget)",
+            "flat": "undefined (random's curve is flat)",
+        }[r["bound"]]
         lines.append(f"| {r['label']} | {r['budget']} | {_fmt(r['mean'])} | {need} | {r['ratio_bound']}{r['ratio']:.2f} |")
     return "\n".join(lines)
 
@@ -696,7 +909,9 @@ def lm_eval_table(run, results: pd.DataFrame) -> str | None:
         rows.append({"label": "base model", "budget": "-", **_lm_eval_flat(base)})
     for _, r in results.iterrows():
         metrics_file = run.child("sweep", "trials", str(r.get("trial_id")), "metrics.json")
-        scores = metrics_file.read_json().get("lm_eval", {}).get("finetuned") if "trial_id" in r and metrics_file.exists() else None
+        scores = (
+            metrics_file.read_json().get("lm_eval", {}).get("finetuned") if "trial_id" in r and metrics_file.exists() else None
+        )
         if scores:
             rows.append({"label": _label(r["selector"], r["params"]), "budget": int(r["budget"]), **_lm_eval_flat(scores)})
     if not rows:
@@ -713,8 +928,12 @@ def lm_eval_table(run, results: pd.DataFrame) -> str | None:
 
 def _lm_eval_flat(scores: dict) -> dict:
     # {task: {metric: value}} -> {"task/metric": value}; stderrs and counts are not compared
-    return {f"{task}/{m}": v for task, values in scores.items() for m, v in values.items()
-            if not m.endswith("_stderr") and m != "sample_len" and isinstance(v, (int, float))}
+    return {
+        f"{task}/{m}": v
+        for task, values in scores.items()
+        for m, v in values.items()
+        if not m.endswith("_stderr") and m != "sample_len" and isinstance(v, (int, float))
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,7 +952,9 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     raw = results_store.read_table().to_pandas()
     results = load_results(raw)
     if results.empty:
-        raise ValueError(f"{results_store.uri} has no finished trials (statuses: {sorted(raw.get('status', pd.Series()).unique())}): re-run the sweep")
+        raise ValueError(
+            f"{results_store.uri} has no finished trials (statuses: {sorted(raw.get('status', pd.Series()).unique())}): re-run the sweep"
+        )
     manifest = {}
     if run.child("manifest.json").exists():
         manifest = run.child("manifest.json").read_json()
@@ -741,7 +962,9 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     versions = manifest.get("versions", {}) if isinstance(manifest, dict) else {}
     metric = metric or config.get("sweep", {}).get("metric") or "exact_match"
     if metric not in results.columns:
-        raise ValueError(f"metric={metric!r} is not in {results_store.uri}: pick one of {[m for m in METRICS if m in results.columns]}")
+        raise ValueError(
+            f"metric={metric!r} is not in {results_store.uri}: pick one of {[m for m in METRICS if m in results.columns]}"
+        )
     metrics = [m for m in (metrics or METRICS) if m in results.columns and results[m].notna().any()]
     if metric not in metrics:
         metrics = [metric] + metrics
@@ -767,14 +990,25 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
             out.child(eff_name).write_bytes(_png_bytes(plot_label_efficiency(eff, m)))
             plots.append(out.child(eff_name).uri)
             out.child(f"label_efficiency_{m}.csv").write_text(eff.to_csv(index=False))
-            block += [f"Label efficiency on {m} (random's curve interpolated piecewise-linearly in log-budget, running best):", "",
-                      _efficiency_table(eff), "", f"![B / B_random]({eff_name})", ""]
+            block += [
+                f"Label efficiency on {m} (random's curve interpolated piecewise-linearly in log-budget, running best):",
+                "",
+                _efficiency_table(eff),
+                "",
+                f"![B / B_random]({eff_name})",
+                "",
+            ]
         if eff is not None and not eff.empty:
             boot = bootstrap_label_efficiency(results, m, examples)
             out.child(f"label_efficiency_intervals_{m}.csv").write_text(boot["per_budget"].to_csv(index=False))
-            block += [f"B / B_random with {boot['confidence'] * 100:.0f}% bootstrap intervals ({boot['n_boot']} resamples of "
-                      f"{boot['resampled']}; **<1**: fewer labels than random, **>1**: more, interval excluding 1; "
-                      f"intervals are per cell, not adjusted for the number of selectors x budgets):", "", interval_table(boot), ""]
+            block += [
+                f"B / B_random with {boot['confidence'] * 100:.0f}% bootstrap intervals ({boot['n_boot']} resamples of "
+                f"{boot['resampled']}; **<1**: fewer labels than random, **>1**: more, interval excluding 1; "
+                f"intervals are per cell, not adjusted for the number of selectors x budgets):",
+                "",
+                interval_table(boot),
+                "",
+            ]
         if m == metric:
             if eff is None:
                 head = {"selector": None, "ratio": None, "text": "random is not in the sweep: no ratio"}
@@ -791,9 +1025,12 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     pool = config.get("pool", {})
     model = (config.get("training", {}) or {}).get("model") or (config.get("scoring", {}) or {}).get("model")
     statuses = raw["status"].value_counts().to_dict() if "status" in raw.columns else {}
-    interval = ("curves: 95% t-interval over seeds; B / B_random: 95% bootstrap interval over "
-                + ("seeds and eval prompts" if examples is not None else "seeds (no per-prompt results found)")
-                if len(seeds) >= 2 else "a single seed: no interval is drawn (one sample has no spread) and no headline")
+    interval = (
+        "curves: 95% t-interval over seeds; B / B_random: 95% bootstrap interval over "
+        + ("seeds and eval prompts" if examples is not None else "seeds (no per-prompt results found)")
+        if len(seeds) >= 2
+        else "a single seed: no interval is drawn (one sample has no spread) and no headline"
+    )
     lines = [
         "# Label-efficiency report",
         "",
@@ -817,7 +1054,13 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     ] + sections
     lm_eval = lm_eval_table(run, results)
     if lm_eval is not None:
-        lines += ["## Benchmarks (lm-evaluation-harness)", "", "Mean over seeds (n trials) of each task's metric, "
-                  "finetuned adapter per selector and budget; the base model once:", "", lm_eval, ""]
+        lines += [
+            "## Benchmarks (lm-evaluation-harness)",
+            "",
+            "Mean over seeds (n trials) of each task's metric, finetuned adapter per selector and budget; the base model once:",
+            "",
+            lm_eval,
+            "",
+        ]
     out.child("report.md").write_text("\n".join(lines) + "\n")
     return {"report": out.child("report.md").uri, "headline": head, "plots": plots, "trials": int(len(results)), "metric": metric}

@@ -10,8 +10,9 @@ config layer).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["METRICS", "EvalResult", "headline_metrics"]
 
@@ -50,13 +51,16 @@ class EvalResult:
     base: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_metrics(cls, metrics: Mapping) -> "EvalResult":
+    def from_metrics(cls, metrics: Mapping) -> EvalResult:
         """From the dict that ``metrics.json`` holds."""
-        return cls(n=int(metrics.get("n") or 0), finetuned=headline_metrics(metrics.get("finetuned")),
-                   base=headline_metrics(metrics.get("base")))
+        return cls(
+            n=int(metrics.get("n") or 0),
+            finetuned=headline_metrics(metrics.get("finetuned")),
+            base=headline_metrics(metrics.get("base")),
+        )
 
     @classmethod
-    def read(cls, store) -> "EvalResult":
+    def read(cls, store) -> EvalResult:
         """From a ``metrics.json`` :class:`edsft.storage.Store`."""
         return cls.from_metrics(store.read_json())
 

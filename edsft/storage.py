@@ -14,9 +14,10 @@ import os
 import posixpath
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -135,7 +136,7 @@ class Store:
         return sorted(i.path for i in self.fs.get_file_info(sel) if i.path.endswith(".parquet") and i.type == pafs.FileType.File)
 
     # ---- folders -----------------------------------------------------------------------
-    def child(self, *parts: str) -> "Store":
+    def child(self, *parts: str) -> Store:
         return Store(self.fs, posixpath.join(self.path, *parts), join(self.uri, *parts))
 
     def mkdir(self) -> None:
@@ -148,7 +149,7 @@ class Store:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
-    def move_to(self, dest: "Store") -> None:
+    def move_to(self, dest: Store) -> None:
         """Move this file or folder to ``dest`` (replacing what is there), on the same filesystem.
 
         Locally a rename (atomic); on S3, which has no rename, a copy of every object then a
@@ -178,7 +179,9 @@ class Store:
             files = {"": info.size}
         else:
             sel = pafs.FileSelector(self.path, recursive=True)
-            files = {posixpath.relpath(i.path, self.path): i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
+            files = {
+                posixpath.relpath(i.path, self.path): i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File
+            }
         rows = None
         for rel in sorted(files):
             if rel.endswith(".parquet") or (rel == "" and self.path.endswith(".parquet")):
@@ -256,6 +259,6 @@ def get_store(uri: str | os.PathLike, endpoint_url: str | None = None, region: s
     """A Store for a local path or an s3:// URI."""
     uri = str(uri)
     if is_remote(uri):
-        return Store(s3_filesystem(endpoint_url, region), uri[len("s3://"):].rstrip("/"), uri.rstrip("/"))
+        return Store(s3_filesystem(endpoint_url, region), uri[len("s3://") :].rstrip("/"), uri.rstrip("/"))
     path = str(Path(uri).expanduser().absolute())
     return Store(pafs.LocalFileSystem(), path, path)

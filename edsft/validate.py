@@ -12,7 +12,8 @@ field, the value and the fix, instead of after ingest and scoring.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .config import Config, ConfigError, did_you_mean
 from .report import METRICS
@@ -73,8 +74,9 @@ def config_problems(cfg: Config) -> list[str]:
     problems = [selection_bad] if selection_bad else []
     for name in dict.fromkeys(("random", *sweep.selectors)):  # the sweep always adds random
         if name not in SELECTORS:
-            problems.append(f"sweep.selectors contains {name!r}, which is not a selector: "
-                            f"{did_you_mean(name, SELECTORS, 'selector')}")
+            problems.append(
+                f"sweep.selectors contains {name!r}, which is not a selector: {did_you_mean(name, SELECTORS, 'selector')}"
+            )
             continue
         try:
             grid = param_grid(name, sweep.params.get(name))
@@ -93,8 +95,10 @@ def config_problems(cfg: Config) -> list[str]:
         if name not in SELECTORS:
             problems.append(f"sweep.params names {name!r}, which is not a selector: {did_you_mean(name, SELECTORS, 'selector')}")
     if sweep.metric not in sweep_metrics():
-        problems.append(f"sweep.metric={sweep.metric!r} is not a metric of the report: "
-                        f"{did_you_mean(sweep.metric, sweep_metrics(), 'metric')}")
+        problems.append(
+            f"sweep.metric={sweep.metric!r} is not a metric of the report: "
+            f"{did_you_mean(sweep.metric, sweep_metrics(), 'metric')}"
+        )
     return problems
 
 

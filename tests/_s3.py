@@ -24,9 +24,13 @@ def moto_s3(env: dict[str, str], region: str = "us-east-1"):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
-                          aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
-                          aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+    )
     try:
         yield {"endpoint_url": endpoint, "client": client}
     finally:

@@ -57,8 +57,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -92,8 +93,7 @@ __all__ = ["select_subset", "resolve_mode", "SELECTION_SCHEMA", "DISTRIBUTED_PAR
 
 # selection.parquet: one row per pick, in pick order.
 SELECTION_SCHEMA = pa.schema(
-    [("row_id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()), ("selector", pa.string()),
-     ("shard", pa.int64())]
+    [("row_id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()), ("selector", pa.string()), ("shard", pa.int64())]
 )
 # Keys of selection.params that steer the map-reduce and are not selector hyperparameters (unless the
 # selector takes one itself: greedi's kappa).
@@ -122,8 +122,7 @@ def resolve_mode(mode: str, rows: int, local_max_rows: int) -> str:
     return mode
 
 
-def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True, *,
-                  callbacks: Sequence[Callback] = ()) -> dict:
+def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True, *, callbacks: Sequence[Callback] = ()) -> dict:
     """Pick `cfg.selection.budget` rows of the scored pool and write selection.parquet.
 
     `scores`: the folder (or file) of Parquet parts written by scoring. `out`: the selection.parquet file
@@ -163,12 +162,21 @@ def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True,
         for b in budgets:
             t, s = results[b]
             folder.child(f"b{b}.parquet").write_table(t)
-            sizes[str(b)] = {"budget": b, **{k: v for k, v in s.items() if k != "shards"},
-                             "output": folder.child(f"b{b}.parquet").uri}
+            sizes[str(b)] = {
+                "budget": b,
+                **{k: v for k, v in s.items() if k != "shards"},
+                "output": folder.child(f"b{b}.parquet").uri,
+            }
         summary.update(budgets=sizes, one_pass=mode == "local" and get_selector(sel_cfg.name, **params).nested)
     summary.update(
-        selector=sel_cfg.name, mode=mode, rows=scan.rows, budget=budgets[-1], seed=sel_cfg.seed,
-        embedding=sel_cfg.embedding, params=params, output=target.uri,
+        selector=sel_cfg.name,
+        mode=mode,
+        rows=scan.rows,
+        budget=budgets[-1],
+        seed=sel_cfg.seed,
+        embedding=sel_cfg.embedding,
+        params=params,
+        output=target.uri,
     )
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     summary.setdefault("shards", 1)
@@ -177,8 +185,9 @@ def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True,
 
 def budget_folder(selection: Store) -> Store:
     """Where a multi-budget run writes ``b<size>.parquet``: ``selection/`` next to selection.parquet."""
-    return dataclasses.replace(selection, path=selection.path.removesuffix(".parquet"),
-                               uri=selection.uri.removesuffix(".parquet"))
+    return dataclasses.replace(
+        selection, path=selection.path.removesuffix(".parquet"), uri=selection.uri.removesuffix(".parquet")
+    )
 
 
 def _split_params(name: str, params: Mapping[str, Any]) -> tuple[dict, int | None]:
@@ -273,10 +282,7 @@ def _scan(store: Store, emb_col: str) -> _Scan:
     t = schema.field(emb_col).type
     if not pa.types.is_fixed_size_list(t) or not pa.types.is_floating(t.value_type):
         raise UserError(f"column {emb_col!r} must be a fixed-size list of floats, got {t}")
-    score_cols = tuple(
-        f.name for f in schema
-        if pa.types.is_floating(f.type) and f.name not in _NOT_SCORES and f.name != emb_col
-    )
+    score_cols = tuple(f.name for f in schema if pa.types.is_floating(f.type) and f.name not in _NOT_SCORES and f.name != emb_col)
     return _Scan(store, tuple(units), pos, t.list_size, emb_col, score_cols, "task" in names)
 
 
@@ -336,9 +342,13 @@ def _objective_summary(sel: Selector, value) -> dict:
 def _selection_table(ids, gains, name: str, shards) -> pa.Table:
     n = len(ids)
     return pa.table(
-        {"row_id": pa.array(list(ids), pa.string()), "rank": pa.array(np.arange(n, dtype=np.int64)),
-         "gain": pa.array(np.asarray(gains, dtype=np.float64)), "selector": pa.array([name] * n, pa.string()),
-         "shard": pa.array(np.asarray(shards, dtype=np.int64))},
+        {
+            "row_id": pa.array(list(ids), pa.string()),
+            "rank": pa.array(np.arange(n, dtype=np.int64)),
+            "gain": pa.array(np.asarray(gains, dtype=np.float64)),
+            "selector": pa.array([name] * n, pa.string()),
+            "shard": pa.array(np.asarray(shards, dtype=np.int64)),
+        },
         schema=SELECTION_SCHEMA,
     )
 
@@ -556,8 +566,16 @@ def _lookup_task(scan: _Scan, unit: _Unit, positions: np.ndarray, callbacks):
 
 
 class _Distributed:
-    def __init__(self, scan: _Scan, cfg: Config, budget: int, kappa: int | None, params: dict,
-                 progress: bool, callbacks: Sequence[Callback]):
+    def __init__(
+        self,
+        scan: _Scan,
+        cfg: Config,
+        budget: int,
+        kappa: int | None,
+        params: dict,
+        progress: bool,
+        callbacks: Sequence[Callback],
+    ):
         s = cfg.selection
         self.scan, self.budget, self.seed, self.name = scan, budget, s.seed, s.name
         self.progress, self.callbacks = progress, tuple(callbacks)
@@ -567,8 +585,11 @@ class _Distributed:
             raise UserError(self.plan.reason)
         self.m = self.plan.shards or s.shards
         self.kappa = kappa or self.plan.kappa
-        self.opts = dict(num_cpus=s.cpus_per_task, max_retries=_MAX_RETRIES,
-                         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        self.opts = dict(
+            num_cpus=s.cpus_per_task,
+            max_retries=_MAX_RETRIES,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        )
         self.meta = {"emb_col": scan.emb_col, "dim": scan.dim, "score_cols": scan.score_cols}
         self.rss: list[float] = []
         for need in selector.score_names():
@@ -585,7 +606,7 @@ class _Distributed:
             from tqdm.auto import tqdm
 
             pending = list(refs)
-            with (console.bar(len(refs), f"{desc} tasks") or tqdm(total=len(refs), desc=desc, leave=False)) as bar:
+            with console.bar(len(refs), f"{desc} tasks") or tqdm(total=len(refs), desc=desc, leave=False) as bar:
                 while pending:
                     done, pending = ray.wait(pending, num_returns=1)
                     bar.update(len(done))
@@ -637,9 +658,14 @@ class _Distributed:
             raise TypeError(f"selector {self.name!r}: unknown distribution {type(plan).__name__}")
         p = _Problem("all", owner, self.budget, self.kappa or self.budget, None, plan.exact)
         c = self._two_round([p])["all"]
-        summary = {"shards": self.m, "kappa": p.kappa, "partition": "shard_of(row_id, m, seed)",
-                   **_objective_summary(owner, c["objective"]),
-                   "merged_objective": c["merged_objective"], "winner": c["winner"]}
+        summary = {
+            "shards": self.m,
+            "kappa": p.kappa,
+            "partition": "shard_of(row_id, m, seed)",
+            **_objective_summary(owner, c["objective"]),
+            "merged_objective": c["merged_objective"],
+            "winner": c["winner"],
+        }
         return self._table(c["ids"], c["gains"], summary)
 
     def _per_task(self, plan: PerTask, by_task: dict, pool: dict):
@@ -648,13 +674,16 @@ class _Distributed:
         for label, q in quotas.items():
             if q > 0:
                 inner = self._bind(plan.inner, {k: v[label] for k, v in by_task.items()}, task=label)
-                problems.append(_Problem(label, inner, int(q), self.kappa or int(q), label,
-                                         inner.distribution().exact))
+                problems.append(_Problem(label, inner, int(q), self.kappa or int(q), label, inner.distribution().exact))
         chosen = self._two_round(problems)
         order = [p.key for p in problems]
-        summary = {"shards": self.m, "kappa": self.kappa, "partition": "shard_of(row_id, m, seed)",
-                   "allocation": {k: int(chosen[k]["budget"]) for k in order},
-                   "objective": self._whole_pool_objective(self._bind(plan.inner, pool), chosen, order)}
+        summary = {
+            "shards": self.m,
+            "kappa": self.kappa,
+            "partition": "shard_of(row_id, m, seed)",
+            "allocation": {k: int(chosen[k]["budget"]) for k in order},
+            "objective": self._whole_pool_objective(self._bind(plan.inner, pool), chosen, order),
+        }
         ids = np.concatenate([chosen[k]["ids"] for k in order])
         gains = np.concatenate([chosen[k]["gains"] for k in order])
         return self._table(ids, gains, summary)
@@ -663,8 +692,7 @@ class _Distributed:
     def _partition(self, stats: dict) -> dict:
         m = self.m
         refs = [
-            _partition_task.options(num_returns=m + 1, **self.opts).remote(
-                self.scan, u, m, self.seed, stats, self.callbacks)
+            _partition_task.options(num_returns=m + 1, **self.opts).remote(self.scan, u, m, self.seed, stats, self.callbacks)
             for u in self.scan.units
         ]
         # refs[u][j] = unit u's piece of shard j (kept as refs), refs[u][m] = its partial statistics
@@ -706,8 +734,7 @@ class _Distributed:
                     first = cand.column("pos").to_numpy()[: p.budget]
                     runs.append((f"shard:{j}", np.searchsorted(pos, first), gains[: p.budget]))
             local_runs[p.key] = runs
-        merged, rss = ray.get(_reduce_task.options(**self.opts).remote(
-            problems, unions, self.meta, self.seed, self.callbacks))
+        merged, rss = ray.get(_reduce_task.options(**self.opts).remote(problems, unions, self.meta, self.seed, self.callbacks))
         self.rss += [rss] if rss is not None else []
 
         to_eval = {}
@@ -719,9 +746,7 @@ class _Distributed:
             if p.exact:  # the merged run is the answer (e.g. the top-B of the union of per-shard top-B)
                 runs = [r for r in runs if r[0] == "merged"]
             if not runs:
-                raise UserError(
-                    f"no shard or merged run reached budget={p.budget} for {p.key!r}: raise kappa or lower m={m}"
-                )
+                raise UserError(f"no shard or merged run reached budget={p.budget} for {p.key!r}: raise kappa or lower m={m}")
             to_eval[p.key] = runs
 
         # Each distinct set is evaluated once, in its first run's pick order. A run that picked the same
@@ -750,9 +775,13 @@ class _Distributed:
             label, idx, gains, val = best
             merged_val = next((v for (lab, _, _), v in zip(runs, vals) if lab == "merged"), None)
             chosen[p.key] = {
-                "ids": union.column("row_id").to_numpy(zero_copy_only=False)[idx], "gains": gains,
-                "budget": p.budget, "objective": _finite(val), "merged_objective": _finite(merged_val),
-                "winner": label, "positions": union.column("pos").to_numpy()[idx],
+                "ids": union.column("row_id").to_numpy(zero_copy_only=False)[idx],
+                "gains": gains,
+                "budget": p.budget,
+                "objective": _finite(val),
+                "merged_objective": _finite(merged_val),
+                "winner": label,
+                "positions": union.column("pos").to_numpy()[idx],
             }
         return chosen
 
@@ -790,8 +819,11 @@ class _Distributed:
     # -- Gather: the default for a selector without a distributed form ---------------------------
     def _gather(self, plan: Gather):
         all_pieces = [ref for shard in self.pieces for ref in shard]
-        (ids, gains, objective), rss = ray.get(_select_gathered_task.options(**self.opts).remote(
-            plan.selector, self.budget, self.meta, self.seed, self.callbacks, *all_pieces))
+        (ids, gains, objective), rss = ray.get(
+            _select_gathered_task.options(**self.opts).remote(
+                plan.selector, self.budget, self.meta, self.seed, self.callbacks, *all_pieces
+            )
+        )
         self.rss += [rss] if rss is not None else []
         summary = {"shards": self.m, "plan": "gather", **_objective_summary(plan.selector, objective)}
         return self._table(ids, gains, summary)
@@ -813,4 +845,6 @@ class _Distributed:
         ids = np.empty_like(ids_sorted)
         ids[order] = ids_sorted
         return _selection_table(ids, res.gains, self.name, shard_of(ids, self.m, self.seed)), {
-            "shards": self.m, **_objective_summary(plan.selector, res.objective)}
+            "shards": self.m,
+            **_objective_summary(plan.selector, res.objective),
+        }

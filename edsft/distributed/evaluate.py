@@ -17,7 +17,6 @@ import posixpath
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -106,7 +105,9 @@ def evaluate_models(
     if not rows:
         raise ValueError(f"eval data {data.uri!r} has no rows: build the held-out split (pool.eval_path / eval_size) first")
     if not ev.base_model and adapter_store is None:
-        raise ValueError("evaluation.base_model=false and no adapter: nothing to evaluate; pass the trained adapter or enable base_model")
+        raise ValueError(
+            "evaluation.base_model=false and no adapter: nothing to evaluate; pass the trained adapter or enable base_model"
+        )
     model_spec = cfg.training_model
     settings = {
         "max_seq_len": cfg.training.max_seq_len,
@@ -169,8 +170,13 @@ def _lm_eval_scores(cfg: Config, model_spec: str, adapter: Store | None) -> dict
         for variant, adapter_dir in variants:
             console.note(f"lm-eval {variant}: {', '.join(ev.lm_eval_tasks)}")
             scores[variant] = run_lm_eval(
-                model_spec, adapter_dir, ev.lm_eval_tasks, ev.lm_eval_include_path, ev.lm_eval_limit,
-                dtype=ev.dtype, batch_size=ev.batch_size,
+                model_spec,
+                adapter_dir,
+                ev.lm_eval_tasks,
+                ev.lm_eval_include_path,
+                ev.lm_eval_limit,
+                dtype=ev.dtype,
+                batch_size=ev.batch_size,
             )
     return scores
 

@@ -62,8 +62,15 @@ def model_actor_plan(scoring: ScoringConfig, gpus: int | None = None, node_cpus:
         per = scoring.num_gpus_per_actor or 1.0
         most = max(scoring.num_actors, int(gpus // per)) if scoring.num_gpus_per_actor == 0 else scoring.num_actors
         most = max(1, most)
-        return ActorPlan(num_cpus=1.0, num_gpus=per, min_actors=min(scoring.min_actors, most), max_actors=most,
-                         device="cuda", num_threads=None)
+        return ActorPlan(
+            num_cpus=1.0, num_gpus=per, min_actors=min(scoring.min_actors, most), max_actors=most, device="cuda", num_threads=None
+        )
     most = max(1, scoring.num_actors)
-    return ActorPlan(num_cpus=scoring.cpus_per_actor, num_gpus=0.0, min_actors=min(scoring.min_actors, most),
-                     max_actors=most, device="cpu", num_threads=max(1, (node_cpus or 1) // most))
+    return ActorPlan(
+        num_cpus=scoring.cpus_per_actor,
+        num_gpus=0.0,
+        min_actors=min(scoring.min_actors, most),
+        max_actors=most,
+        device="cpu",
+        num_threads=max(1, (node_cpus or 1) // most),
+    )

@@ -35,8 +35,12 @@ def scores_schema(dim: int, encoder_dim: int | None = None, error: bool = False)
     """The schema of the scores table: one row per scored prompt, keyed by row_id."""
     fields = [pa.field("row_id", pa.string()), pa.field("task", pa.string())]
     fields += [pa.field(c, pa.float32()) for c in SCORE_COLUMNS]
-    fields += [pa.field("response_tokens", pa.int64()), pa.field("prompt_tokens", pa.int64()),
-               pa.field("generated", pa.string()), pa.field("embedding", pa.list_(pa.float32(), dim))]
+    fields += [
+        pa.field("response_tokens", pa.int64()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("generated", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32(), dim)),
+    ]
     if encoder_dim:
         fields.append(pa.field("embedding_encoder", pa.list_(pa.float32(), encoder_dim)))
     if error:
@@ -69,19 +73,23 @@ class _ScoringActor:
             else:
                 cols[f.name] = pa.array(v, type=f.type)
         # the dtype the model ran in ('auto' resolved on this actor's hardware): tallied, not written
-        return pa.table(cols, schema=schema).append_column("dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string()))
+        return pa.table(cols, schema=schema).append_column(
+            "dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string())
+        )
 
 
 def _tally(t: pa.Table) -> pa.Table:
     bad = t.filter(pc.is_valid(t["error"]))
-    return pa.table({
-        "rows": [t.num_rows],
-        "prompt_tokens": [pc.sum(t["prompt_tokens"]).as_py() or 0],
-        "response_tokens": [pc.sum(t["response_tokens"]).as_py() or 0],
-        "bad_row_ids": [bad["row_id"].to_pylist()],
-        "bad_reasons": [bad["error"].to_pylist()],
-        "dtypes": [sorted(set(t["dtype"].to_pylist()))],
-    })
+    return pa.table(
+        {
+            "rows": [t.num_rows],
+            "prompt_tokens": [pc.sum(t["prompt_tokens"]).as_py() or 0],
+            "response_tokens": [pc.sum(t["response_tokens"]).as_py() or 0],
+            "bad_row_ids": [bad["row_id"].to_pylist()],
+            "bad_reasons": [bad["error"].to_pylist()],
+            "dtypes": [sorted(set(t["dtype"].to_pylist()))],
+        }
+    )
 
 
 def _count_rows(pool: Store, files: list[str]) -> int:
@@ -107,8 +115,11 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     columns = [c for c in INPUT_COLUMNS if c in names]  # never the response (label) column
     if quarantine is None:  # <out>.quarantine.jsonl, next to the shards folder
         name = posixpath.basename(out.path.rstrip("/")) + ".quarantine.jsonl"
-        quarantine = Store(out.fs, posixpath.join(posixpath.dirname(out.path.rstrip("/")), name),
-                           out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name)
+        quarantine = Store(
+            out.fs,
+            posixpath.join(posixpath.dirname(out.path.rstrip("/")), name),
+            out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name,
+        )
 
     start = time.perf_counter()
     init_ray(cfg)
@@ -130,9 +141,16 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     ds = ds.map_batches(
         _ScoringActor,
         fn_constructor_kwargs=dict(
-            model=sc.model, max_new_tokens=sc.max_new_tokens, max_prompt_tokens=sc.max_prompt_tokens,
-            embedding_layer=sc.embedding_layer, encoder=sc.encoder, dtype=sc.dtype, device=plan.device,
-            batch_size=sc.batch_size, max_retries=sc.max_retries, num_threads=plan.num_threads,
+            model=sc.model,
+            max_new_tokens=sc.max_new_tokens,
+            max_prompt_tokens=sc.max_prompt_tokens,
+            embedding_layer=sc.embedding_layer,
+            encoder=sc.encoder,
+            dtype=sc.dtype,
+            device=plan.device,
+            batch_size=sc.batch_size,
+            max_retries=sc.max_retries,
+            num_threads=plan.num_threads,
             generation=sc.generation,
         ),
         batch_size=ray_batch,
@@ -153,8 +171,9 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     if out.exists():
         out.remove()  # a rerun replaces the shards instead of mixing old and new ones
     dtypes = sorted({d for t in tallies for d in t["dtypes"]})
-    scored.map_batches(lambda t: t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"]),
-                       batch_format="pyarrow").write_parquet(out.path, filesystem=out.fs)
+    scored.map_batches(
+        lambda t: t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"]), batch_format="pyarrow"
+    ).write_parquet(out.path, filesystem=out.fs)
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)
 
     wall = time.perf_counter() - start
@@ -175,7 +194,10 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     if rows_in != rows_scored + len(bad):
         raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
     if progress:
-        print(f"scoring: {rows_scored}/{rows_in} rows scored, {len(bad)} quarantined in {wall:.1f}s "
-              f"({summary['rows_per_s']:.2f} rows/s, {summary['tokens_per_s']:.0f} tokens/s) -> {out.uri}",
-              file=sys.stderr, flush=True)
+        print(
+            f"scoring: {rows_scored}/{rows_in} rows scored, {len(bad)} quarantined in {wall:.1f}s "
+            f"({summary['rows_per_s']:.2f} rows/s, {summary['tokens_per_s']:.0f} tokens/s) -> {out.uri}",
+            file=sys.stderr,
+            flush=True,
+        )
     return summary

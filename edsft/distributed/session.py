@@ -28,8 +28,13 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory=cfg.ray.object_store_memory,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
         pin_address()
 
 
@@ -47,8 +52,9 @@ def pin_address() -> None:
 # (logs/runtime_env_agent.log): a secret key would end up in the session logs. Trials get
 # credentials like every other worker instead: inherited from this process on a local cluster,
 # from the instance role on cluster nodes.
-_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
-                              "WANDB_API_KEY"})
+_CREDENTIAL_VARS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN", "WANDB_API_KEY"}
+)
 
 
 def keep_credentials_out_of_runtime_envs() -> None:

@@ -28,7 +28,8 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -38,7 +39,15 @@ from ..errors import UserError
 from ..results import METRICS, EvalResult
 from ..storage import Store, get_store
 
-__all__ = ["run_sweep", "collect_results", "expand_grid", "trial_name", "default_max_concurrent_trials", "check_trial_fits", "RESULT_COLUMNS"]
+__all__ = [
+    "run_sweep",
+    "collect_results",
+    "expand_grid",
+    "trial_name",
+    "default_max_concurrent_trials",
+    "check_trial_fits",
+    "RESULT_COLUMNS",
+]
 
 RESULT_COLUMNS = (
     ["trial_id", "selector", "params", "budget", "seed"]
@@ -138,8 +147,15 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     for seed in cfg.sweep.seeds:
         for budget in cfg.sweep.budgets:
             for selector, params in variants:
-                specs.append({"name": trial_name(selector, params, int(budget), int(seed)), "selector": selector,
-                              "params": params, "budget": int(budget), "seed": int(seed)})
+                specs.append(
+                    {
+                        "name": trial_name(selector, params, int(budget), int(seed)),
+                        "selector": selector,
+                        "params": params,
+                        "budget": int(budget),
+                        "seed": int(seed),
+                    }
+                )
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -152,16 +168,18 @@ def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
     (Ray Train checkpoints go to the trial's train/ unless training.storage_path is set; run names
     hash the data, so concurrent trials never collide) and the seed also for training (LoRA init
     and data order are part of what a seed replicates)."""
-    return cfg.replace(**{
-        "selection.name": spec["selector"],
-        "selection.params": dict(spec["params"]),
-        "selection.budget": spec["budget"],
-        "selection.seed": spec["seed"],
-        "training.seed": spec["seed"],
-        "evaluation.base_model": False,  # the base model is evaluated once for the whole sweep
-        "output.dir": trial.uri,
-        "output.progress": False,
-    })
+    return cfg.replace(
+        **{
+            "selection.name": spec["selector"],
+            "selection.params": dict(spec["params"]),
+            "selection.budget": spec["budget"],
+            "selection.seed": spec["seed"],
+            "training.seed": spec["seed"],
+            "evaluation.base_model": False,  # the base model is evaluated once for the whole sweep
+            "output.dir": trial.uri,
+            "output.progress": False,
+        }
+    )
 
 
 def _trial_hash(cfg: Config) -> str:
@@ -226,7 +244,9 @@ def default_max_concurrent_trials(cfg: Config, cluster: dict[str, float], n_tria
 # --------------------------------------------------------------------------------------------
 
 
-def _run_trial(config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, trial_runner: Callable, callbacks: Sequence[Callable]) -> None:
+def _run_trial(
+    config: dict, *, cfg_dict: dict, run_uri: str, cwd: str, trial_runner: Callable, callbacks: Sequence[Callable]
+) -> None:
     """Tune function trainable: the pipeline's trial stages on the trial's child run, then tune.report."""
     from ray import tune
 
@@ -300,8 +320,15 @@ def _base_metrics(cfg: Config, run: Store, progress: bool) -> dict | None:
     return rec
 
 
-def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: Callable[[Config, str], dict],
-              results: Store | None = None, trial_callbacks: Sequence[Callable[..., None]] = ()) -> dict:
+def run_sweep(
+    cfg: Config,
+    run: Store,
+    progress: bool = True,
+    *,
+    trial_runner: Callable[[Config, str], dict],
+    results: Store | None = None,
+    trial_callbacks: Sequence[Callable[..., None]] = (),
+) -> dict:
     """Run (or resume) the Tune sweep of ``cfg.sweep`` on the run folder ``run``.
 
     Needs ``run/pool.parquet``, ``run/eval.parquet`` and ``run/scores.parquet``. Every trial calls
@@ -320,9 +347,13 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
 
     for need in ("pool.parquet", "eval.parquet", "scores.parquet"):
         if not run.child(need).exists():
-            raise FileNotFoundError(f"{run.child(need).uri} (the sweep reuses the run's {need}: run `edsft ingest` and `edsft score` first)")
+            raise FileNotFoundError(
+                f"{run.child(need).uri} (the sweep reuses the run's {need}: run `edsft ingest` and `edsft score` first)"
+            )
     if cfg.annotation.mode == "export":
-        raise UserError("annotation.mode='export' cannot run a sweep (it stops for human annotators): set annotation.mode=oracle or import")
+        raise UserError(
+            "annotation.mode='export' cannot run a sweep (it stops for human annotators): set annotation.mode=oracle or import"
+        )
     specs, notes = expand_grid(cfg)
     for n in notes:
         _log(n)
@@ -330,8 +361,10 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
     check_trial_fits(cfg, ray.cluster_resources())
     limit = default_max_concurrent_trials(cfg, ray.cluster_resources(), len(specs))
     name = _experiment_name(cfg, specs)
-    _log(f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
-         f"{len(cfg.sweep.seeds)} seeds), up to {limit} at once; experiment {name}")
+    _log(
+        f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
+        f"{len(cfg.sweep.seeds)} seeds), up to {limit} at once; experiment {name}"
+    )
 
     base = _base_metrics(cfg, run, progress)
 
@@ -345,8 +378,14 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
     storage_path = tune_root.path if remote else tune_root.uri
     exp_path = tune_root.child(name).path if remote else tune_root.child(name).uri
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, cfg_dict=config_to_dict(cfg), run_uri=run.uri, cwd=os.getcwd(),
-                             trial_runner=trial_runner, callbacks=list(trial_callbacks)),
+        tune.with_parameters(
+            _run_trial,
+            cfg_dict=config_to_dict(cfg),
+            run_uri=run.uri,
+            cwd=os.getcwd(),
+            trial_runner=trial_runner,
+            callbacks=list(trial_callbacks),
+        ),
         {"CPU": cfg.sweep.cpus_per_trial},
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -388,14 +427,23 @@ def run_sweep(cfg: Config, run: Store, progress: bool = True, *, trial_runner: C
     executed = _count_events(run, specs, "invoked") - invoked_before
     computed = _count_events(run, specs, "computed") - computed_before
     summary = {
-        "trials": len(specs), "finished": statuses.count("TERMINATED"), "errored": statuses.count("ERROR"),
-        "executed": executed, "computed": computed, "results": out.uri, "experiment": tune_root.child(name).uri,
-        "max_concurrent_trials": limit, "wall_s": round(wall, 3), "notes": notes,
+        "trials": len(specs),
+        "finished": statuses.count("TERMINATED"),
+        "errored": statuses.count("ERROR"),
+        "executed": executed,
+        "computed": computed,
+        "results": out.uri,
+        "experiment": tune_root.child(name).uri,
+        "max_concurrent_trials": limit,
+        "wall_s": round(wall, 3),
+        "notes": notes,
     }
     for n, e in errors.items():
         _log(f"trial {n} failed: {e.splitlines()[0] if e else e} (re-run the sweep to retry only the failed trials)")
-    _log(f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now, {computed} of them computed, "
-         f"{executed - computed} reused a finished result) in {wall:.1f} s -> {out.uri}")
+    _log(
+        f"{summary['finished']}/{len(specs)} trials finished ({executed} ran now, {computed} of them computed, "
+        f"{executed - computed} reused a finished result) in {wall:.1f} s -> {out.uri}"
+    )
     return summary
 
 
@@ -408,7 +456,12 @@ def collect_results(cfg: Config, run: Store) -> dict:
     out = run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
-    return {"trials": len(specs), "finished": statuses.count("TERMINATED"), "pending": statuses.count("PENDING"), "results": out.uri}
+    return {
+        "trials": len(specs),
+        "finished": statuses.count("TERMINATED"),
+        "pending": statuses.count("PENDING"),
+        "results": out.uri,
+    }
 
 
 def _count_events(run: Store, specs: list[dict], event: str) -> int:
@@ -426,7 +479,13 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
     for s in specs:
         trial = run.child("sweep", "trials", s["name"])
         row: dict[str, Any] = {c: None for c in RESULT_COLUMNS}
-        row.update(trial_id=s["name"], selector=s["selector"], params=json.dumps(s["params"], sort_keys=True), budget=s["budget"], seed=s["seed"])
+        row.update(
+            trial_id=s["name"],
+            selector=s["selector"],
+            params=json.dumps(s["params"], sort_keys=True),
+            budget=s["budget"],
+            seed=s["seed"],
+        )
         done = trial.child("result.json")
         rec = done.read_json() if done.exists() else None
         # Tune's verdict on this experiment's trial comes first: a result.json left by an earlier
@@ -436,15 +495,33 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
             for m in METRICS:
                 row[m] = rep.get(m)
                 row[f"base_{m}"] = rep.get(f"base_{m}", base_flat.get(f"base_{m}"))
-            row.update(objective=rep.get("objective"), train_steps=rep.get("train_steps"), wall_s=rep.get("trial_wall_s"),
-                       status="TERMINATED", metrics=json.dumps(rec.get("metrics", {}), default=str))
+            row.update(
+                objective=rep.get("objective"),
+                train_steps=rep.get("train_steps"),
+                wall_s=rep.get("trial_wall_s"),
+                status="TERMINATED",
+                metrics=json.dumps(rec.get("metrics", {}), default=str),
+            )
         else:
             row.update(status="ERROR" if s["name"] in errors else "PENDING", error=errors.get(s["name"]))
         rows.append(row)
     schema = pa.schema(
-        [("trial_id", pa.string()), ("selector", pa.string()), ("params", pa.string()), ("budget", pa.int64()), ("seed", pa.int64())]
-        + [(m, pa.float64()) for m in METRICS] + [(f"base_{m}", pa.float64()) for m in METRICS]
-        + [("objective", pa.float64()), ("train_steps", pa.int64()), ("wall_s", pa.float64()), ("status", pa.string()),
-           ("error", pa.string()), ("metrics", pa.string())]
+        [
+            ("trial_id", pa.string()),
+            ("selector", pa.string()),
+            ("params", pa.string()),
+            ("budget", pa.int64()),
+            ("seed", pa.int64()),
+        ]
+        + [(m, pa.float64()) for m in METRICS]
+        + [(f"base_{m}", pa.float64()) for m in METRICS]
+        + [
+            ("objective", pa.float64()),
+            ("train_steps", pa.int64()),
+            ("wall_s", pa.float64()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("metrics", pa.string()),
+        ]
     )
     return pa.Table.from_pylist(rows, schema=schema)

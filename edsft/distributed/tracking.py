@@ -38,8 +38,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import Config, config_to_dict
 from ..storage import get_store, is_remote
@@ -105,7 +106,7 @@ def _prepare_mlflow(uri: str) -> None:
     # deliberately (no server, no SQLAlchemy), so opt out for file:// URIs only.
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        Path(uri[len("file://"):]).mkdir(parents=True, exist_ok=True)
+        Path(uri[len("file://") :]).mkdir(parents=True, exist_ok=True)
 
 
 def _flat_params(cfg: Config) -> dict[str, str]:
@@ -208,10 +209,16 @@ class TrainLogger:
         # One W&B run per training run: its id is derived from the run folder and the run name,
         # so a training run resumed from its checkpoint continues the same W&B run.
         run_id = hashlib.sha256(f"{self.cfg.output.dir}|{self.run_name}".encode()).hexdigest()[:16]
-        return setup_wandb(config={**_flat_params(self.cfg), **{str(k): v for k, v in (params or {}).items()}},
-                           rank_zero_only=False,  # the caller creates the logger on rank 0 only
-                           trial_id=run_id, trial_name=self.run_name, group=experiment_name(self.cfg),
-                           project=experiment_name(self.cfg), dir=str(folder), resume="allow")
+        return setup_wandb(
+            config={**_flat_params(self.cfg), **{str(k): v for k, v in (params or {}).items()}},
+            rank_zero_only=False,  # the caller creates the logger on rank 0 only
+            trial_id=run_id,
+            trial_name=self.run_name,
+            group=experiment_name(self.cfg),
+            project=experiment_name(self.cfg),
+            dir=str(folder),
+            resume="allow",
+        )
 
     # -- API --------------------------------------------------------------------------------
     @property
@@ -254,7 +261,7 @@ class TrainLogger:
         if self.sinks:
             sync_tracking(self.cfg)
 
-    def __enter__(self) -> "TrainLogger":
+    def __enter__(self) -> TrainLogger:
         return self
 
     def __exit__(self, exc_type, *_: Any) -> None:
@@ -285,8 +292,14 @@ def make_tune_callbacks(cfg: Config) -> list:
 
         uri = mlflow_tracking_uri(cfg)
         _prepare_mlflow(uri)
-        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment_name(cfg) + "-sweep",
-                                              tags={"edsft.output_dir": cfg.output.dir}, save_artifact=False))
+        callbacks.append(
+            MLflowLoggerCallback(
+                tracking_uri=uri,
+                experiment_name=experiment_name(cfg) + "-sweep",
+                tags={"edsft.output_dir": cfg.output.dir},
+                save_artifact=False,
+            )
+        )
     if "tensorboard" in cfg.output.report_to:
         callbacks.append(_run_dir_tbx_callback(tensorboard_dir(cfg) / "sweep"))
     if "wandb" in cfg.output.report_to:
@@ -334,8 +347,9 @@ def _wandb_callback(cfg: Config):
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
             if not self._remote_logger_class:
                 env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k not in _WANDB_SECRETS}
-                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env},
-                                                       max_restarts=-1, max_task_retries=-1)(self._logger_actor_cls)
+                self._remote_logger_class = ray.remote(
+                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env}, max_restarts=-1, max_task_retries=-1
+                )(self._logger_actor_cls)
             if os.environ.get("WANDB_API_KEY") and "settings" not in wandb_init_kwargs:
                 import wandb
 
@@ -344,8 +358,9 @@ def _wandb_callback(cfg: Config):
 
     folder = wandb_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    return KeyFreeWandbLoggerCallback(project=experiment_name(cfg) + "-sweep", group=experiment_name(cfg),
-                                      dir=str(folder), upload_checkpoints=False)
+    return KeyFreeWandbLoggerCallback(
+        project=experiment_name(cfg) + "-sweep", group=experiment_name(cfg), dir=str(folder), upload_checkpoints=False
+    )
 
 
 _WANDB_SECRETS = frozenset({"WANDB_API_KEY"})

@@ -24,8 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ray
 import ray.train
@@ -158,7 +159,7 @@ def _storage(cfg: Config, out: Store) -> tuple[str, Any]:
     uri = cfg.training.storage_path or out.uri
     if is_remote(uri):
         # pyarrow ignores AWS_ENDPOINT_URL: pass a filesystem with the configured endpoint
-        return uri[len("s3://"):].rstrip("/"), s3_filesystem(cfg.storage.endpoint_url, cfg.storage.region)
+        return uri[len("s3://") :].rstrip("/"), s3_filesystem(cfg.storage.endpoint_url, cfg.storage.region)
     Path(uri).mkdir(parents=True, exist_ok=True)
     return str(Path(uri).absolute()), None
 

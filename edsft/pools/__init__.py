@@ -17,4 +17,14 @@ from .readers import register_reader
 from .records import SCHEMA, PoolError
 from .sources import PoolSource, open_source, register_source
 
-__all__ = ["TASK_FAMILIES", "iter_tasks", "ingest_pool", "PoolError", "SCHEMA", "PoolSource", "open_source", "register_source", "register_reader"]
+__all__ = [
+    "TASK_FAMILIES",
+    "iter_tasks",
+    "ingest_pool",
+    "PoolError",
+    "SCHEMA",
+    "PoolSource",
+    "open_source",
+    "register_source",
+    "register_reader",
+]

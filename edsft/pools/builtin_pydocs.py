@@ -107,7 +107,15 @@ def _topic_rows() -> list[dict]:
             text = "\n".join(lines[2:])
         answer = _trim(text)
         if len(answer) >= _MIN_RESPONSE:
-            rows.append({"instruction": _pick(_TOPIC_TEMPLATES, name).format(name=name), "input": "", "output": answer, "task": "language", "_name": name})
+            rows.append(
+                {
+                    "instruction": _pick(_TOPIC_TEMPLATES, name).format(name=name),
+                    "input": "",
+                    "output": answer,
+                    "task": "language",
+                    "_name": name,
+                }
+            )
     return rows
 
 
@@ -137,7 +145,15 @@ def _module_rows(modname: str) -> list[dict]:
             return
         answer = _trim(_first_paragraph(doc))
         if len(answer) >= _MIN_RESPONSE:
-            rows.append({"instruction": _pick(templates, name).format(name=name), "input": "", "output": answer, "task": modname, "_name": name})
+            rows.append(
+                {
+                    "instruction": _pick(templates, name).format(name=name),
+                    "input": "",
+                    "output": answer,
+                    "task": modname,
+                    "_name": name,
+                }
+            )
 
     add(modname, mod, _MODULE_TEMPLATES)
     for n, obj in _public(mod):

@@ -30,7 +30,7 @@ import hashlib
 import itertools
 import random
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["TASK_FAMILIES", "TEMPLATES", "iter_tasks", "generate_tasks", "family_names"]
 

@@ -17,8 +17,8 @@ import bisect
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,11 +86,24 @@ def _dedupe(fs: pafs.FileSystem, parts: list[str], split: str, exclude: pa.Array
                 drop = pc.invert(mask)
                 gone = table.filter(drop)
                 over = overlap.slice(lo, size).filter(drop).to_pylist() if overlap is not None else [False] * gone.num_rows
-                for rid, s, ln, o in zip(gone.column("row_id").to_pylist(), gone.column("source").to_pylist(), gone.column("line").to_pylist(), over):
+                for rid, s, ln, o in zip(
+                    gone.column("row_id").to_pylist(), gone.column("source").to_pylist(), gone.column("line").to_pylist(), over
+                ):
                     if o:
-                        records.append({"split": split, "source": s, "line": ln, "reason": "eval_overlap", "detail": f"row_id {rid} is also in the pool", "raw": ""})
+                        records.append(
+                            {
+                                "split": split,
+                                "source": s,
+                                "line": ln,
+                                "reason": "eval_overlap",
+                                "detail": f"row_id {rid} is also in the pool",
+                                "raw": "",
+                            }
+                        )
                     else:
-                        records.append({"split": split, "source": s, "line": ln, "reason": "duplicate_id", "detail": rid, "raw": ""})
+                        records.append(
+                            {"split": split, "source": s, "line": ln, "reason": "duplicate_id", "detail": rid, "raw": ""}
+                        )
                 pq.write_table(table.filter(mask), part, filesystem=fs)
         lo = hi
     for r in records:
@@ -139,8 +152,16 @@ def _merge_quarantine(run: Store, staged: list[str], extra: list[dict]) -> Store
 
 def merge_results(results: list[dict]) -> dict:
     """The sum of several :meth:`Sink.close` results (in input order)."""
-    total = {"rows_read": 0, "rows_kept": 0, "rows_held_out": 0, "quarantine_by_reason": Counter(), "unreadable_files": [],
-             "parts": [], "held_parts": [], "quarantine": []}
+    total = {
+        "rows_read": 0,
+        "rows_kept": 0,
+        "rows_held_out": 0,
+        "quarantine_by_reason": Counter(),
+        "unreadable_files": [],
+        "parts": [],
+        "held_parts": [],
+        "quarantine": [],
+    }
     for r in results:
         for k in ("rows_read", "rows_kept", "rows_held_out"):
             total[k] += r[k]

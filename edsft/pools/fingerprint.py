@@ -41,10 +41,11 @@ def _files(path: str, endpoint_url: str | None, region: str | None) -> tuple[paf
         if scheme_of(path):
             head = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             base = pool_store(head, endpoint_url, region)
-            pattern = path[len(scheme_of(path)):]
+            pattern = path[len(scheme_of(path)) :]
             infos = base.fs.get_file_info(pafs.FileSelector(base.path, recursive=True, allow_not_found=True))
-            return base.fs, sorted((i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)),
-                                   key=lambda i: i.path)
+            return base.fs, sorted(
+                (i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)), key=lambda i: i.path
+            )
         paths = sorted(str(Path(p).absolute()) for p in _glob.glob(str(Path(path).expanduser()), recursive=True))
         return store.fs, [i for i in store.fs.get_file_info(paths) if i.type == pafs.FileType.File]
     return store.fs, []  # missing: ingest reports it; the fingerprint just says "nothing there"

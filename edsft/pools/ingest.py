@@ -75,8 +75,16 @@ def _sink(cfg: Config, run: Store, prefix: str, split: str, hold_out: float = 0.
     return Sink(run, prefix, split, cfg.pool.rows_per_shard, hold_out, cfg.pool.seed, folder, bar)
 
 
-def ingest_input(cfg: Config, run: Store, source: PoolSource, inp: Input, prefix: str, split: str = "pool",
-                 folder: Store | None = None, bar=None) -> dict:
+def ingest_input(
+    cfg: Config,
+    run: Store,
+    source: PoolSource,
+    inp: Input,
+    prefix: str,
+    split: str = "pool",
+    folder: Store | None = None,
+    bar=None,
+) -> dict:
     """Parse one input of ``source`` into its own parts (the unit of work of the Ray version)."""
     hold_out = eval_split_of(cfg, source).fraction if split == "pool" else 0.0
     sink = _sink(cfg, run, prefix, split, hold_out, folder, bar)
@@ -90,7 +98,9 @@ def ingest_eval(cfg: Config, run: Store, source: PoolSource) -> dict:
     if ev is None:
         return merge_results([])
     folder = run.child(STAGING, "eval")
-    return merge_results([ingest_input(cfg, run, ev, inp, f"{i:05d}-", "eval", folder) for i, inp in enumerate(ev.list_inputs().inputs)])
+    return merge_results(
+        [ingest_input(cfg, run, ev, inp, f"{i:05d}-", "eval", folder) for i, inp in enumerate(ev.list_inputs().inputs)]
+    )
 
 
 def progress_bar(progress: bool, total: int | None, desc: str):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -154,10 +155,24 @@ def read_csv(store: Store) -> Iterator[tuple[int, Any]]:
             text = ",".join(cells)
             if not text.isascii() and any("\udc80" <= c <= "\udcff" for c in text):
                 at = next(i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff")
-                yield line, Bad("not_utf8", f"byte 0x{ord(text[at]) - 0xDC00:02x} in this record is not UTF-8", snip(text.encode("utf-8", "surrogateescape")))
+                yield (
+                    line,
+                    Bad(
+                        "not_utf8",
+                        f"byte 0x{ord(text[at]) - 0xDC00:02x} in this record is not UTF-8",
+                        snip(text.encode("utf-8", "surrogateescape")),
+                    ),
+                )
                 continue
             if len(cells) != len(header):
-                yield line, Bad("malformed_csv", f"the record has {len(cells)} cells, the header {len(header)}: quote cells that hold a comma", snip(text))
+                yield (
+                    line,
+                    Bad(
+                        "malformed_csv",
+                        f"the record has {len(cells)} cells, the header {len(header)}: quote cells that hold a comma",
+                        snip(text),
+                    ),
+                )
                 continue
             yield line, {k: (v if v != "" else None) for k, v in zip(header, cells)}
 
@@ -222,7 +237,10 @@ def read_store(store: Store, fmt: str) -> Iterator[tuple[int, Any]]:
         if not _damaged(e):
             raise
         where = f"after {n} record(s)" if n else "before the first record"
-        yield line_rec[0] + 1, Bad(
-            "unreadable_file",
-            f"{uri} is damaged ({type(e).__name__}: {e}) {where}; re-create or re-download it, or move it out of the pool",
+        yield (
+            line_rec[0] + 1,
+            Bad(
+                "unreadable_file",
+                f"{uri} is damaged ({type(e).__name__}: {e}) {where}; re-create or re-download it, or move it out of the pool",
+            ),
         )

@@ -151,7 +151,7 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
-def optional_text(rec: dict, field: str | None) -> "str | None | Bad":
+def optional_text(rec: dict, field: str | None) -> str | None | Bad:
     """An optional text field (response, task): absent or null is None, a wrong type is bad."""
     if not field:
         return None
@@ -174,7 +174,7 @@ def prompt_problem(prompt: str, field: str, max_chars: int) -> Bad | None:
     return None
 
 
-def record_id(rec: dict, field: str | None, prompt: str, response: str | None, context: str | None = None) -> "str | Bad":
+def record_id(rec: dict, field: str | None, prompt: str, response: str | None, context: str | None = None) -> str | Bad:
     """The row_id: the ``field`` (pool.id_field) of ``rec`` if set, else a hash of the content."""
     if not field:
         return content_row_id(prompt, response, context)
@@ -206,13 +206,20 @@ class FieldMapping:
     require_response: bool = False
 
     @classmethod
-    def from_pool(cls, p: PoolConfig) -> "FieldMapping":
+    def from_pool(cls, p: PoolConfig) -> FieldMapping:
         c = p.columns  # LLaMA-Factory's names win over the *_field settings
-        return cls(c.get("prompt", p.prompt_field), c.get("query", p.input_field) or None, c.get("response", p.response_field) or None,
-                   p.task_field or None, p.id_field or None, p.max_prompt_chars, p.require_response)
+        return cls(
+            c.get("prompt", p.prompt_field),
+            c.get("query", p.input_field) or None,
+            c.get("response", p.response_field) or None,
+            p.task_field or None,
+            p.id_field or None,
+            p.max_prompt_chars,
+            p.require_response,
+        )
 
     @classmethod
-    def builtin(cls, p: PoolConfig) -> "FieldMapping":
+    def builtin(cls, p: PoolConfig) -> FieldMapping:
         """Built-in pools have fixed columns whatever the field mapping says."""
         return cls("instruction", "input", "output", "task", None, p.max_prompt_chars)
 
@@ -248,8 +255,12 @@ class FieldMapping:
             if isinstance(task, Bad):
                 return task
             # All-ASCII text (most rows) cannot hold a lone surrogate: skip the encoding check.
-            if not (raw_prompt.isascii() and (not extra or extra.isascii()) and (response is None or response.isascii())
-                    and (task is None or task.isascii())):
+            if not (
+                raw_prompt.isascii()
+                and (not extra or extra.isascii())
+                and (response is None or response.isascii())
+                and (task is None or task.isascii())
+            ):
                 bad = unencodable((f.prompt, raw_prompt), (f.input, extra), (f.response, response), (f.task, task))
                 if bad:
                     return bad
@@ -263,16 +274,29 @@ class FieldMapping:
         return row_id, prompt, response, task
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Conversations: alpaca (flat + system + history), ShareGPT and OpenAI messages
 # ------------------------------------------------------------------------------------------------
 
 # The role vocabularies of the two chat layouts, in LLaMA-Factory's tag names (pool.tags overrides).
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}
-MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                 "system_tag": "system", "observation_tag": "tool", "function_tag": "function"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+}
+MESSAGES_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "function",
+}
 LAYOUT_COLUMN = {"sharegpt": "conversations", "messages": "messages"}  # the turns' column by default
 
 
@@ -302,12 +326,22 @@ def check_turns(turns: list[tuple[str, str]], what: str) -> Bad | None:
     for i, role in enumerate(chat):
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
-            return Bad("role_order", f"{what} turn {i + n_system} is {role}, expected {want}: turns must alternate user, assistant, ... from a user turn")
+            return Bad(
+                "role_order",
+                f"{what} turn {i + n_system} is {role}, expected {want}: turns must alternate user, assistant, ... from a user turn",
+            )
     return None
 
 
-def conversation_row(turns: list[tuple[str, str]], rec: dict, what: str, id_field: str | None, task_field: str | None,
-                     max_prompt_chars: int, require_response: bool) -> Row | Bad:
+def conversation_row(
+    turns: list[tuple[str, str]],
+    rec: dict,
+    what: str,
+    id_field: str | None,
+    task_field: str | None,
+    max_prompt_chars: int,
+    require_response: bool,
+) -> Row | Bad:
     """A checked conversation -> ``(row_id, prompt, response, task, context)``: the final
     assistant turn is the response (None when the conversation ends on a user turn), the user turn
     before it the prompt, everything earlier (system included) the context."""
@@ -326,7 +360,10 @@ def conversation_row(turns: list[tuple[str, str]], rec: dict, what: str, id_fiel
         return bad
     chars = len(prompt) + sum(len(t) for _, t in before)
     if chars > max_prompt_chars:
-        return Bad("prompt_too_long", f"the conversation before its answer has {chars} characters > pool.max_prompt_chars={max_prompt_chars}")
+        return Bad(
+            "prompt_too_long",
+            f"the conversation before its answer has {chars} characters > pool.max_prompt_chars={max_prompt_chars}",
+        )
     task = optional_text(rec, task_field)
     if isinstance(task, Bad):
         return task
@@ -345,11 +382,13 @@ def _decoded(value: Any, field: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            return Bad("malformed_json", f"field {field!r} holds text that is not a JSON list: {e.msg} at column {e.colno}", snip(value))
+            return Bad(
+                "malformed_json", f"field {field!r} holds text that is not a JSON list: {e.msg} at column {e.colno}", snip(value)
+            )
     return value
 
 
-def _system_turns(rec: dict, field: str | None) -> "list[tuple[str, str]] | Bad":
+def _system_turns(rec: dict, field: str | None) -> list[tuple[str, str]] | Bad:
     system = optional_text(rec, field)
     if isinstance(system, Bad):
         return system
@@ -369,10 +408,17 @@ class ConversationMapping:
     require_response: bool = False
 
     @classmethod
-    def from_pool(cls, p: PoolConfig, layout: str, tags: dict | None = None) -> "ConversationMapping":
+    def from_pool(cls, p: PoolConfig, layout: str, tags: dict | None = None) -> ConversationMapping:
         base = tags or (SHAREGPT_TAGS if layout == "sharegpt" else MESSAGES_TAGS)
-        return cls(p.columns.get("messages", LAYOUT_COLUMN[layout]), {**base, **p.tags}, p.columns.get("system", "system"),
-                   p.id_field or None, p.task_field or None, p.max_prompt_chars, p.require_response)
+        return cls(
+            p.columns.get("messages", LAYOUT_COLUMN[layout]),
+            {**base, **p.tags},
+            p.columns.get("system", "system"),
+            p.id_field or None,
+            p.task_field or None,
+            p.max_prompt_chars,
+            p.require_response,
+        )
 
     def map(self, rec: Any) -> Row | Bad:
         if not isinstance(rec, dict):
@@ -396,17 +442,27 @@ class ConversationMapping:
                     return Bad("wrong_type", f"{self.column!r} turn {i} must be an object, got {type(turn).__name__}")
                 role, content = turn.get(t["role_tag"]), turn.get(t["content_tag"])
                 if role not in roles:
-                    why = "tool turns are not supported" if role in tools else (
-                        f"expected one of {sorted(roles)} under {t['role_tag']!r}: map yours with pool.tags (user_tag, assistant_tag, system_tag)")
+                    why = (
+                        "tool turns are not supported"
+                        if role in tools
+                        else (
+                            f"expected one of {sorted(roles)} under {t['role_tag']!r}: map yours with pool.tags (user_tag, assistant_tag, system_tag)"
+                        )
+                    )
                     return Bad("unknown_role", f"{self.column!r} turn {i} has role {role!r}: {why}")
                 if isinstance(content, bytes):
                     content = content.decode("utf-8")
                 if content is None:
                     content = ""
                 if not isinstance(content, str):
-                    return Bad("wrong_type", f"{self.column!r} turn {i} {t['content_tag']!r} must be a string, got {type(content).__name__}")
+                    return Bad(
+                        "wrong_type",
+                        f"{self.column!r} turn {i} {t['content_tag']!r} must be a string, got {type(content).__name__}",
+                    )
                 turns.append((roles[role], content))
-            return conversation_row(turns, rec, repr(self.column), self.id, self.task, self.max_prompt_chars, self.require_response)
+            return conversation_row(
+                turns, rec, repr(self.column), self.id, self.task, self.max_prompt_chars, self.require_response
+            )
         except UnicodeDecodeError as e:
             return Bad("not_utf8", f"a field holds bytes that are not UTF-8: {e.reason}")
 
@@ -421,7 +477,7 @@ class AlpacaMapping:
     history: str | None
 
     @classmethod
-    def from_pool(cls, p: PoolConfig) -> "AlpacaMapping":
+    def from_pool(cls, p: PoolConfig) -> AlpacaMapping:
         return cls(FieldMapping.from_pool(p), p.columns.get("system", "system"), p.columns.get("history", "history"))
 
     def map(self, rec: Any) -> Row | Bad:
@@ -443,7 +499,9 @@ class AlpacaMapping:
         if not system and not history:
             return out
         if not isinstance(history, (list, type(None))):
-            return Bad("wrong_type", f"field {self.history!r} must be a list of [user, assistant] pairs, got {type(history).__name__}")
+            return Bad(
+                "wrong_type", f"field {self.history!r} must be a list of [user, assistant] pairs, got {type(history).__name__}"
+            )
         turns = list(system)
         for i, pair in enumerate(history or []):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
@@ -467,7 +525,7 @@ class AutoMapping:
     alpaca: AlpacaMapping
 
     @classmethod
-    def from_pool(cls, p: PoolConfig) -> "AutoMapping":
+    def from_pool(cls, p: PoolConfig) -> AutoMapping:
         def pair(col: str) -> tuple:
             q = replace(p, columns={**p.columns, "messages": col})
             return col, ConversationMapping.from_pool(q, "messages"), ConversationMapping.from_pool(q, "sharegpt")
@@ -482,7 +540,9 @@ class AutoMapping:
                 if turns is not None:
                     first = _decoded(turns, col)
                     first = first[0] if isinstance(first, list) and first else None
-                    sharegpt_like = isinstance(first, dict) and messages.tags["role_tag"] not in first and sharegpt.tags["role_tag"] in first
+                    sharegpt_like = (
+                        isinstance(first, dict) and messages.tags["role_tag"] not in first and sharegpt.tags["role_tag"] in first
+                    )
                     return (sharegpt if sharegpt_like else messages).map(rec)
         return self.alpaca.map(rec)
 

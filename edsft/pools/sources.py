@@ -29,9 +29,10 @@ import glob as _glob
 import json
 import logging
 import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 
@@ -92,7 +93,7 @@ class EvalSplit:
     """A source's eval split: a share of its own rows (seeded hash of row_id), or other records."""
 
     fraction: float = 0.0
-    source: "PoolSource | None" = None
+    source: PoolSource | None = None
 
 
 class PoolSource(Protocol):
@@ -120,7 +121,9 @@ class PoolSource(Protocol):
 # Files
 # ------------------------------------------------------------------------------------------------
 
-_HIDDEN = "hidden: the name (or a folder above it) starts with '.' or '_' (markers like _SUCCESS, .DS_Store); rename it to ingest it"
+_HIDDEN = (
+    "hidden: the name (or a folder above it) starts with '.' or '_' (markers like _SUCCESS, .DS_Store); rename it to ingest it"
+)
 
 
 def _hidden(path: str) -> bool:
@@ -141,7 +144,7 @@ def hf_filesystem():
 
 def hf_store(uri: str) -> Store:
     """A Store for ``hf://datasets/<org>/<name>[@revision]/<path>`` on :func:`hf_filesystem`."""
-    path = uri[len(HF):].rstrip("/")
+    path = uri[len(HF) :].rstrip("/")
     if not path.startswith("datasets/") or path.count("/") < 2:
         raise PoolError(f"pool.path={uri!r} is not a dataset on the hub: write hf://datasets/<org>/<name>/<file, folder or glob>")
     return Store(pafs.PyFileSystem(pafs.FSSpecHandler(hf_filesystem())), path, HF + path)
@@ -165,10 +168,15 @@ def _saved_dataset(store: Store, rel: list[tuple[str, str]], prefix: str) -> Lis
     if "dataset_dict.json" in names:
         splits = json.loads(store.fs.open_input_stream(posixpath.join(store.path, "dataset_dict.json")).read()).get("splits", [])
         if "train" not in splits:
-            raise PoolError(f"{store.uri} is a saved DatasetDict without a 'train' split (splits: {splits}): point pool.path at one split's folder")
+            raise PoolError(
+                f"{store.uri} is a saved DatasetDict without a 'train' split (splits: {splits}): point pool.path at one split's folder"
+            )
         sub = posixpath.join(store.path, "train")
-        return _saved_dataset(Store(store.fs, sub, store.uri.rstrip("/") + "/train"),
-                              [(p, r[len("train/"):]) for p, r in rel if r.startswith("train/")], prefix)
+        return _saved_dataset(
+            Store(store.fs, sub, store.uri.rstrip("/") + "/train"),
+            [(p, r[len("train/") :]) for p, r in rel if r.startswith("train/")],
+            prefix,
+        )
     if "state.json" not in names:
         return None
     state = json.loads(store.fs.open_input_stream(posixpath.join(store.path, "state.json")).read())
@@ -177,8 +185,11 @@ def _saved_dataset(store: Store, rel: list[tuple[str, str]], prefix: str) -> Lis
     if missing:
         raise PoolError(f"{store.uri}/state.json names {missing[0]!r}, which is not in the folder: re-save the dataset")
     inputs = [Input(prefix + posixpath.join(store.path, d), "arrow") for d in data]
-    skipped = [Skipped(prefix + p, "not a data file of the saved dataset (state.json lists its Arrow files)")
-               for p, r in rel if r not in data and r not in ("state.json", "dataset_info.json")]
+    skipped = [
+        Skipped(prefix + p, "not a data file of the saved dataset (state.json lists its Arrow files)")
+        for p, r in rel
+        if r not in data and r not in ("state.json", "dataset_info.json")
+    ]
     return Listing(inputs, skipped)
 
 
@@ -198,11 +209,15 @@ def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, re
             # List below the longest glob-free prefix, then match the full key pattern.
             head = path[: min(path.index(c) for c in "*?[" if c in path)]
             base = pool_store(head.rsplit("/", 1)[0], endpoint_url, region)
-            pattern = path[len(scheme):]
+            pattern = path[len(scheme) :]
             infos = base.fs.get_file_info(pafs.FileSelector(base.path, recursive=True, allow_not_found=True))
-            files = sorted(scheme + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern))
+            files = sorted(
+                scheme + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)
+            )
         else:
-            files = sorted(str(Path(p).absolute()) for p in _glob.glob(str(Path(path).expanduser()), recursive=True) if Path(p).is_file())
+            files = sorted(
+                str(Path(p).absolute()) for p in _glob.glob(str(Path(path).expanduser()), recursive=True) if Path(p).is_file()
+            )
         kind = f"glob {path!r}"
     else:
         info = store.fs.get_file_info(store.path)
@@ -217,7 +232,9 @@ def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, re
             files = [scheme + p for p, r in rel if not _hidden(r)]
             skipped = [Skipped(scheme + p, _HIDDEN) for p, r in rel if _hidden(r)]
         else:
-            raise PoolError(f"pool.path={path!r} does not exist: point it at a file, glob, folder, s3:// prefix or hf://datasets/ path")
+            raise PoolError(
+                f"pool.path={path!r} does not exist: point it at a file, glob, folder, s3:// prefix or hf://datasets/ path"
+            )
         kind = f"folder {path!r}" if info.type == pafs.FileType.Directory else f"file {path!r}"
     inputs, unknown = [], []
     for f in files:
@@ -231,7 +248,12 @@ def list_files(path: str, fmt: str = "auto", endpoint_url: str | None = None, re
     unknown_why = f"unknown extension: set pool.format to {' or '.join(READERS)} to read it"
     skipped = sorted(skipped + [Skipped(f, unknown_why) for f in unknown], key=lambda s: s.path)
     if skipped:
-        log.warning("pool: skipping %d file(s) (e.g. %s: %s); the ingest summary lists them all", len(skipped), skipped[0].path, skipped[0].reason)
+        log.warning(
+            "pool: skipping %d file(s) (e.g. %s: %s); the ingest summary lists them all",
+            len(skipped),
+            skipped[0].path,
+            skipped[0].reason,
+        )
     if not inputs:
         why = f" ({len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
         raise PoolError(f"{kind} holds no {'/'.join(EXTENSIONS)} files{why}: check pool.path (and pool.format)")
@@ -250,7 +272,7 @@ class FileSource:
     size_hint = None
 
     @classmethod
-    def from_config(cls, cfg: Config, path: str | None = None) -> "FileSource":
+    def from_config(cls, cfg: Config, path: str | None = None) -> FileSource:
         return cls(path or cfg.pool.path, cfg.pool, cfg.storage.endpoint_url, cfg.storage.region)
 
     @property

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,8 +94,17 @@ class Sink:
     by a hash of ``seed`` and the row_id: the same row is held out in every run and every worker.
     """
 
-    def __init__(self, run: Store, prefix: str, split: str, rows_per_part: int, hold_out: float = 0.0, seed: int = 0,
-                 pool_folder: Store | None = None, bar=None):
+    def __init__(
+        self,
+        run: Store,
+        prefix: str,
+        split: str,
+        rows_per_part: int,
+        hold_out: float = 0.0,
+        seed: int = 0,
+        pool_folder: Store | None = None,
+        bar=None,
+    ):
         self.split = split
         self.pool = PartWriter(pool_folder or run.child("pool.parquet"), prefix, rows_per_part)
         self.held = PartWriter(run.child(STAGING, "heldout"), prefix, rows_per_part)

@@ -92,8 +92,12 @@ class Scorer:
         generation: str = "auto",
         width_bucket: int = 64,
     ):
-        for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
-                                 ("batch_size", batch_size, 1), ("max_retries", max_retries, 0)):
+        for name, value, low in (
+            ("max_new_tokens", max_new_tokens, 1),
+            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("batch_size", batch_size, 1),
+            ("max_retries", max_retries, 0),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if generation not in GENERATION_MODES:
@@ -137,11 +141,15 @@ class Scorer:
         decoder = self.model.get_decoder()
         blocks = getattr(decoder, "layers", None)
         if blocks is None or not hasattr(decoder, "norm") or not hasattr(decoder, "embed_tokens"):
-            raise ValueError(f"model={self.model_spec!r}: embeddings need a decoder with embed_tokens, layers and norm (Llama-like)")
+            raise ValueError(
+                f"model={self.model_spec!r}: embeddings need a decoder with embed_tokens, layers and norm (Llama-like)"
+            )
         n = len(blocks)
         k = layer + n + 1 if layer < 0 else layer
         if not 0 <= k <= n:
-            raise ValueError(f"embedding_layer={layer} is out of range for a {n}-layer model: use -1 (last) down to {-(n + 1)}, or 0..{n}")
+            raise ValueError(
+                f"embedding_layer={layer} is out of range for a {n}-layer model: use -1 (last) down to {-(n + 1)}, or 0..{n}"
+            )
         if k == 0:
             return decoder.embed_tokens
         return decoder.norm if k == n else blocks[k - 1]
@@ -163,8 +171,9 @@ class Scorer:
         turns = self._fit_context(context_turns(context), self.max_prompt_tokens - len(ids))
         if self.has_template:
             # the template wraps the (truncated) user turn; its own tokens are not counted in the cap
-            out = self.tokenizer.apply_chat_template([*turns, {"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)
+            out = self.tokenizer.apply_chat_template(
+                [*turns, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
             return list(out["input_ids"])
         return self.tokenizer("\n\n".join([*(t["content"] for t in turns), text]))["input_ids"]
 
@@ -194,8 +203,8 @@ class Scorer:
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((rows, width), dtype=torch.long)
         for i, ids in enumerate(id_lists):  # left padding: every prompt ends where generation starts
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention[i, width - len(ids):] = 1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         capture = _PrefillCapture(self._embed_module)
         try:
@@ -204,7 +213,9 @@ class Scorer:
                 attention_mask=attention,  # generate derives position ids from it (cumsum - 1)
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
-                temperature=None, top_p=None, top_k=None,  # greedy, whatever the model's defaults say
+                temperature=None,
+                top_p=None,
+                top_k=None,  # greedy, whatever the model's defaults say
                 eos_token_id=self.end_ids,
                 pad_token_id=self.pad_id,
                 output_logits=True,
@@ -259,8 +270,12 @@ class Scorer:
                 res = self._score_ids(ids)
                 if self.encoder is not None:
                     res["embedding_encoder"] = self.encoder.encode(
-                        [str(p) for p in prompts], normalize_embeddings=True, convert_to_numpy=True,
-                        batch_size=len(prompts), show_progress_bar=False).astype(np.float32)
+                        [str(p) for p in prompts],
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        batch_size=len(prompts),
+                        show_progress_bar=False,
+                    ).astype(np.float32)
                 res["prompt_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
                 return [{k: v[i] for k, v in res.items()} for i in range(len(prompts))]
             except Exception as e:  # noqa: BLE001 - a failing row must not sink the batch
@@ -269,14 +284,15 @@ class Scorer:
         if len(prompts) == 1:
             return [reason]
         half = len(prompts) // 2  # bisect: only the halves holding a bad row keep splitting
-        return (self._generate_rows(prompts[:half], ids[:half], 0) +
-                self._generate_rows(prompts[half:], ids[half:], 0))
+        return self._generate_rows(prompts[:half], ids[:half], 0) + self._generate_rows(prompts[half:], ids[half:], 0)
 
     # ---- the batch API -----------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         leaked = [c for c in batch if c in _LABEL_COLUMNS]
         if leaked:
-            raise ValueError(f"batch has label column(s) {leaked}: scoring must never read labels; pass only {list(INPUT_COLUMNS)}")
+            raise ValueError(
+                f"batch has label column(s) {leaked}: scoring must never read labels; pass only {list(INPUT_COLUMNS)}"
+            )
         for col in ("row_id", "prompt"):
             if col not in batch:
                 raise ValueError(f"batch has no {col!r} column (got {sorted(batch)}): pass {list(INPUT_COLUMNS)}")
@@ -290,7 +306,7 @@ class Scorer:
         order = sorted(range(n), key=lambda i: (len(prompts[i]) if isinstance(prompts[i], str) else 0) + len(contexts[i] or ""))
         rows: list[dict | str] = [None] * n  # type: ignore[list-item]
         for s in range(0, n, self.batch_size):
-            chunk = order[s:s + self.batch_size]
+            chunk = order[s : s + self.batch_size]
             for i, r in zip(chunk, self._score_rows([prompts[i] for i in chunk], self.max_retries, [contexts[i] for i in chunk])):
                 rows[i] = r
         out = self._assemble(batch, rows)
@@ -313,12 +329,17 @@ class Scorer:
         for c in ("response_tokens", "prompt_tokens"):
             out[c] = np.array([r[c] if isinstance(r, dict) else 0 for r in rows], dtype=np.int64)
         out["generated"] = np.array([r["generated"] if isinstance(r, dict) else None for r in rows], dtype=object)
-        out["embedding"] = np.stack([r["embedding"] if isinstance(r, dict) else np.zeros(dim, np.float32) for r in rows]) \
-            if n else np.zeros((0, dim), np.float32)
+        out["embedding"] = (
+            np.stack([r["embedding"] if isinstance(r, dict) else np.zeros(dim, np.float32) for r in rows])
+            if n
+            else np.zeros((0, dim), np.float32)
+        )
         if self.encoder is not None:
             edim = self.encoder.get_sentence_embedding_dimension()
-            out["embedding_encoder"] = np.stack(
-                [r["embedding_encoder"] if isinstance(r, dict) else np.zeros(edim, np.float32) for r in rows]) \
-                if n else np.zeros((0, edim), np.float32)
+            out["embedding_encoder"] = (
+                np.stack([r["embedding_encoder"] if isinstance(r, dict) else np.zeros(edim, np.float32) for r in rows])
+                if n
+                else np.zeros((0, edim), np.float32)
+            )
         out["error"] = np.array([None if isinstance(r, dict) else r for r in rows], dtype=object)
         return out

@@ -59,7 +59,8 @@ Pieces for the distributed stage
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UserError
 from .base import (
@@ -82,10 +83,10 @@ from .base import (
 )
 from .basic import RandomSelector, UncertaintySelector
 from .composite import GreeDi, TaskBalanced, TaskConfidence, allocate_budget, row_confidence, shard_of
+from .dedup import Dedup, dedup_keep
 from .facility import FacilityLocation, FacilityLocationUncertainty, facility_location_gains, facility_location_greedy
 from .kcenter import KCenter, UncertainKCenter, k_center_greedy
 from .similarity import PoolGamma, best_similarity, default_gamma, dense_similarity, knn_graph, min_distance
-from .dedup import Dedup, dedup_keep
 from .typical import ProbCover, TypiClust, knn_distances, typicality
 
 

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import UserError
 
-SELECTORS: dict[str, type["Selector"]] = {}
+SELECTORS: dict[str, type[Selector]] = {}
 
 # Orientation of the known uncertainty scores: True = a LARGER value means MORE uncertain.
 # Margins are the gap between the top two probabilities: a SMALL gap is an uncertain token.
@@ -147,7 +148,7 @@ class Distribution:
     `shards` / `kappa` override the run's shard count / default candidates per shard when not None.
     """
 
-    selector: "Selector"
+    selector: Selector
     shards: int | None = dataclasses.field(default=None, kw_only=True)
     kappa: int | None = dataclasses.field(default=None, kw_only=True)
 
@@ -182,7 +183,7 @@ class Draw(Distribution):
     """The picks depend only on the pool size and the seed: ``draw(n, budget, seed)`` runs on the driver and
     the distributed stage looks up the row_ids of the drawn positions."""
 
-    draw: Callable[[int, int, int], "SelectionResult"]
+    draw: Callable[[int, int, int], SelectionResult]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class PerTask(Distribution):
     task's own statistics). ``quotas(budget) -> {task label: quota}`` reads `selector`'s bound statistics:
     the distributed stage asks a bound copy's distribution() for it."""
 
-    inner: "Selector"
+    inner: Selector
     quotas: Callable[[int], Mapping[Any, int]] | None
 
 
@@ -231,13 +232,11 @@ class Selector:
         return False
 
     @classmethod
-    def from_params(cls, **params) -> "Selector":
+    def from_params(cls, **params) -> Selector:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise UserError(
-                f"selector {cls.name!r} has no parameter(s) {unknown}: its parameters are {known}"
-            )
+            raise UserError(f"selector {cls.name!r} has no parameter(s) {unknown}: its parameters are {known}")
         return cls(**params)
 
     def select(
@@ -290,7 +289,7 @@ class Selector:
         """The pool statistics this copy is bound to (see with_globals); empty for a fresh selector."""
         return MappingProxyType(self.__dict__.get("_globals", {}))
 
-    def with_globals(self, values: Mapping[str, Any]) -> "Selector":
+    def with_globals(self, values: Mapping[str, Any]) -> Selector:
         """A copy bound to pool statistics (name -> value); the hyperparameters are unchanged."""
         bound = copy.copy(self)
         # not a dataclass field: statistics are facts about a pool, not hyperparameters (from_params,
@@ -301,7 +300,7 @@ class Selector:
     def unbound_statistics(self) -> dict[str, PoolStatistic]:
         return {k: s for k, s in self.pool_statistics().items() if k not in self.globals}
 
-    def bound_to(self, X, S, T) -> "Selector":
+    def bound_to(self, X, S, T) -> Selector:
         """This selector bound to the statistics of the given rows, for what it is not bound to yet."""
         sel = self
         for _ in range(MAX_STAT_PASSES):
@@ -354,16 +353,14 @@ class Selector:
         for col in needed:
             if col not in scores:
                 raise UserError(
-                    f"score column {col!r} is missing: available columns are {sorted(scores)}; "
-                    f"pass score=<one of them>"
+                    f"score column {col!r} is missing: available columns are {sorted(scores)}; pass score=<one of them>"
                 )
             v = np.asarray(scores[col], dtype=np.float64)
             if v.ndim != 1:
                 raise UserError(f"score column {col!r} must be 1-d, got shape {v.shape}")
             if not np.isfinite(v).all():
                 raise UserError(
-                    f"score column {col!r} has {int((~np.isfinite(v)).sum())} NaN/inf value(s): "
-                    "re-score or drop those rows"
+                    f"score column {col!r} has {int((~np.isfinite(v)).sum())} NaN/inf value(s): re-score or drop those rows"
                 )
             S[col] = v
             lengths[f"scores[{col!r}]"] = len(v)

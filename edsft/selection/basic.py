@@ -78,9 +78,7 @@ class UncertaintySelector(Selector):
     # position, as the union is in pool order), and the objective is a sum over the picks alone
     def distribution(self):
         if self.jitter:
-            return NotDistributable(
-                self, "uncertainty with jitter=True draws one key per pool row: use selection.mode=local"
-            )
+            return NotDistributable(self, "uncertainty with jitter=True draws one key per pool row: use selection.mode=local")
         return TwoRound(self, exact=True)
 
     def chosen_objective(self, X_chosen, S_chosen) -> float:

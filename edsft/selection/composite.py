@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,9 @@ def inner_selector(name: str, params: Mapping[str, Any] | None) -> Selector:
     return SELECTORS[name].from_params(**dict(params or {}))
 
 
-def row_confidence(values: np.ndarray, score: str, higher_is_uncertain: bool | None = None,
-                   raw_range: tuple[float, float] | None = None) -> np.ndarray:
+def row_confidence(
+    values: np.ndarray, score: str, higher_is_uncertain: bool | None = None, raw_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """Model confidence per row in [0, 1] from a score column: 1 - least_confidence, the margin itself,
     or 1 - min-max(oriented uncertainty) for any other column (min-max over `values`, or with the pool's
     `raw_range` = (min, max) of the raw column)."""
@@ -178,8 +180,9 @@ class TaskBalanced(Selector):
             if q == 0:
                 continue
             rows = np.flatnonzero(inv == t)
-            res = inner.select(int(q), None if X is None else X[rows], take_rows(S, rows), T[rows], seed,
-                               compute_objective=False)  # the objective below is the whole pool's
+            res = inner.select(
+                int(q), None if X is None else X[rows], take_rows(S, rows), T[rows], seed, compute_objective=False
+            )  # the objective below is the whole pool's
             picks.append(rows[res.indices])
             gains.append(res.gains)
         idx = np.concatenate(picks)
@@ -196,9 +199,7 @@ class TaskBalanced(Selector):
         if isinstance(plan, NotDistributable):
             return NotDistributable(self, plan.reason)
         if not isinstance(plan, TwoRound):
-            return NotDistributable(
-                self, f"task_balanced with inner={self.inner!r} has no distributed form: use mode=local"
-            )
+            return NotDistributable(self, f"task_balanced with inner={self.inner!r} has no distributed form: use mode=local")
         bound = "task_confidence" in self.globals
         return PerTask(self, inner=inner, quotas=self.quotas if bound else None)
 
@@ -292,8 +293,14 @@ class GreeDi(Selector):
         kappa = self.kappa or budget
 
         def run(rows, k):  # the runs are compared by the whole-pool objective below, not their own
-            res = inner.select(k, None if X is None else X[rows], take_rows(S, rows),
-                               None if T is None else T[rows], seed, compute_objective=False)
+            res = inner.select(
+                k,
+                None if X is None else X[rows],
+                take_rows(S, rows),
+                None if T is None else T[rows],
+                seed,
+                compute_objective=False,
+            )
             return rows[res.indices], res.gains
 
         runs, cands = [], []
@@ -327,5 +334,6 @@ class GreeDi(Selector):
                 self, "selection.params.row_keys cannot be used with mode=distributed: rows are keyed by row_id"
             )
         plan = inner_selector(self.inner, self.inner_params).distribution()
-        return dataclasses.replace(plan, shards=self.m if self.m is not None else plan.shards,
-                                   kappa=self.kappa if self.kappa is not None else plan.kappa)
+        return dataclasses.replace(
+            plan, shards=self.m if self.m is not None else plan.shards, kappa=self.kappa if self.kappa is not None else plan.kappa
+        )

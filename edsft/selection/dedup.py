@@ -20,8 +20,9 @@ cosine > 0.9), hence a high default threshold: it should only merge prompts that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp

@@ -46,17 +46,17 @@ from .similarity import (
     QDTYPE,
     QUANT_SCALE,
     SIM_METRICS,
+    PoolGamma,
     best_similarity,
     cluster_order,
     dense_similarity,
     executor,
+    knn_graph,
     n_threads,
     parallel,
-    split_range,
-    knn_graph,
-    PoolGamma,
     prepare,
     sim_block,
+    split_range,
 )
 
 OPTIMIZERS = ("naive", "lazy", "stochastic")
@@ -87,8 +87,10 @@ class DenseGraph:
         # a row sum of n values <= 32767 fits int32 below 65536 rows; int32 reductions are faster
         self.acc = np.int32 if n < 65536 else np.int64
         # per thread: the rows of a batch, and the same folded in half (see _gains_into)
-        self._bufs = [(np.empty((min(64, n), n), dtype=K.dtype), np.empty((min(64, n), n // 2), dtype=np.uint16))
-                      for _ in range(n_threads())]
+        self._bufs = [
+            (np.empty((min(64, n), n), dtype=K.dtype), np.empty((min(64, n), n // 2), dtype=np.uint16))
+            for _ in range(n_threads())
+        ]
         self._rows = None  # naive's row buffer, allocated on first use
         self.block, self.n_blocks = block, -(-n // block)
         self.K3 = None
@@ -126,10 +128,12 @@ class DenseGraph:
         if len(parts) == 1:
             self._gains_into(r, c, out, self._bufs[0])
         else:
-            list(executor(len(parts)).map(
-                lambda a: self._gains_into(r[a[0] : a[1]], c, out[a[0] : a[1]], self._bufs[a[2]]),
-                [(s, e, w) for w, (s, e) in enumerate(parts)],
-            ))
+            list(
+                executor(len(parts)).map(
+                    lambda a: self._gains_into(r[a[0] : a[1]], c, out[a[0] : a[1]], self._bufs[a[2]]),
+                    [(s, e, w) for w, (s, e) in enumerate(parts)],
+                )
+            )
         out -= int(c.sum(dtype=np.int64))
         return out
 
@@ -354,8 +358,7 @@ def facility_location_gains(X_pool, X_cand, current, metric: str = "cosine", gam
     return out
 
 
-def build_graph(X, metric: str, gamma: float | None, dense_max_n: int, n_neighbors: int, seed: int = 0,
-                progress: bool = False):
+def build_graph(X, metric: str, gamma: float | None, dense_max_n: int, n_neighbors: int, seed: int = 0, progress: bool = False):
     if len(X) <= dense_max_n:
         # rows grouped by a clustering so the greedy can skip whole blocks (see DenseGraph); its seed is
         # fixed, not the selection's: lazy greedy is deterministic and must not vary with `seed`
@@ -446,7 +449,14 @@ class FacilityLocation(Selector):
         b = self.bonus(S)
         mod = None if b is None else np.rint(b * QUANT_SCALE).astype(np.int64)
         idx, gains = facility_location_greedy(
-            graph, budget, self.optimizer, mod, self.epsilon, seed, self.batch_size, self.progress,
+            graph,
+            budget,
+            self.optimizer,
+            mod,
+            self.epsilon,
+            seed,
+            self.batch_size,
+            self.progress,
         )
         del graph
         return SelectionResult(idx, gains, float("nan"))  # select() adds the objective when asked

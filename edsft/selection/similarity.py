@@ -23,7 +23,6 @@ import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +49,7 @@ def n_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def executor(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edsft-fl")
 

@@ -169,8 +169,16 @@ class TypiClust(Selector):
 # --------------------------------------------------------------------------------------------
 
 
-def purity_delta(X, labels: np.ndarray, alpha: float = 0.95, metric: str = "cosine", *,
-                 exact_max_n: int = EXACT_MAX_N, n_neighbors: int = 50, seed: int = 0) -> float:
+def purity_delta(
+    X,
+    labels: np.ndarray,
+    alpha: float = 0.95,
+    metric: str = "cosine",
+    *,
+    exact_max_n: int = EXACT_MAX_N,
+    n_neighbors: int = 50,
+    seed: int = 0,
+) -> float:
     """The largest delta at which at least `alpha` of the delta-balls are pure (ProbCover's heuristic).
 
     The ball of i is pure iff delta < d*_i, the distance from i to the nearest row of ANOTHER label, so
@@ -208,8 +216,9 @@ def purity_delta(X, labels: np.ndarray, alpha: float = 0.95, metric: str = "cosi
     return max(0.0, q - max(1e-6 * q, 1e-6))  # float32 distances: keep clear of the cut by more than rounding
 
 
-def ball_graph(X, delta: float, metric: str = "cosine", *, exact_max_n: int = EXACT_MAX_N,
-               n_neighbors: int = 50, seed: int = 0) -> sp.csr_matrix:
+def ball_graph(
+    X, delta: float, metric: str = "cosine", *, exact_max_n: int = EXACT_MAX_N, n_neighbors: int = 50, seed: int = 0
+) -> sp.csr_matrix:
     """Boolean CSR (n, n), symmetric: [i, j] when dist(i, j) <= delta, the diagonal included. Exact in
     row chunks up to `exact_max_n` rows, else the k-NN graph (n_neighbors) cut at delta."""
     n = len(X)
@@ -312,8 +321,7 @@ class ProbCover(Selector):
             return float("inf")
         # fixed k-means seed: delta depends on the pool and budget only, not on the selection's seed
         labels = kmeans_labels(X, k, self.metric, 0)
-        return purity_delta(X, labels, self.alpha, self.metric, exact_max_n=self.exact_max_n,
-                            n_neighbors=self.n_neighbors)
+        return purity_delta(X, labels, self.alpha, self.metric, exact_max_n=self.exact_max_n, n_neighbors=self.n_neighbors)
 
     def _graph(self, X, budget):
         delta = self.resolve_delta(X, budget)

@@ -50,7 +50,9 @@ def _encode(x: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         if all(isinstance(k, str) and not k.startswith("$") for k in x):
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in x.items()}
         return {"$items": [[_encode(k, tensors, f"{path}<key>"), _encode(v, tensors, f"{path}[{k!r}]")] for k, v in x.items()]}
-    raise TypeError(f"training state at {path or '<root>'} is a {type(x).__name__}: only tensors and JSON values are saved (no pickle)")
+    raise TypeError(
+        f"training state at {path or '<root>'} is a {type(x).__name__}: only tensors and JSON values are saved (no pickle)"
+    )
 
 
 def _decode(x: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -142,7 +142,9 @@ class Engine:
         self.bf16 = use_bf16(cfg.precision, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("the model has no trainable parameter: check training.lora_target_modules matches the model's layers")
+            raise ValueError(
+                "the model has no trainable parameter: check training.lora_target_modules matches the model's layers"
+            )
         # fused AdamW is a CUDA kernel; on CPU the default foreach implementation is used
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
@@ -175,7 +177,12 @@ class Engine:
             return
         if weights:
             save_file(_trainable_state(self.model), str(folder / TRAINABLE))
-        state = {"backend": self.backend, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(), **(counters or {})}
+        state = {
+            "backend": self.backend,
+            "world_size": self.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            **(counters or {}),
+        }
         (folder / f"{ENGINE_STATE}.json").write_text(json.dumps(state, indent=2))
         if optimizer:
             save_state(folder, OPTIMIZER_STATE, self.optimizer.state_dict())
@@ -187,7 +194,11 @@ class Engine:
             legacy = [p.name for p in folder.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
             raise UserError(
                 f"checkpoint {folder} has no {state_file.name}"
-                + (f" but pickle files {legacy[:3]} (an older edsft or DeepSpeed format, which runs code when loaded)" if legacy else "")
+                + (
+                    f" but pickle files {legacy[:3]} (an older edsft or DeepSpeed format, which runs code when loaded)"
+                    if legacy
+                    else ""
+                )
                 + ": it is not an edsft checkpoint this version loads; train again with --force (or another training.storage_path)"
             )
         state = json.loads(state_file.read_text())
@@ -204,7 +215,9 @@ class Engine:
             saved = load_file(str(folder / TRAINABLE))
             missing = [k for k, p in self.model.named_parameters() if p.requires_grad and k not in saved]
             if missing:
-                raise UserError(f"checkpoint {folder} lacks trainable weights {missing[:3]}...: it comes from another model or LoRA config")
+                raise UserError(
+                    f"checkpoint {folder} lacks trainable weights {missing[:3]}...: it comes from another model or LoRA config"
+                )
             self.model.load_state_dict(saved, strict=False)
         if optimizer:
             self.optimizer.load_state_dict(load_state(folder, OPTIMIZER_STATE, self.device))
@@ -301,8 +314,12 @@ class DeepSpeedEngine(Engine):
 
     def save(self, folder: Path) -> None:
         stage = self.cfg.zero_stage
-        counters = {"zero_stage": stage, "global_steps": self.wrapped.global_steps,
-                    "global_samples": self.wrapped.global_samples, "skipped_steps": self.wrapped.skipped_steps}
+        counters = {
+            "zero_stage": stage,
+            "global_steps": self.wrapped.global_steps,
+            "global_samples": self.wrapped.global_samples,
+            "skipped_steps": self.wrapped.skipped_steps,
+        }
         # ZeRO-0 holds whole optimizer copies (rank 0 saves one); under ZeRO-3 the module's
         # parameters are partitions, so the weights come back from the fp32 partitions instead
         self._save_common(folder, counters, weights=stage < 3, optimizer=stage == 0)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,9 @@ class Evaluator:
         out: list[dict] = [{"loss_sum": 0.0, "n_tokens": 0} for _ in rows]
         encoded = []
         for i, r in enumerate(rows):
-            ex, _ = tokenize_example(self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len, r.get("context"))
+            ex, _ = tokenize_example(
+                self.tokenizer, str(r["prompt"]), str(r["response"]), self.end_ids, self.max_seq_len, r.get("context")
+            )
             if ex is not None:
                 encoded.append((i, ex))
         encoded.sort(key=lambda x: len(x[1]["input_ids"]))  # similar lengths share a micro batch
@@ -94,7 +97,9 @@ class Evaluator:
                 batch = {k: v.to(self.device) for k, v in collate([ex for _, ex in chunk], self.pad_id).items()}
                 logits, targets, row = response_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-                sums = torch.zeros(len(chunk), dtype=torch.float64, device=token_loss.device).index_add_(0, row, token_loss.double())
+                sums = torch.zeros(len(chunk), dtype=torch.float64, device=token_loss.device).index_add_(
+                    0, row, token_loss.double()
+                )
                 counts = torch.bincount(row, minlength=len(chunk))
                 for (i, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
                     out[i] = {"loss_sum": float(s), "n_tokens": int(n)}
@@ -107,8 +112,10 @@ class Evaluator:
         ``contexts``: per prompt, a conversation row's earlier turns (None: a single-turn prompt)."""
         contexts = list(contexts) if contexts is not None else [None] * len(prompts)
         budget = max(1, self.max_seq_len)  # prompts keep their last max_seq_len tokens
-        encoded = [self.tokenizer(prompt_text(self.tokenizer, p, c), add_special_tokens=False)["input_ids"][-budget:]
-                   for p, c in zip(prompts, contexts)]
+        encoded = [
+            self.tokenizer(prompt_text(self.tokenizer, p, c), add_special_tokens=False)["input_ids"][-budget:]
+            for p, c in zip(prompts, contexts)
+        ]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a micro batch
         preds: list[str] = [""] * len(prompts)
         with self._variant(variant):
@@ -120,8 +127,8 @@ class Evaluator:
                 input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(ids), width), dtype=torch.long)
                 for i, x in enumerate(ids):
-                    input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                    mask[i, width - len(x):] = 1
+                    input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+                    mask[i, width - len(x) :] = 1
                 gen = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=mask.to(self.device),
@@ -140,11 +147,17 @@ class Evaluator:
         results = []
         for variant in variants or self.variants:
             losses = self.losses(rows, variant)
-            preds = self.generate([str(r["prompt"]) for r in rows], variant, [r.get("context") for r in rows]) if generate else [None] * len(rows)
+            preds = (
+                self.generate([str(r["prompt"]) for r in rows], variant, [r.get("context") for r in rows])
+                if generate
+                else [None] * len(rows)
+            )
             for r, loss, pred in zip(rows, losses, preds):
                 res = {"row_id": r.get("row_id"), "task": r.get("task"), "variant": variant, **loss}
                 if pred is not None:
-                    res.update(prediction=pred, exact_match=exact_match(pred, r["response"]), rouge_l=rouge_l(pred, r["response"]))
+                    res.update(
+                        prediction=pred, exact_match=exact_match(pred, r["response"]), rouge_l=rouge_l(pred, r["response"])
+                    )
                 results.append(res)
         return results
 

@@ -12,8 +12,8 @@ when tasks are configured.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -81,9 +81,16 @@ def run_lm_eval(
         batch_size=batch_size,
     )
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
         # edsft seeds its own stages; fixed seeds here keep lm-eval's few-shot sampling repeatable
-        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
     )
     scores: dict[str, dict[str, float]] = {}
     for task, values in out["results"].items():

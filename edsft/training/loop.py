@@ -22,8 +22,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,9 @@ def build_model(cfg: Any, model_spec: str, device: torch.device) -> torch.nn.Mod
 
     targets = cfg.lora_target_modules
     targets = targets if isinstance(targets, str) else list(targets)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, lora)  # autocast_adapter_dtype=True keeps the adapters in fp32
     return model.train()
 
@@ -241,7 +244,13 @@ def _save_checkpoint(engine, folder: Path, rank: int, state: dict, plan, stats) 
     engine.save(folder)  # collective for DeepSpeed
     _save_rng(folder, rank)
     if rank == 0:
-        blob = {"state": state, "plan": plan.as_dict(), "data": stats.as_dict(), "backend": engine.backend, "world_size": plan.world_size}
+        blob = {
+            "state": state,
+            "plan": plan.as_dict(),
+            "data": stats.as_dict(),
+            "backend": engine.backend,
+            "world_size": plan.world_size,
+        }
         (folder / TRAINER_STATE).write_text(json.dumps(blob, indent=2))
 
 

@@ -16,7 +16,7 @@ import math
 import re
 import string
 from collections import defaultdict
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["normalize", "exact_match", "rouge_tokens", "rouge_l", "lcs_length", "summarize", "macro_average"]
 

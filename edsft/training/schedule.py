@@ -16,9 +16,9 @@ while which items meet, and the order of the micro batches, stay random.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 
@@ -52,9 +52,18 @@ def batch_plan(
     warmup_ratio: float = 0.0,
 ) -> BatchPlan:
     """Steps for ``epochs`` passes over ``n_items`` (or exactly ``max_steps`` when set)."""
-    for name, value in (("n_items", n_items), ("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum), ("world_size", world_size)):
+    for name, value in (
+        ("n_items", n_items),
+        ("micro_batch_size", micro_batch_size),
+        ("grad_accum", grad_accum),
+        ("world_size", world_size),
+    ):
         if not isinstance(value, int) or value < 1:
-            hint = "the training data has no usable example: check annotated.parquet and training.max_seq_len" if name == "n_items" else "use an integer >= 1"
+            hint = (
+                "the training data has no usable example: check annotated.parquet and training.max_seq_len"
+                if name == "n_items"
+                else "use an integer >= 1"
+            )
             raise ValueError(f"{name}={value!r} must be an integer >= 1: {hint}")
     global_batch = micro_batch_size * grad_accum * world_size
     steps_per_epoch = math.ceil(n_items / global_batch)  # a short last step wraps into the next epoch
@@ -87,8 +96,8 @@ def _epoch_order(n: int, seed: int, epoch: int, lengths: tuple[int, ...] | None 
         return tuple(order)
     out: list[int] = []
     for start in range(0, n, micro * _MEGA_BATCH):
-        mega = sorted(order[start:start + micro * _MEGA_BATCH], key=lambda i: lengths[i])  # stable: ties stay random
-        runs = [mega[i:i + micro] for i in range(0, len(mega), micro)]
+        mega = sorted(order[start : start + micro * _MEGA_BATCH], key=lambda i: lengths[i])  # stable: ties stay random
+        runs = [mega[i : i + micro] for i in range(0, len(mega), micro)]
         for k in torch.randperm(len(runs), generator=g).tolist():
             out += runs[k]
     return tuple(out)

@@ -100,17 +100,32 @@ def ray_head():
     # can check that a request without the token is refused.
     token = secrets.token_hex(32)
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head",
-        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
         f"--ray-client-server-port={free_port()}",
-        "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={600 * 1024**2}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--object-store-memory={600 * 1024**2}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
-    info = {"temp_dir": temp_dir, "gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
-            "token": token, "env": child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)}
+    info = {
+        "temp_dir": temp_dir,
+        "gcs": f"127.0.0.1:{gcs_port}",
+        "dashboard": f"http://127.0.0.1:{dash_port}",
+        "token": token,
+        "env": child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+    }
     try:
         out = subprocess.run(cmd, env=info["env"], cwd=temp_dir, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:

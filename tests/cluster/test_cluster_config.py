@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
 # at import time, while `conftest` is still tests/cluster/conftest.py: by the time a test body runs,
 # another folder's conftest may have taken that module name
 from conftest import child_env
@@ -182,8 +182,13 @@ def _run_start_command(command: str, tmp_path: Path, **env: str) -> tuple[int, l
         (bin_dir / name).chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RAY_CALLS": str(calls),
-                "RAY_HEAD_IP": "10.0.0.5", **env}
+    full_env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "RAY_CALLS": str(calls),
+        "RAY_HEAD_IP": "10.0.0.5",
+        **env,
+    }
     out = subprocess.run(["bash", "-c", command], env=full_env, capture_output=True, text=True, timeout=60)
     return out.returncode, calls.read_text().splitlines()
 

@@ -9,17 +9,23 @@ import subprocess
 import time
 import uuid
 import zipfile
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, VENV_BIN, job_api  # tests/cluster/conftest.py
 
 pytestmark = pytest.mark.slow
 
 SMOKE = "jobs/configs/smoke.yaml"
-ARTIFACTS = ("pool.parquet", "eval.parquet", "scores.parquet", "selection.parquet", "annotated.parquet",
-             "train/adapter", "metrics.json", "manifest.json")
+ARTIFACTS = (
+    "pool.parquet",
+    "eval.parquet",
+    "scores.parquet",
+    "selection.parquet",
+    "annotated.parquet",
+    "train/adapter",
+    "metrics.json",
+    "manifest.json",
+)
 
 
 def test_working_dir_upload_stays_small(tmp_path, monkeypatch):
@@ -61,8 +67,20 @@ def test_working_dir_upload_stays_small(tmp_path, monkeypatch):
 def _submit(head: dict, job_id: str, entrypoint: list[str], runtime_env: dict) -> None:
     """`ray job submit --working-dir .` from the checkout, as users run it (the venv's ray CLI)."""
     cmd = [
-        str(VENV_BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--submission-id", job_id,
-        "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entrypoint,
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["dashboard"],
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--no-wait",
+        "--",
+        *entrypoint,
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -90,20 +108,29 @@ def test_ray_job_submit_smoke_pipeline(ray_head, tmp_path):
     # RAY_ADDRESS: this machine may run several Ray clusters at once (other tests); Ray Train's
     # helper actors look the cluster up without an address and give up when they find several.
     # On a real cluster there is one per node and it is not needed.
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                "RAY_ADDRESS": ray_head["gcs"]}}
+    runtime_env = {
+        "env_vars": {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_ADDRESS": ray_head["gcs"],
+        }
+    }
     assert job_api(ray_head, "/api/jobs/", token=None)[0] == 401, "the job API must refuse requests without the token"
 
     # Which python does a job's `python` resolve to? The venv's: the cluster was started by the
     # venv's `ray`, and jobs inherit its PATH.
-    _submit(ray_head, f"edsft-python-{tag}", ["python", "-c", "import sys; print('EDSFT_PYTHON=' + sys.executable)"],
-            runtime_env)
+    _submit(ray_head, f"edsft-python-{tag}", ["python", "-c", "import sys; print('EDSFT_PYTHON=' + sys.executable)"], runtime_env)
     _, logs = _wait(ray_head, f"edsft-python-{tag}", 120)
     assert f"EDSFT_PYTHON={VENV_BIN / 'python'}" in logs, logs[-2000:]
 
     job_id = f"edsft-smoke-{tag}"
-    _submit(ray_head, job_id, ["python", "jobs/run_pipeline.py", "--config", SMOKE, f"output.dir={out_dir}",
-                               "output.report_to=[mlflow,tensorboard]"], runtime_env)
+    _submit(
+        ray_head,
+        job_id,
+        ["python", "jobs/run_pipeline.py", "--config", SMOKE, f"output.dir={out_dir}", "output.report_to=[mlflow,tensorboard]"],
+        runtime_env,
+    )
     job, logs = _wait(ray_head, job_id, 900)
     # The driver ran from the uploaded working dir (a gcs:// package), not from this checkout.
     assert job["runtime_env"]["working_dir"].startswith("gcs://")

@@ -14,14 +14,12 @@ to a temp dir of ours (RAY_TMPDIR) that we scan.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, child_env, kill_processes_of  # tests/cluster/conftest.py
 
 pytestmark = pytest.mark.slow
@@ -39,8 +37,9 @@ def _keys(client, prefix: str = "") -> dict[str, str]:
 
 
 def _edsft(args: list[str], env: dict, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edsft", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edsft", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
@@ -58,12 +57,20 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
 
     run_uri = f"s3://{BUCKET}/runs/smoke"
     overrides = [
-        f"pool.path=s3://{BUCKET}/pools/tasks/", f"pool.eval_path=s3://{BUCKET}/pools/eval.jsonl",
-        f"storage.endpoint_url={s3_secret_server['endpoint_url']}", f"storage.region={s3_secret_server['region']}",
-        f"output.dir={run_uri}", "output.report_to=[mlflow, tensorboard]", "output.progress=false",
+        f"pool.path=s3://{BUCKET}/pools/tasks/",
+        f"pool.eval_path=s3://{BUCKET}/pools/eval.jsonl",
+        f"storage.endpoint_url={s3_secret_server['endpoint_url']}",
+        f"storage.region={s3_secret_server['region']}",
+        f"output.dir={run_uri}",
+        "output.report_to=[mlflow, tensorboard]",
+        "output.progress=false",
         f"training.storage_path=s3://{BUCKET}/checkpoints",
-        "sweep.enabled=true", "sweep.selectors=[random]", "sweep.budgets=[24]", "sweep.seeds=[0]",
-        "sweep.max_concurrent_trials=1", "evaluation.max_examples=20",
+        "sweep.enabled=true",
+        "sweep.selectors=[random]",
+        "sweep.budgets=[24]",
+        "sweep.seeds=[0]",
+        "sweep.max_concurrent_trials=1",
+        "evaluation.max_examples=20",
     ]
     ray_tmp = tempfile.mkdtemp(prefix="edsft-s3ray-", dir="/tmp")  # short: Unix socket paths
     work = tmp_path / "cwd"
@@ -79,8 +86,14 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
 
         # -- artifacts on s3 ----------------------------------------------------------------
         run_prefix = "runs/smoke/"
-        for artifact in ("pool.parquet", "eval.parquet", "scores.parquet", "sweep/results.parquet",
-                         "report/report.md", "manifest.json"):
+        for artifact in (
+            "pool.parquet",
+            "eval.parquet",
+            "scores.parquet",
+            "sweep/results.parquet",
+            "report/report.md",
+            "manifest.json",
+        ):
             assert any(k.startswith(run_prefix + artifact) for k in after_first), f"no {artifact} on s3"
         # (pyarrow also writes empty "folder/" marker objects: skip those)
         trials = {k.split("/")[4] for k in after_first if k.startswith(run_prefix + "sweep/trials/") and k.count("/") > 4}
@@ -88,11 +101,14 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
         assert len(trials) == 1, sorted(after_first)
         trial = trials.pop()
         for artifact in ("selection.parquet", "annotated.parquet", "train/adapter/", "metrics.json"):
-            assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/{artifact}") for k in after_first), \
-                (artifact, sorted(k for k in after_first if "/trials/" in k))
+            assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/{artifact}") for k in after_first), (
+                artifact,
+                sorted(k for k in after_first if "/trials/" in k),
+            )
         # the trial's training run logged its steps (rank 0), synced into the trial folder
-        assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/mlruns/") and k.endswith("/metrics/loss")
-                   for k in after_first), sorted(k for k in after_first if "mlruns" in k)
+        assert any(
+            k.startswith(f"{run_prefix}sweep/trials/{trial}/mlruns/") and k.endswith("/metrics/loss") for k in after_first
+        ), sorted(k for k in after_first if "mlruns" in k)
         assert any(k.startswith(f"{run_prefix}sweep/trials/{trial}/tensorboard/sft-") for k in after_first)
         # Ray Train checkpoints under training.storage_path, Tune's experiment under the run
         assert any(k.startswith("checkpoints/") and "/checkpoint_" in k for k in after_first)
@@ -105,8 +121,10 @@ def test_s3_run_resume_and_no_secret(s3_secret_server, tmp_path):
 
         manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=run_prefix + "manifest.json")["Body"].read())
         assert list(manifest["stages"]) == ["ingest", "score", "sweep", "report"]
-        assert manifest["config"]["storage"] == {"endpoint_url": s3_secret_server["endpoint_url"],
-                                                 "region": s3_secret_server["region"]}
+        assert manifest["config"]["storage"] == {
+            "endpoint_url": s3_secret_server["endpoint_url"],
+            "region": s3_secret_server["region"],
+        }
         assert manifest["stages"]["sweep"]["summary"]["finished"] == 1
         assert manifest["stages"]["ingest"]["summary"].get("rows_kept", 160) == 160
 

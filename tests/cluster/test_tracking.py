@@ -91,8 +91,7 @@ def test_tune_callbacks_log_each_trial(tmp_path, ray_cluster):
         trainable,
         param_space={"x": tune.grid_search([1.0, 2.0])},
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
-        run_config=tune.RunConfig(name="cb", storage_path=str(tmp_path / "tune"), callbacks=make_tune_callbacks(cfg),
-                                  verbose=0),
+        run_config=tune.RunConfig(name="cb", storage_path=str(tmp_path / "tune"), callbacks=make_tune_callbacks(cfg), verbose=0),
     )
     results = tuner.fit()
     assert not results.errors
@@ -117,9 +116,14 @@ def test_s3_run_folder_gets_the_tracking_files(tmp_path, s3_secret_server):
     s3 = s3_secret_server["client"]
     bucket = "edsft-tracking"
     s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": s3_secret_server["region"]})
-    cfg = _cfg(tmp_path, **{"output.dir": f"s3://{bucket}/runs/t1",
-                            "storage.endpoint_url": s3_secret_server["endpoint_url"],
-                            "storage.region": s3_secret_server["region"]})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "output.dir": f"s3://{bucket}/runs/t1",
+            "storage.endpoint_url": s3_secret_server["endpoint_url"],
+            "storage.region": s3_secret_server["region"],
+        },
+    )
     assert mlflow_tracking_uri(cfg).startswith("file://") and str(tmp_path) not in mlflow_tracking_uri(cfg)
     with make_train_logger(cfg, "sft-s3") as log:
         log.log({"loss": 0.5}, 1)
@@ -197,8 +201,11 @@ def _wandb_runs(root: Path, timeout: float = 60) -> dict[str, dict]:
         for rec in _wandb_records(f):
             kind = rec.WhichOneof("record_type")
             if kind == "run":
-                run.update(name=rec.run.display_name, project=rec.run.project,
-                           config={i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.run.config.update})
+                run.update(
+                    name=rec.run.display_name,
+                    project=rec.run.project,
+                    config={i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.run.config.update},
+                )
             elif kind == "history":
                 run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         runs[run.get("name", f.name)] = run  # (a file without its run record shows up by file name)
@@ -206,8 +213,9 @@ def _wandb_runs(root: Path, timeout: float = 60) -> dict[str, dict]:
 
 
 def _files_holding(secret: str, *roots: Path) -> list[str]:
-    return [str(p) for root in roots if root.exists() for p in root.rglob("*")
-            if p.is_file() and secret.encode() in p.read_bytes()]
+    return [
+        str(p) for root in roots if root.exists() for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()
+    ]
 
 
 def test_train_logger_writes_wandb_offline(tmp_path, wandb_offline):

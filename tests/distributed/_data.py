@@ -18,8 +18,16 @@ def blobs(n: int, d: int, centers: int, seed: int, spread: float = 0.15) -> np.n
     return (C[lab] + spread * rng.normal(size=(n, d))).astype(np.float32)
 
 
-def write_scores(folder: Path, n: int = 2400, d: int = 16, centers: int = 12, seed: int = 0, files: int = 3,
-                 row_group_size: int = 500, tasks: tuple[str, ...] = ("qa", "math", "code", "chat")) -> Path:
+def write_scores(
+    folder: Path,
+    n: int = 2400,
+    d: int = 16,
+    centers: int = 12,
+    seed: int = 0,
+    files: int = 3,
+    row_group_size: int = 500,
+    tasks: tuple[str, ...] = ("qa", "math", "code", "chat"),
+) -> Path:
     """A folder of `files` Parquet parts (several row groups each) holding n rows; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,15 +49,17 @@ def write_scores(folder: Path, n: int = 2400, d: int = 16, centers: int = 12, se
     bounds = np.linspace(0, n, files + 1).astype(int)
     for f in range(files):
         s, e = bounds[f], bounds[f + 1]
-        t = pa.table({
-            "row_id": pa.array(ids[s:e]),
-            "task": pa.array(task[s:e]),
-            **{c: pa.array(cols[c][s:e].astype(np.float64)) for c in SCORE_COLUMNS},
-            "prompt_tokens": pa.array(rng.integers(5, 200, size=e - s)),
-            "response_tokens": pa.array(rng.integers(1, 24, size=e - s)),
-            "generated": pa.array(["..."] * (e - s)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].ravel()), d),
-        })
+        t = pa.table(
+            {
+                "row_id": pa.array(ids[s:e]),
+                "task": pa.array(task[s:e]),
+                **{c: pa.array(cols[c][s:e].astype(np.float64)) for c in SCORE_COLUMNS},
+                "prompt_tokens": pa.array(rng.integers(5, 200, size=e - s)),
+                "response_tokens": pa.array(rng.integers(1, 24, size=e - s)),
+                "generated": pa.array(["..."] * (e - s)),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].ravel()), d),
+            }
+        )
         pq.write_table(t, folder / f"part-{f:05d}.parquet", row_group_size=row_group_size)
     return folder
 

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _data import read_pool, write_scores  # noqa: E402
 
 from edsft.config import Config  # noqa: E402
-from edsft.errors import UserError  # noqa: E402
 from edsft.distributed.coresets import SELECTION_SCHEMA, resolve_mode, select_subset  # noqa: E402
+from edsft.errors import UserError  # noqa: E402
 from edsft.selection import objective, select  # noqa: E402
 from edsft.storage import get_store  # noqa: E402
 
@@ -42,10 +42,16 @@ def run(pool, tmp_path, name, params=None, m=4, mode="distributed", budget=BUDGE
     key = (name, repr(sorted((params or {}).items())), m, mode, budget, seed)
     if not fresh and not kw and key in _CACHE:
         return _CACHE[key]
-    cfg = Config().replace(**{
-        "selection.name": name, "selection.params": dict(params or {}), "selection.budget": budget,
-        "selection.mode": mode, "selection.shards": m, "selection.seed": seed,
-    })
+    cfg = Config().replace(
+        **{
+            "selection.name": name,
+            "selection.params": dict(params or {}),
+            "selection.budget": budget,
+            "selection.mode": mode,
+            "selection.shards": m,
+            "selection.seed": seed,
+        }
+    )
     out = get_store(tmp_path / f"sel-{name}-{m}-{mode}-{seed}.parquet")
     summary = select_subset(cfg, get_store(pool["folder"]), out, progress=False, **kw)
     table = pq.read_table(out.path)
@@ -193,8 +199,14 @@ def test_budget_over_pool(ray_cluster, pool, tmp_path):
     n = len(pool["ids"])
     with pytest.raises(UserError, match=r"selection.budget=5000 exceeds the scored pool \(2400 rows\)"):
         run(pool, tmp_path, "facility_location", budget=5000)
-    cfg = Config().replace(**{"selection.name": "uncertainty", "selection.budget": 5000,
-                              "selection.allow_budget_over_pool": True, "selection.mode": "distributed"})
+    cfg = Config().replace(
+        **{
+            "selection.name": "uncertainty",
+            "selection.budget": 5000,
+            "selection.allow_budget_over_pool": True,
+            "selection.mode": "distributed",
+        }
+    )
     summary = select_subset(cfg, get_store(pool["folder"]), get_store(tmp_path / "all.parquet"), progress=False)
     assert summary["budget"] == n and pq.read_table(tmp_path / "all.parquet").num_rows == n
 
@@ -223,9 +235,11 @@ def test_distributed_selection_joins_ray_through_the_session(ray_cluster, pool, 
 def test_clear_errors(ray_cluster, pool, tmp_path):
     with pytest.raises(UserError, match="jitter=True"):
         run(pool, tmp_path, "uncertainty", {"jitter": True})
-    for name, params, match in (("k_center", {"top_q": 0.5}, "needs the whole pool at once"),
-                                ("task_balanced", {"inner": "random"}, "has no distributed form"),
-                                ("greedi", {"row_keys": [0, 1]}, "row_keys cannot be used")):
+    for name, params, match in (
+        ("k_center", {"top_q": 0.5}, "needs the whole pool at once"),
+        ("task_balanced", {"inner": "random"}, "has no distributed form"),
+        ("greedi", {"row_keys": [0, 1]}, "row_keys cannot be used"),
+    ):
         with pytest.raises(UserError, match=match):
             run(pool, tmp_path, name, params)
     with pytest.raises(UserError, match="selection.params.kappa=0"):
@@ -255,8 +269,9 @@ def test_runs_inside_a_full_placement_group(ray_cluster, pool, tmp_path):
 
     @ray.remote(num_cpus=1)
     def trial(folder, out):
-        cfg = Config().replace(**{"selection.name": "k_center", "selection.budget": 10, "selection.mode": "distributed",
-                                  "selection.shards": 2})
+        cfg = Config().replace(
+            **{"selection.name": "k_center", "selection.budget": 10, "selection.mode": "distributed", "selection.shards": 2}
+        )
         return select_subset(cfg, get_store(folder), get_store(out), progress=False)["rows"]
 
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)

@@ -106,8 +106,9 @@ def registered(monkeypatch):
 
 
 def run(pool, tmp_path, name, m):
-    cfg = Config().replace(**{"selection.name": name, "selection.budget": BUDGET, "selection.mode": "distributed",
-                              "selection.shards": m})
+    cfg = Config().replace(
+        **{"selection.name": name, "selection.budget": BUDGET, "selection.mode": "distributed", "selection.shards": m}
+    )
     out = get_store(tmp_path / f"{name}-{m}.parquet")
     summary = select_subset(cfg, get_store(pool["folder"]), out, progress=False)
     return pq.read_table(out.path).column("row_id").to_pylist(), summary
@@ -123,9 +124,9 @@ def test_a_selector_honouring_the_contract_runs_distributed(ray_cluster, registe
     # the pool statistic is what makes it exact: a selector left to the rows it sees (the union of the
     # shards' candidates has another mean) would pick other rows on this pool
     shard = shard_of(ids, 4, 0)
-    cands = np.unique(np.concatenate([
-        np.flatnonzero(shard == j)[Atypical().select(BUDGET, X[shard == j]).indices] for j in range(4)
-    ]))
+    cands = np.unique(
+        np.concatenate([np.flatnonzero(shard == j)[Atypical().select(BUDGET, X[shard == j]).indices] for j in range(4)])
+    )
     unbound = cands[Atypical().select(BUDGET, X[cands]).indices]
     assert set(unbound) != set(ref.indices)
 

@@ -19,8 +19,14 @@ def _make_run(folder, prompts, selected):
     pool.mkdir()
     n = len(prompts)
     ids = [f"r{i}" for i in range(n)]
-    rows = {"row_id": ids, "prompt": prompts, "response": [f"a{i}" for i in range(n)],
-            "task": ["t" + str(i % 2) for i in range(n)], "source": ["x"] * n, "line": list(range(1, n + 1))}
+    rows = {
+        "row_id": ids,
+        "prompt": prompts,
+        "response": [f"a{i}" for i in range(n)],
+        "task": ["t" + str(i % 2) for i in range(n)],
+        "source": ["x"] * n,
+        "line": list(range(1, n + 1)),
+    }
     t = pa.table(rows)
     pq.write_table(t.slice(0, n // 2), pool / "part-00000.parquet")  # two parts: the join must stream both
     pq.write_table(t.slice(n // 2), pool / "part-00001.parquet")
@@ -72,11 +78,21 @@ def test_export_then_import_reports_missing_and_unknown(run):
     assert run.child("to_annotate.csv").read_text().splitlines()[0] == "row_id,prompt,task,response"
 
     done = run.child("done.jsonl")
-    done.write_text("\n".join([json.dumps({"row_id": "r7", "response": "seven"}),
-                               json.dumps({"row_id": "nope", "response": "x"}),
-                               "{not json", json.dumps({"row_id": "r9", "response": "nine"})]) + "\n")
+    done.write_text(
+        "\n".join(
+            [
+                json.dumps({"row_id": "r7", "response": "seven"}),
+                json.dumps({"row_id": "nope", "response": "x"}),
+                "{not json",
+                json.dumps({"row_id": "r9", "response": "nine"}),
+            ]
+        )
+        + "\n"
+    )
     # one of three selected ids is missing: fine only when asked for (the default is an error, below)
-    cfg = load_config(None, ["annotation.mode=import", f"annotation.annotations_path={done.path}", "annotation.allow_missing=true"])
+    cfg = load_config(
+        None, ["annotation.mode=import", f"annotation.annotations_path={done.path}", "annotation.allow_missing=true"]
+    )
     s = annotate(cfg, run.child("selection.parquet"), run.child("pool.parquet"), run.child("annotated.parquet"), run)
     assert s["rows"] == 2 and s["missing_ids"] == 1 and s["missing_examples"] == ["r2"]
     assert s["unknown_ids"] == 1 and s["unknown_examples"] == ["nope"] and len(s["bad_lines"]) == 1
@@ -107,14 +123,31 @@ def test_missing_ids_are_an_error_naming_how_many_and_which(tmp_path):
 
 
 def test_duplicates_are_counted_and_conflicts_are_an_error_naming_the_lines(run, capsys):
-    same = _jsonl(run, "same.jsonl", [{"row_id": "r7", "response": "seven"}, {"row_id": "r2", "response": "two"},
-                                      {"row_id": "r7", "response": "seven"}, {"row_id": "r9", "response": "nine"}])
+    same = _jsonl(
+        run,
+        "same.jsonl",
+        [
+            {"row_id": "r7", "response": "seven"},
+            {"row_id": "r2", "response": "two"},
+            {"row_id": "r7", "response": "seven"},
+            {"row_id": "r9", "response": "nine"},
+        ],
+    )
     s = _import(run, same)
     assert s["rows"] == 3 and s["duplicate_ids"] == 1 and s["duplicate_examples"] == ["r7"] and s["conflicting_ids"] == 0
     assert "1 repeated with the same response" in capsys.readouterr().err
-    clash = _jsonl(run, "clash.jsonl", [{"row_id": "r7", "response": "seven"}, {"row_id": "r2", "response": "two"},
-                                        {"row_id": "r9", "response": "nine"}, {"row_id": "r7", "response": "SEVEN"},
-                                        {"row_id": "zz", "response": "a"}, {"row_id": "zz", "response": "b"}])
+    clash = _jsonl(
+        run,
+        "clash.jsonl",
+        [
+            {"row_id": "r7", "response": "seven"},
+            {"row_id": "r2", "response": "two"},
+            {"row_id": "r9", "response": "nine"},
+            {"row_id": "r7", "response": "SEVEN"},
+            {"row_id": "zz", "response": "a"},
+            {"row_id": "zz", "response": "b"},
+        ],
+    )
     with pytest.raises(AnnotationError, match=r"^1 row_ids have different responses.*'r7' on lines \[1, 4\]\)"):
         _import(run, clash)  # zz is not selected: its two answers do not matter
     assert "1 with conflicting responses" in capsys.readouterr().err
@@ -122,17 +155,25 @@ def test_duplicates_are_counted_and_conflicts_are_an_error_naming_the_lines(run,
 
 def test_every_bad_line_is_counted_with_a_bounded_sample(run, capsys):
     good = [{"row_id": r, "response": "ok"} for r in ("r7", "r2", "r9")]
-    bad = ["{not json"] * 20 + [json.dumps({"row_id": "r1"}), json.dumps({"row_id": "r1", "response": ""}),
-                                json.dumps({"row_id": "r1", "response": 3}), json.dumps(["r1", "x"]),
-                                json.dumps({"row_id": "r1", "response": "\ud800"})]  # a lone surrogate: valid JSON
+    bad = ["{not json"] * 20 + [
+        json.dumps({"row_id": "r1"}),
+        json.dumps({"row_id": "r1", "response": ""}),
+        json.dumps({"row_id": "r1", "response": 3}),
+        json.dumps(["r1", "x"]),
+        json.dumps({"row_id": "r1", "response": "\ud800"}),
+    ]  # a lone surrogate: valid JSON
     s = _import(run, _jsonl(run, "done.jsonl", good + bad))
     assert s["rows"] == 3 and s["bad_lines_total"] == 25 and len(s["bad_lines"]) == 10
     assert s["bad_lines"][0].startswith("line 4: not JSON")
     assert "25 bad lines" in capsys.readouterr().err
     tail = _import(run, _jsonl(run, "tail.jsonl", good + bad[20:]))  # each kind of bad line has its reason
     assert [b.split(": ", 1)[1] for b in tail["bad_lines"]] == [
-        'expected an object with "row_id" and "response"', "empty response", "response must be a string, got int",
-        'expected an object with "row_id" and "response"', "row_id or response is not valid Unicode (a lone surrogate)"]
+        'expected an object with "row_id" and "response"',
+        "empty response",
+        "response must be a string, got int",
+        'expected an object with "row_id" and "response"',
+        "row_id or response is not valid Unicode (a lone surrogate)",
+    ]
 
 
 def test_a_bom_is_accepted_and_latin1_is_a_clear_error_with_file_and_line(run, capsys):
@@ -149,8 +190,23 @@ def test_a_bom_is_accepted_and_latin1_is_a_clear_error_with_file_and_line(run, c
     assert code == 2 and "line 3 is not UTF-8" in err and "Traceback" not in err
 
 
-TRICKY = ['=HYPERLINK("http://evil","click")', "+1+2", "-2", "@SUM(A1)", "\t=1", "\r=1", "'quoted", "'=x", "''",
-          "plain, with comma", 'say "hi"\nsecond line', "", "=", "a=b", "naïve 東京 👍"]
+TRICKY = [
+    '=HYPERLINK("http://evil","click")',
+    "+1+2",
+    "-2",
+    "@SUM(A1)",
+    "\t=1",
+    "\r=1",
+    "'quoted",
+    "'=x",
+    "''",
+    "plain, with comma",
+    'say "hi"\nsecond line',
+    "",
+    "=",
+    "a=b",
+    "naïve 東京 👍",
+]
 
 
 def test_escape_cell_is_exactly_undone_and_leaves_no_formula_lead():
@@ -173,7 +229,7 @@ def test_exported_csv_escapes_formulas_and_imports_back_exactly(tmp_path):
     assert prompts == {f"r{i}": p for i, p in enumerate(TRICKY)}  # the prompts round-trip exactly
 
     # annotators fill the response column (formula-looking answers escaped the way export does), save, import
-    answers = {f"r{i}": ("=" + str(i) if i % 3 == 0 else f"answer {i}, with \"quotes\"\nand lines") for i in range(len(TRICKY))}
+    answers = {f"r{i}": ("=" + str(i) if i % 3 == 0 else f'answer {i}, with "quotes"\nand lines') for i in range(len(TRICKY))}
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(rows[0])

@@ -22,11 +22,19 @@ def test_bad_config_exits_2_with_readable_message(capsys):
 
 
 def test_python_dash_m_and_jobs_shim_work():
-    r = subprocess.run([sys.executable, "-m", "edsft", "config", "show", "-c", "jobs/configs/smoke.yaml"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "edsft", "config", "show", "-c", "jobs/configs/smoke.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "builtin:tiny-llama" in r.stdout
-    r = subprocess.run([sys.executable, "jobs/run_pipeline.py", "--config", "jobs/configs/smoke.yaml", "pool.size=-1"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "jobs/run_pipeline.py", "--config", "jobs/configs/smoke.yaml", "pool.size=-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "pool.size=-1 must be >= 1" in r.stderr
 
 
@@ -57,8 +65,18 @@ def test_sweep_verb_builds_the_pool_and_scores_it_needs(ray_cluster, tmp_path, c
     """`edsft sweep` on a fresh folder runs ingest and score first instead of failing for their
     artifacts (here the sweep itself then refuses export mode, before any trial)."""
     out = tmp_path / "run"
-    rc = main(["sweep", "--config", "jobs/configs/smoke.yaml", f"output.dir={out}", "pool.size=40", "pool.eval_size=20",
-               "annotation.mode=export", "output.progress=false"])
+    rc = main(
+        [
+            "sweep",
+            "--config",
+            "jobs/configs/smoke.yaml",
+            f"output.dir={out}",
+            "pool.size=40",
+            "pool.eval_size=20",
+            "annotation.mode=export",
+            "output.progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "annotation.mode='export' cannot run a sweep" in err, err[-2000:]
     assert (out / "pool.parquet").exists() and (out / "scores.parquet").exists()

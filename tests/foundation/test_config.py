@@ -30,8 +30,17 @@ def test_jobs_quickstart_is_the_embedded_default():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["selection.budget=500", "training.lr=1e-4", "sweep.budgets=[10, 20]",
-                             "training.max_steps=null", "selection.params={metric: euclidean}", "pool.path=/x.jsonl"])
+    cfg = load_config(
+        None,
+        [
+            "selection.budget=500",
+            "training.lr=1e-4",
+            "sweep.budgets=[10, 20]",
+            "training.max_steps=null",
+            "selection.params={metric: euclidean}",
+            "pool.path=/x.jsonl",
+        ],
+    )
     assert cfg.selection.budget == 500
     assert cfg.training.lr == pytest.approx(1e-4)
     assert cfg.sweep.budgets == (10, 20)
@@ -95,6 +104,7 @@ def test_round_trip_through_yaml():
 
 
 # ---- every rule sits on its field: walk the tree and check each declared rule is enforced ----
+
 
 def _fields():
     """(key, annotation, dataclass field) for every field of every section."""

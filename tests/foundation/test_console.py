@@ -36,10 +36,20 @@ def test_fd_level_output_goes_to_the_log_and_console_lines_to_both(tmp_path):
         print("a print")
         # a library warning as Python prints it (pytest records warnings.warn() itself)
         print(warnings.formatwarning("a library warning", UserWarning, "lib.py", 1), file=sys.stderr, end="")
-        subprocess.run([sys.executable, "-c", "import sys; print('child stdout'); print('child stderr', file=sys.stderr)"], check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import sys; print('child stdout'); print('child stderr', file=sys.stderr)"], check=True
+        )
         console.note("ingest: 200 rows")
     text = log.read_text()
-    for s in ["raw fd 2 line", "raw fd 1 line", "a print", "a library warning", "child stdout", "child stderr", "[edsft] ingest: 200 rows"]:
+    for s in [
+        "raw fd 2 line",
+        "raw fd 1 line",
+        "a print",
+        "a library warning",
+        "child stdout",
+        "child stderr",
+        "[edsft] ingest: 200 rows",
+    ]:
         assert s in text, s
     assert screen.getvalue() == "[edsft] ingest: 200 rows\n"
     # the descriptors are back: output after the console is no longer captured
@@ -70,7 +80,9 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path):
     assert lines[0] == "[edsft] score: running (config hash abc)" and lines[-1].startswith("[edsft] score: 100 rows in")
     middle = lines[1:-1]
     assert 1 <= len(middle) <= 6, lines  # periodic, not one per update
-    assert all(re.match(r"\[edsft\] score: \d+/100 rows, [0-9.]+ rows/s, ETA [0-9.]+ s \([0-9.]+ s\)$", m) for m in middle), middle
+    assert all(re.match(r"\[edsft\] score: \d+/100 rows, [0-9.]+ rows/s, ETA [0-9.]+ s \([0-9.]+ s\)$", m) for m in middle), (
+        middle
+    )
     assert "\r" not in screen.getvalue()
 
 
@@ -90,11 +102,13 @@ def test_one_updating_line_on_a_terminal(tmp_path):
 
 
 def test_summary_table_aligns_its_columns():
-    lines = summary_table([
-        {"stage": "ingest", "rows": "200 rows", "wall_s": 1.25, "artifact": "runs/x/pool.parquet"},
-        {"stage": "train", "rows": "6 steps", "wall_s": 75.0, "artifact": "runs/x/train"},
-        {"stage": "score", "rows": "200 rows", "skipped": True, "artifact": "runs/x/scores.parquet"},
-    ])
+    lines = summary_table(
+        [
+            {"stage": "ingest", "rows": "200 rows", "wall_s": 1.25, "artifact": "runs/x/pool.parquet"},
+            {"stage": "train", "rows": "6 steps", "wall_s": 75.0, "artifact": "runs/x/train"},
+            {"stage": "score", "rows": "200 rows", "skipped": True, "artifact": "runs/x/scores.parquet"},
+        ]
+    )
     assert lines == [
         "  stage       rows     wall  artifact",
         "  ingest  200 rows    1.2 s  runs/x/pool.parquet",
@@ -133,8 +147,9 @@ def test_without_a_console_progress_is_silent_and_notes_go_to_stderr(capsys):
 def _edsft(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)  # its own local cluster, like a person's first run
-    return subprocess.run([sys.executable, "-m", "edsft", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edsft", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +200,7 @@ def test_a_failing_stage_prints_its_error_and_the_log_path(smoke_console, tmp_pa
     out, _ = smoke_console
     bad = tmp_path / "answers.jsonl"
     bad.write_text('not json\n{"row_id": "nope"}\n')
-    r = _edsft("annotate", "--config", SMOKE, f"output.dir={out}", "annotation.mode=import",
-               f"annotation.annotations_path={bad}")
+    r = _edsft("annotate", "--config", SMOKE, f"output.dir={out}", "annotation.mode=import", f"annotation.annotations_path={bad}")
     assert r.returncode == 2
     assert "[edsft] annotate: failed after" in r.stderr
     assert f"edsft: AnnotationError: 32 of the 32 selected row_ids have no usable annotation in {bad}" in r.stderr

@@ -28,7 +28,16 @@ from edsft.exports import (  # noqa: E402
 from edsft.storage import get_store  # noqa: E402
 
 # prompts a JSON writer or a line splitter can get wrong
-TRICKY = ["plain", "two\nlines", 'a "quoted" \\ backslash', "=SUM(A1)", "tab\tand\u2028sep", "ünïcødé 日本", "  padded  ", "emoji 🙂"]
+TRICKY = [
+    "plain",
+    "two\nlines",
+    'a "quoted" \\ backslash',
+    "=SUM(A1)",
+    "tab\tand\u2028sep",
+    "ünïcødé 日本",
+    "  padded  ",
+    "emoji 🙂",
+]
 
 
 def _json_lines(path) -> list[dict]:
@@ -38,8 +47,14 @@ def _json_lines(path) -> list[dict]:
 
 def _pool(folder: Path, ids, prompts, context=None) -> None:
     n = len(ids)
-    cols = {"row_id": ids, "prompt": prompts, "response": [f"answer {i}: {p}" for i, p in enumerate(prompts)],
-            "task": ["t" + str(i % 3) for i in range(n)], "source": ["x"] * n, "line": list(range(1, n + 1))}
+    cols = {
+        "row_id": ids,
+        "prompt": prompts,
+        "response": [f"answer {i}: {p}" for i, p in enumerate(prompts)],
+        "task": ["t" + str(i % 3) for i in range(n)],
+        "source": ["x"] * n,
+        "line": list(range(1, n + 1)),
+    }
     if context is not None:
         cols[CONTEXT_COLUMN] = context
     t = pa.table(cols)
@@ -50,8 +65,10 @@ def _pool(folder: Path, ids, prompts, context=None) -> None:
 
 def _selection(folder: Path, ids) -> None:
     k = len(ids)
-    pq.write_table(pa.table({"row_id": ids, "rank": list(range(k)), "gain": [1.0] * k, "selector": ["x"] * k,
-                             "shard": [0] * k}), folder / "selection.parquet")
+    pq.write_table(
+        pa.table({"row_id": ids, "rank": list(range(k)), "gain": [1.0] * k, "selector": ["x"] * k, "shard": [0] * k}),
+        folder / "selection.parquet",
+    )
 
 
 @pytest.fixture
@@ -71,8 +88,12 @@ def test_prompt_only_subset_round_trips_through_json(run):
     sel = run.child("selection.parquet").read_table()
     rows = subset_rows(sel, run.child("pool.parquet"), with_response=False)
     assert "response" not in rows.column_names  # the select stage never reads the label
-    out = write_subsets(run.child("subset"), {"b6": rows}, "auto", {"prompt_field": "question", "response_field": "answer",
-                                                                 "task_field": "category", "id_field": None})
+    out = write_subsets(
+        run.child("subset"),
+        {"b6": rows},
+        "auto",
+        {"prompt_field": "question", "response_field": "answer", "task_field": "category", "id_field": None},
+    )
     ids = sel.column("row_id").to_pylist()
     prompts, _ = _prompts(run.child("pool.parquet").path, ids)
     alpaca = _json_lines(out["b6"]["alpaca"])
@@ -93,8 +114,9 @@ def test_annotated_subset_round_trips_prompts_and_responses(run):
     alpaca = _json_lines(s["formats"]["annotated"]["alpaca"])
     messages = _json_lines(s["formats"]["annotated"]["messages"])
     assert [(r["row_id"], r["instruction"], r["output"]) for r in alpaca] == list(zip(ids, prompts, responses))
-    assert [r["messages"] for r in messages] == [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-                                                 for p, a in zip(prompts, responses)]
+    assert [r["messages"] for r in messages] == [
+        [{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(prompts, responses)
+    ]
     # the same rows as annotated.parquet, which is what train reads
     t = run.child("annotated.parquet").read_table()
     assert t.column("prompt").to_pylist() == prompts and t.column("response").to_pylist() == responses
@@ -120,35 +142,69 @@ def test_export_mode_formats_filled_in_import_back(run, tmp_path):
 
 
 def test_a_context_column_exports_the_whole_conversation(tmp_path):
-    ctx = [json.dumps([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                       {"role": "assistant", "content": "hello"}]), None, ""]
+    ctx = [
+        json.dumps(
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        ),
+        None,
+        "",
+    ]
     _pool(tmp_path, ["a", "b", "c"], ["what now?", "flat one", "empty context"], context=ctx)
     _selection(tmp_path, ["a", "b", "c"])
     run = get_store(tmp_path)
     s = annotate(load_config(), run.child("selection.parquet"), run.child("pool.parquet"), run.child("annotated.parquet"), run)
     msgs = [r["messages"] for r in _json_lines(s["formats"]["annotated"]["messages"])]
-    assert msgs[0] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                       {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what now?"},
-                       {"role": "assistant", "content": "answer 0: what now?"}]
+    assert msgs[0] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "what now?"},
+        {"role": "assistant", "content": "answer 0: what now?"},
+    ]
     assert msgs[1] == [{"role": "user", "content": "flat one"}, {"role": "assistant", "content": "answer 1: flat one"}]
     alpaca = _json_lines(s["formats"]["annotated"]["alpaca"])
     assert alpaca[0]["system"] == "be brief" and alpaca[0]["history"] == [["hi", "hello"]]
     assert alpaca[0]["instruction"] == "what now?" and alpaca[0]["output"] == "answer 0: what now?"
     assert "system" not in alpaca[1] and "history" not in alpaca[1]
     info = json.loads(Path(s["formats"]["dataset_info"]).read_text())
-    assert info["edsft_annotated_alpaca"]["columns"] == {"prompt": "instruction", "query": "input", "response": "output",
-                                                         "system": "system", "history": "history"}
+    assert info["edsft_annotated_alpaca"]["columns"] == {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    }
 
 
 def test_sharegpt_layout_for_a_sharegpt_pool_and_back():
-    row = {"row_id": "a", "prompt": "q2", "response": "a2", "task": "t",
-           CONTEXT_COLUMN: [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
-                            {"role": "assistant", "content": "a1"}]}
+    row = {
+        "row_id": "a",
+        "prompt": "q2",
+        "response": "a2",
+        "task": "t",
+        CONTEXT_COLUMN: [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+        ],
+    }
     assert native_layout("sharegpt") == "sharegpt" and native_layout("jsonl") == "pool"
     (rec,) = json.loads(json.dumps(records([row], "sharegpt")))
-    assert rec == {"row_id": "a", "system": "sys", "task": "t", "conversations": [
-        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
-        {"from": "gpt", "value": "a2"}]}
+    assert rec == {
+        "row_id": "a",
+        "system": "sys",
+        "task": "t",
+        "conversations": [
+            {"from": "human", "value": "q1"},
+            {"from": "gpt", "value": "a1"},
+            {"from": "human", "value": "q2"},
+            {"from": "gpt", "value": "a2"},
+        ],
+    }
     assert response_of(rec) == "a2" and response_of(records([{**row, "response": None}], "sharegpt")[0]) is None
 
 
@@ -183,8 +239,9 @@ def scores(tmp_path_factory):
 def _select(scores, tmp_path, name, budget, **params):
     from edsft.distributed.coresets import select_subset
 
-    cfg = Config().replace(**{"selection.name": name, "selection.budget": budget, "selection.mode": "local",
-                              "selection.params": params})
+    cfg = Config().replace(
+        **{"selection.name": name, "selection.budget": budget, "selection.mode": "local", "selection.params": params}
+    )
     out = get_store(tmp_path / f"{name}-{budget}".replace(" ", "") / "selection.parquet")
     return select_subset(cfg, scores, out, progress=False), out
 
@@ -195,8 +252,10 @@ def _same(a: pa.Table, b: pa.Table) -> bool:
     return a.schema == b.schema and a.drop_columns(["gain"]).equals(b.drop_columns(["gain"]))
 
 
-@pytest.mark.parametrize("name, params, nested", [("facility_location", {}, True), ("k_center", {}, True),
-                                                  ("uncertainty", {}, True), ("random", {}, False)])
+@pytest.mark.parametrize(
+    "name, params, nested",
+    [("facility_location", {}, True), ("k_center", {}, True), ("uncertainty", {}, True), ("random", {}, False)],
+)
 def test_several_budgets_equal_single_budget_runs(scores, tmp_path, name, params, nested):
     summary, out = _select(scores, tmp_path, name, [40, 5, 15], **params)
     assert summary["one_pass"] is nested and summary["budget"] == 40
@@ -229,8 +288,14 @@ def test_single_budget_writes_only_selection_parquet(scores, tmp_path):
 
 
 def test_budget_over_pool_is_capped_once(scores, tmp_path):
-    cfg = Config().replace(**{"selection.budget": [10, 400, 500], "selection.allow_budget_over_pool": True,
-                              "selection.name": "uncertainty", "selection.mode": "local"})
+    cfg = Config().replace(
+        **{
+            "selection.budget": [10, 400, 500],
+            "selection.allow_budget_over_pool": True,
+            "selection.name": "uncertainty",
+            "selection.mode": "local",
+        }
+    )
     from edsft.distributed.coresets import select_subset
 
     s = select_subset(cfg, scores, get_store(tmp_path / "sel.parquet"), progress=False)
@@ -245,14 +310,22 @@ def test_select_stage_commits_every_size_and_its_exports(scores, tmp_path):
     ids = t.column("row_id").to_pylist()
     _pool(tmp_path, ids, [f"prompt {i}" for i in range(len(ids))])
     (tmp_path / "scores.parquet").symlink_to(scores.path, target_is_directory=True)
-    cfg = Config().replace(**{"output.dir": str(tmp_path), "selection.budget": [4, 9], "selection.name": "k_center",
-                              "ray.num_cpus": 2})
+    cfg = Config().replace(
+        **{"output.dir": str(tmp_path), "selection.budget": [4, 9], "selection.name": "k_center", "ray.num_cpus": 2}
+    )
     entry = run_stage(cfg, "select")
     inv = read_manifest(get_store(tmp_path))["stages"]["select"]["inventory"]
     assert set(inv) == {"selection.parquet", "selection", "subset"} and why_not_done(Run.open(cfg), "select") is None
     sub = tmp_path / "subset"
-    assert sorted(p.name for p in sub.iterdir()) == ["b4.alpaca.jsonl", "b4.messages.jsonl", "b4.pool.jsonl",
-                                                     "b9.alpaca.jsonl", "b9.messages.jsonl", "b9.pool.jsonl", "dataset_info.json"]
+    assert sorted(p.name for p in sub.iterdir()) == [
+        "b4.alpaca.jsonl",
+        "b4.messages.jsonl",
+        "b4.pool.jsonl",
+        "b9.alpaca.jsonl",
+        "b9.messages.jsonl",
+        "b9.pool.jsonl",
+        "dataset_info.json",
+    ]
     sel9 = pq.read_table(tmp_path / "selection" / "b9.parquet").column("row_id").to_pylist()
     assert [r["row_id"] for r in _json_lines(sub / "b9.alpaca.jsonl")] == sel9
     assert [r["instruction"] for r in _json_lines(sub / "b4.alpaca.jsonl")] == [f"prompt {ids.index(r)}" for r in sel9[:4]]

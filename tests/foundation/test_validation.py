@@ -30,25 +30,40 @@ CASES = {
     "max_examples_negative": (["evaluation.max_examples=-1"], "evaluation.max_examples=-1 must be >= 1, or null"),
     "output_dir_empty": (["output.dir=''"], "output.dir='' is empty: name a local folder or an s3:// prefix"),
     "output_dir_null": (["output.dir="], "output.dir=null is empty: name a local folder"),
-    "selection_name_unknown": (["selection.name=facility_locaton"],
-                               "selection.name='facility_locaton' is not a selector: did you mean 'facility_location'?"),
+    "selection_name_unknown": (
+        ["selection.name=facility_locaton"],
+        "selection.name='facility_locaton' is not a selector: did you mean 'facility_location'?",
+    ),
     "selection_params_unknown": (["selection.params={metrc: cosine}"], "has no parameter(s) ['metrc']"),
-    "selection_params_bad_value": (["selection.params={metric: manhattan}"],
-                                   "selection.params={'metric': 'manhattan'} does not fit selector 'facility_location': metric="),
+    "selection_params_bad_value": (
+        ["selection.params={metric: manhattan}"],
+        "selection.params={'metric': 'manhattan'} does not fit selector 'facility_location': metric=",
+    ),
     "selection_params_kappa": (["selection.params={kappa: 0}"], "selection.params.kappa=0 must be an integer >= 1"),
-    "sweep_selector_unknown": (["sweep.selectors=[random, k_centre]"],
-                               "sweep.selectors contains 'k_centre', which is not a selector: did you mean 'k_center'?"),
-    "sweep_params_bad_value": (["sweep.params={facility_location: {optimizer: [lazy, fast]}}"],
-                               "sweep.params.facility_location={'optimizer': 'fast'} does not fit selector 'facility_location'"),
-    "sweep_params_unknown_selector": (["sweep.params={k_centre: {metric: cosine}}"],
-                                      "sweep.params names 'k_centre', which is not a selector: did you mean 'k_center'?"),
-    "sweep_params_empty_grid": (["sweep.params={facility_location: {metric: []}}"],
-                                "sweep.params.facility_location.metric=[] is empty"),
+    "sweep_selector_unknown": (
+        ["sweep.selectors=[random, k_centre]"],
+        "sweep.selectors contains 'k_centre', which is not a selector: did you mean 'k_center'?",
+    ),
+    "sweep_params_bad_value": (
+        ["sweep.params={facility_location: {optimizer: [lazy, fast]}}"],
+        "sweep.params.facility_location={'optimizer': 'fast'} does not fit selector 'facility_location'",
+    ),
+    "sweep_params_unknown_selector": (
+        ["sweep.params={k_centre: {metric: cosine}}"],
+        "sweep.params names 'k_centre', which is not a selector: did you mean 'k_center'?",
+    ),
+    "sweep_params_empty_grid": (
+        ["sweep.params={facility_location: {metric: []}}"],
+        "sweep.params.facility_location.metric=[] is empty",
+    ),
     "sweep_seeds_not_integers": (["sweep.seeds=[a]"], "sweep.seeds=['a'] has entry 'a', which must be an integer"),
     "sweep_seeds_negative": (["sweep.seeds=[-1]"], "sweep.seeds=[-1] has entry -1, which must be >= 0"),
     "sweep_seeds_empty": (["sweep.seeds=[]"], "sweep.seeds=[] is empty: give at least one seed"),
     "sweep_budgets_repeated": (["sweep.budgets=[8, 8]"], "sweep.budgets=[8, 8] repeats [8]: list each value once"),
-    "sweep_metric_unknown": (["sweep.metric=exact"], "sweep.metric='exact' is not a metric of the report: did you mean 'exact_match'?"),
+    "sweep_metric_unknown": (
+        ["sweep.metric=exact"],
+        "sweep.metric='exact' is not a metric of the report: did you mean 'exact_match'?",
+    ),
 }
 
 
@@ -98,7 +113,9 @@ def test_float_fields_are_found():
 
 
 def test_non_finite_entries_of_a_float_mapping_are_rejected():
-    with pytest.raises(ConfigError, match=r"training.resources_per_worker=\{'CPU': nan\} maps 'CPU' to nan, which must be a finite number"):
+    with pytest.raises(
+        ConfigError, match=r"training.resources_per_worker=\{'CPU': nan\} maps 'CPU' to nan, which must be a finite number"
+    ):
         load_config(None, ["training.resources_per_worker={CPU: .nan}"])
 
 
@@ -129,4 +146,3 @@ def test_param_grid_expands_lists_and_keeps_scalars():
     assert grid == [{"lambda_": 0.5, "metric": "cosine"}, {"lambda_": 0.5, "metric": "rbf"}]
     with pytest.raises(ValueError, match="must map parameter names"):
         param_grid("facility_location", [1])
-

@@ -31,9 +31,18 @@ def family_stage(monkeypatch):
         return _family_counts(run, out, progress)
 
     # registering is one dict entry; monkeypatch keeps the registry clean for other tests
-    monkeypatch.setitem(STAGES, "family_counts", Stage(
-        "family_counts", sections=("pool",), upstream=("ingest",), outputs=("family_counts.json",),
-        fn=counted, needs=("pool.parquet",)))
+    monkeypatch.setitem(
+        STAGES,
+        "family_counts",
+        Stage(
+            "family_counts",
+            sections=("pool",),
+            upstream=("ingest",),
+            outputs=("family_counts.json",),
+            fn=counted,
+            needs=("pool.parquet",),
+        ),
+    )
     return calls
 
 

@@ -38,8 +38,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = "jobs/configs/smoke.yaml"
 # The smoke config, a little smaller: the kills cost reruns of partial stages.
-OVERRIDES = ["pool.size=80", "pool.eval_size=20", "training.max_steps=4", "training.checkpoint_every=2",
-             "evaluation.max_examples=20", "output.progress=false"]
+OVERRIDES = [
+    "pool.size=80",
+    "pool.eval_size=20",
+    "training.max_steps=4",
+    "training.checkpoint_every=2",
+    "evaluation.max_examples=20",
+    "output.progress=false",
+]
 STAGES = ["ingest", "score", "select", "annotate", "train", "evaluate"]
 N_KILLS = 20
 _LINE = re.compile(r"^\[edsft\] (\w+): (running|up to date|.* in [0-9.]+ s ->)")
@@ -51,7 +57,12 @@ class Driver:
     def __init__(self, out: Path):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edsft", "run", "--config", SMOKE, f"output.dir={out}", *OVERRIDES],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
         self.t0 = time.monotonic()
         self.lines: queue.Queue = queue.Queue()
         self.log: list[str] = []
@@ -89,7 +100,9 @@ def _artifacts(out: Path) -> dict:
     """What a finished stage must have produced, per stage, in comparable form."""
     import json
 
-    summary = json.loads((out / "train" / "train_summary.json").read_text()) if (out / "train" / "train_summary.json").exists() else {}
+    summary = (
+        json.loads((out / "train" / "train_summary.json").read_text()) if (out / "train" / "train_summary.json").exists() else {}
+    )
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     return {
         "ingest": lambda: (_ids(out / "pool.parquet"), _ids(out / "eval.parquet")),
@@ -159,7 +172,9 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
         now = _artifacts(out)
         for s in STAGES:
             if why_not_done(run, s) is None:
-                assert now[s]() == reference[s], f"kill #{len(landed)} (in {landed[-1]}) left {s} committed with a different artifact"
+                assert now[s]() == reference[s], (
+                    f"kill #{len(landed)} (in {landed[-1]}) left {s} committed with a different artifact"
+                )
 
     final = Driver(out)
     assert final.finish() == 0, final.tail()
@@ -168,10 +183,12 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
     assert not (out / "_staging").exists()
 
     kills_in = {s: landed.count(s) for s in STAGES}
-    print(f"\nkills: {len(landed)}, landed in {kills_in} (others between stages: "
-          f"{[x for x in landed if x not in STAGES]}); reference run {ref_wall:.0f} s, stages "
-          f"{ {s: round(v, 1) for s, v in duration.items()} }, fresh run folders {folders}, whole test {time.monotonic() - t_start:.0f} s, "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nkills: {len(landed)}, landed in {kills_in} (others between stages: "
+        f"{[x for x in landed if x not in STAGES]}); reference run {ref_wall:.0f} s, stages "
+        f"{ {s: round(v, 1) for s, v in duration.items()} }, fresh run folders {folders}, whole test {time.monotonic() - t_start:.0f} s, "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     assert len(landed) >= N_KILLS
     # every stage that lasts long enough to be hit was hit (annotate takes milliseconds)
     assert all(kills_in[s] >= 1 for s in STAGES if duration[s] > 0.5), kills_in

@@ -27,8 +27,17 @@ def smoke_run(ray_cluster, tmp_path_factory):
 
 def test_every_stage_writes_its_artifact(smoke_run):
     run = get_store(smoke_run)
-    for artifact in ["pool.parquet", "eval.parquet", "quarantine.jsonl", "scores.parquet", "selection.parquet",
-                     "annotated.parquet", "train/adapter/adapter_model.safetensors", "metrics.json", "manifest.json"]:
+    for artifact in [
+        "pool.parquet",
+        "eval.parquet",
+        "quarantine.jsonl",
+        "scores.parquet",
+        "selection.parquet",
+        "annotated.parquet",
+        "train/adapter/adapter_model.safetensors",
+        "metrics.json",
+        "manifest.json",
+    ]:
         assert run.child(artifact).exists(), artifact
     m = run.child("manifest.json").read_json()
     assert list(m["stages"]) == ["ingest", "score", "select", "annotate", "train", "evaluate"]
@@ -72,8 +81,14 @@ def test_selection_never_reads_the_responses(ray_cluster, tmp_path):
     for name, data in [("a", rows), ("b", scrambled)]:
         _write_pool(tmp_path / f"{name}.jsonl", data)
         out = tmp_path / f"run_{name}"
-        overrides = [f"output.dir={out}", f"pool.path={tmp_path / name}.jsonl", "pool.id_field=id",
-                     "pool.eval_fraction=0.1", "selection.budget=12", "selection.mode=local"]
+        overrides = [
+            f"output.dir={out}",
+            f"pool.path={tmp_path / name}.jsonl",
+            "pool.id_field=id",
+            "pool.eval_fraction=0.1",
+            "selection.budget=12",
+            "selection.mode=local",
+        ]
         for verb in ["ingest", "score", "select"]:
             assert main([verb, "--config", SMOKE, *overrides]) == 0
         run = get_store(out)

@@ -23,8 +23,12 @@ def _jsonl(path, recs):
 ALPACA = [
     {"instruction": "Capital of France?", "input": "", "output": "Paris"},  # 1 plain: exactly the flat row
     {"instruction": "Translate", "input": "chat", "output": "cat", "system": "You translate French."},  # 2 system
-    {"instruction": "And the plural?", "output": "cats", "system": "Be brief.",
-     "history": [["Translate chat", "cat"], ["And chien?", "dog"]]},  # 3 two earlier pairs
+    {
+        "instruction": "And the plural?",
+        "output": "cats",
+        "system": "Be brief.",
+        "history": [["Translate chat", "cat"], ["And chien?", "dog"]],
+    },  # 3 two earlier pairs
     {"instruction": "Next?", "output": "x", "history": [["first", "   "]]},  # 4 empty_turn (blank earlier answer)
     {"instruction": "Next?", "output": "x", "history": "first then second"},  # 5 wrong_type (history not a list)
     {"instruction": "Next?", "output": "x", "history": [["only one"]]},  # 6 wrong_type (not a pair)
@@ -61,8 +65,19 @@ SHAREGPT = [
     _sg(("human", "Hi, who are you?"), ("gpt", "An assistant.")),  # 13 duplicate_id of 0
 ]
 SHAREGPT_KEPT = [0, 1, 2]
-SHAREGPT_BAD = {3: "no_user_turn", 4: "role_order", 5: "role_order", 6: "role_order", 7: "empty_turn", 8: "unknown_role",
-                9: "unknown_role", 10: "wrong_type", 11: "wrong_type", 12: "no_user_turn", 13: "duplicate_id"}
+SHAREGPT_BAD = {
+    3: "no_user_turn",
+    4: "role_order",
+    5: "role_order",
+    6: "role_order",
+    7: "empty_turn",
+    8: "unknown_role",
+    9: "unknown_role",
+    10: "wrong_type",
+    11: "wrong_type",
+    12: "no_user_turn",
+    13: "duplicate_id",
+}
 
 
 def sharegpt_json(path):
@@ -76,13 +91,17 @@ def _msg(*turns, **extra):
 
 
 MESSAGES = [
-    _msg(("system", "You are terse."), ("user", "2+2?"), ("assistant", "4"), ("user", "times 3?"), ("assistant", "12"), task="math"),  # 1
+    _msg(
+        ("system", "You are terse."), ("user", "2+2?"), ("assistant", "4"), ("user", "times 3?"), ("assistant", "12"), task="math"
+    ),  # 1
     _msg(("user", "Name a colour"), ("assistant", "blue")),  # 2
     _msg(("user", "No answer yet")),  # 3 no_response (pool.require_response)
     _msg(("system", "s"), ("user", "q"), ("assistant", None)),  # 4 empty_turn (null content)
     _msg(("user", "q"), ("assistant", 7)),  # 5 wrong_type (content not text)
     _msg(("system", "only a system prompt")),  # 6 no_user_turn
-    _msg(("user", "x" * 3000), ("assistant", "a"), ("user", "y" * 1500), ("assistant", "b")),  # 7 prompt_too_long (4500 > 4000 before the answer)
+    _msg(
+        ("user", "x" * 3000), ("assistant", "a"), ("user", "y" * 1500), ("assistant", "b")
+    ),  # 7 prompt_too_long (4500 > 4000 before the answer)
 ]
 MESSAGES_KEPT = [1, 2]
 MESSAGES_BAD = {3: "no_response", 4: "empty_turn", 5: "wrong_type", 6: "no_user_turn", 7: "prompt_too_long"}
@@ -141,6 +160,7 @@ def save_to_disk(folder, recs, shards=2):
         with pa.OSFile(str(folder / name), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
             w.write_table(table.slice(k * step, step))
     (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": {}}))
-    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names], "_fingerprint": "abc",
-                                                   "_format_type": None, "_split": None}))
+    (folder / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": n} for n in names], "_fingerprint": "abc", "_format_type": None, "_split": None})
+    )
     return folder

@@ -6,7 +6,15 @@ import json
 
 
 def _rows(n, start=0):
-    return [{"instruction": f"Question number {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"answer {i}", "task": f"t{i % 4}"} for i in range(start, start + n)]
+    return [
+        {
+            "instruction": f"Question number {i}?",
+            "input": "ctx" if i % 3 == 0 else "",
+            "output": f"answer {i}",
+            "task": f"t{i % 4}",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def _jsonl(path, rows):

@@ -103,8 +103,18 @@ def test_answers_verifiable(pool_100k):
             n = _ints(text.replace(date, ""))[0]
             assert out == (dt.date.fromisoformat(date) + dt.timedelta(days=n)).isoformat()
         elif t == "unit_conversion":
-            factor = {"kilometers": 1000, "meters": 100, "kilograms": 1000, "hours": 60, "minutes": 60, "days": 24,
-                      "weeks": 7, "liters": 1000, "feet": 12, "yards": 3}
+            factor = {
+                "kilometers": 1000,
+                "meters": 100,
+                "kilograms": 1000,
+                "hours": 60,
+                "minutes": 60,
+                "days": 24,
+                "weeks": 7,
+                "liters": 1000,
+                "feet": 12,
+                "yards": 3,
+            }
             v, src = re.search(r"(\d+) (\w+)", text).groups()
             assert int(out) == int(v) * factor[src]
         elif t == "next_in_sequence":

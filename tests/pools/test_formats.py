@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import format_data as fd
 import fsspec.implementations.dirfs
 import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pool_data import _invariant
 
 from edsft.config import Config, ConfigError
 from edsft.pools import sources
@@ -18,9 +20,6 @@ from edsft.pools.ingest import ingest_pool
 from edsft.pools.records import FieldMapping, content_row_id, mapping_for
 from edsft.pools.sources import PoolError, list_files
 from edsft.storage import get_store
-
-import format_data as fd
-from pool_data import _invariant
 
 
 def _ingest(tmp_path, path, name="run", **over):
@@ -46,11 +45,20 @@ def test_alpaca_with_system_and_history(tmp_path):
     assert (system["prompt"], system["response"]) == ("Translate\n\nchat", "cat")
     assert _context(system) == [{"role": "system", "content": "You translate French."}]
     assert (hist["prompt"], hist["response"]) == ("And the plural?", "cats")
-    assert _context(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate chat"},
-                              {"role": "assistant", "content": "cat"}, {"role": "user", "content": "And chien?"},
-                              {"role": "assistant", "content": "dog"}]
-    assert hist["row_id"] == content_row_id("And the plural?", "cats", hist["context"]) != content_row_id("And the plural?", "cats")
-    assert unlabeled["response"] is None and _context(unlabeled) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert _context(hist) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Translate chat"},
+        {"role": "assistant", "content": "cat"},
+        {"role": "user", "content": "And chien?"},
+        {"role": "assistant", "content": "dog"},
+    ]
+    assert (
+        hist["row_id"] == content_row_id("And the plural?", "cats", hist["context"]) != content_row_id("And the plural?", "cats")
+    )
+    assert unlabeled["response"] is None and _context(unlabeled) == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
     # layout=alpaca reads the same; layout=flat ignores system and history (the old behaviour)
     assert _ingest(tmp_path, tmp_path / "a.jsonl", "alpaca", **{"pool.layout": "alpaca"})[1] == rows
     s, flat, bad = _ingest(tmp_path, tmp_path / "a.jsonl", "flat", **{"pool.layout": "flat"})
@@ -63,13 +71,23 @@ def test_sharegpt_broken_conversations(tmp_path):
     s, rows, bad = _ingest(tmp_path, fd.sharegpt_json(tmp_path / "sg.json"))
     assert [r["line"] for r in rows] == fd.SHAREGPT_KEPT and bad == fd.SHAREGPT_BAD
     assert (s["rows_read"], s["rows_kept"], s["rows_quarantined"]) == (14, 3, 11)
-    assert s["quarantine_by_reason"] == {"no_user_turn": 2, "role_order": 3, "empty_turn": 1, "unknown_role": 2, "wrong_type": 2, "duplicate_id": 1}
+    assert s["quarantine_by_reason"] == {
+        "no_user_turn": 2,
+        "role_order": 3,
+        "empty_turn": 1,
+        "unknown_role": 2,
+        "wrong_type": 2,
+        "duplicate_id": 1,
+    }
     single, multi, open_q = rows
     assert (single["prompt"], single["response"], single["context"]) == ("Hi, who are you?", "An assistant.", None)
     assert single["row_id"] == content_row_id("Hi, who are you?", "An assistant.")
     assert (multi["prompt"], multi["response"]) == ("Thanks", "Merci")
-    assert _context(multi) == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
-                               {"role": "assistant", "content": "Bonjour"}]
+    assert _context(multi) == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour"},
+    ]
     assert (open_q["prompt"], open_q["response"]) == ("An open question", None)
     q = {r["line"]: r for r in get_store(tmp_path / "run").child("quarantine.jsonl").read_jsonl()}
     assert "tool turns are not supported" in q[9]["detail"] and "pool.tags" in q[8]["detail"]
@@ -94,14 +112,22 @@ def test_messages_with_required_label(tmp_path):
 
 def test_renamed_fields_llama_factory_style(tmp_path):
     recs = [
-        {"dialog": [{"speaker": "customer", "text": "My order?"}, {"speaker": "agent", "text": "Shipped."}], "sys": "Support desk."},
+        {
+            "dialog": [{"speaker": "customer", "text": "My order?"}, {"speaker": "agent", "text": "Shipped."}],
+            "sys": "Support desk.",
+        },
         {"dialog": [{"speaker": "customer", "text": "Refund?"}, {"speaker": "bot", "text": "No."}]},  # unknown_role
     ]
     fd._jsonl(tmp_path / "r.jsonl", recs)
-    over = {"pool.layout": "sharegpt", "pool.columns": {"messages": "dialog", "system": "sys"},
-            "pool.tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"}}
+    over = {
+        "pool.layout": "sharegpt",
+        "pool.columns": {"messages": "dialog", "system": "sys"},
+        "pool.tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"},
+    }
     s, rows, bad = _ingest(tmp_path, tmp_path / "r.jsonl", **over)
-    assert [(r["prompt"], r["response"], _context(r)) for r in rows] == [("My order?", "Shipped.", [{"role": "system", "content": "Support desk."}])]
+    assert [(r["prompt"], r["response"], _context(r)) for r in rows] == [
+        ("My order?", "Shipped.", [{"role": "system", "content": "Support desk."}])
+    ]
     assert bad == {2: "unknown_role"}
     # the same mapping is found by auto once the column is named
     assert _ingest(tmp_path, tmp_path / "r.jsonl", "auto", **{**over, "pool.layout": "auto"})[1] == rows
@@ -126,7 +152,10 @@ def test_flat_csv(tmp_path):
     s, rows, bad = _ingest(tmp_path, fd.flat_csv(tmp_path / "p.csv"), **{"pool.id_field": "id"})
     assert bad == fd.FLAT_CSV_BAD
     assert [(r["line"], r["row_id"], r["prompt"], r["response"]) for r in rows] == [
-        (2, "007", "A prompt\nover two lines", "yes"), (4, "8", "Second\n\nctx", "42"), (9, "11", "Third", None)]
+        (2, "007", "A prompt\nover two lines", "yes"),
+        (4, "8", "Second\n\nctx", "42"),
+        (9, "11", "Third", None),
+    ]
 
 
 def test_mixed_folder_auto(tmp_path):
@@ -145,8 +174,17 @@ def test_mixed_folder_auto(tmp_path):
     # c.csv's row 2 (files are read in name order; the task is no part of the content), line 3 is kept
     # (no label needed); e.parquet and f.feather repeat rows read before
     assert s["rows_kept"] == 4 + 3 + 1 + 2
-    assert s["quarantine_by_reason"] == {"empty_turn": 3, "wrong_type": 5, "empty_prompt": 1, "no_user_turn": 3, "role_order": 3,
-                                         "unknown_role": 2, "duplicate_id": 1 + 1 + 1 + 2 + 3, "malformed_json": 1, "prompt_too_long": 1}
+    assert s["quarantine_by_reason"] == {
+        "empty_turn": 3,
+        "wrong_type": 5,
+        "empty_prompt": 1,
+        "no_user_turn": 3,
+        "role_order": 3,
+        "unknown_role": 2,
+        "duplicate_id": 1 + 1 + 1 + 2 + 3,
+        "malformed_json": 1,
+        "prompt_too_long": 1,
+    }
     by_file = {(r["source"].rsplit("/", 1)[1], r["line"]) for r in rows}
     assert ("c.csv", 2) in by_file and ("c.csv", 4) not in by_file
 
@@ -179,10 +217,17 @@ def test_arrow_file_and_save_to_disk(tmp_path):
     assert {i.fmt for i in listing.inputs} == {"arrow"} and listing.skipped == []  # metadata files are not pools
     s, rows, bad = _ingest(tmp_path, saved, **{"pool.require_response": True})
     assert s["rows_read"] == 6 and len(rows) == 2
-    q = sorted((r["source"].rsplit("/", 1)[1], r["line"], r["reason"]) for r in get_store(tmp_path / "run").child("quarantine.jsonl").read_jsonl())
+    q = sorted(
+        (r["source"].rsplit("/", 1)[1], r["line"], r["reason"])
+        for r in get_store(tmp_path / "run").child("quarantine.jsonl").read_jsonl()
+    )
     # three records per file: rows 0-2 of the first, then rows 0-2 of the second (lines 4, 6, 7)
-    assert q == [("data-00000-of-00002.arrow", 2, "no_response"), ("data-00001-of-00002.arrow", 0, "empty_turn"),
-                 ("data-00001-of-00002.arrow", 1, "no_user_turn"), ("data-00001-of-00002.arrow", 2, "prompt_too_long")]
+    assert q == [
+        ("data-00000-of-00002.arrow", 2, "no_response"),
+        ("data-00001-of-00002.arrow", 0, "empty_turn"),
+        ("data-00001-of-00002.arrow", 1, "no_user_turn"),
+        ("data-00001-of-00002.arrow", 2, "prompt_too_long"),
+    ]
     # a DatasetDict folder reads its train split
     fd.save_to_disk(tmp_path / "dd" / "train", fd.MESSAGES[:2], shards=1)
     fd.save_to_disk(tmp_path / "dd" / "test", fd.MESSAGES[2:4], shards=1)
@@ -200,8 +245,11 @@ def local_hub(tmp_path, monkeypatch):
     filesystem in place of HfFileSystem: the path resolution, listing and reading are edsft's."""
     hub = tmp_path / "hub"
     hub.mkdir()
-    monkeypatch.setattr(sources, "hf_filesystem",
-                        lambda: fsspec.implementations.dirfs.DirFileSystem(str(hub), fsspec.implementations.local.LocalFileSystem()))
+    monkeypatch.setattr(
+        sources,
+        "hf_filesystem",
+        lambda: fsspec.implementations.dirfs.DirFileSystem(str(hub), fsspec.implementations.local.LocalFileSystem()),
+    )
     return hub
 
 
@@ -218,7 +266,10 @@ def test_hf_paths(tmp_path, local_hub):
     assert s["files"] == ["hf://datasets/org/chat/data/train-0.json"] and rows[0]["source"] == s["files"][0]
     # a glob, a folder (its README skipped with the reason), a save_to_disk folder
     s, _, _ = _ingest(tmp_path, "hf://datasets/org/chat/data/*.json*", "glob")
-    assert s["files"] == ["hf://datasets/org/chat/data/train-0.json", "hf://datasets/org/chat/data/train-1.jsonl"] and s["rows_read"] == 21
+    assert (
+        s["files"] == ["hf://datasets/org/chat/data/train-0.json", "hf://datasets/org/chat/data/train-1.jsonl"]
+        and s["rows_read"] == 21
+    )
     listing = list_files("hf://datasets/org/chat")
     assert [k.path for k in listing.skipped] == ["hf://datasets/org/chat/README.md"]
     s, rows, _ = _ingest(tmp_path, "hf://datasets/org/chat/saved", "saved")
@@ -241,4 +292,5 @@ def test_parquet_conversations_and_flat_parquet_unchanged(tmp_path):
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "flat.parquet")
     s, rows, _ = _ingest(tmp_path, tmp_path / "flat.parquet")
     assert [(r["row_id"], r["prompt"], r["response"], r["context"]) for r in rows] == [
-        (content_row_id(f"q{i}", f"a{i}"), f"q{i}", f"a{i}", None) for i in range(5)]
+        (content_row_id(f"q{i}", f"a{i}"), f"q{i}", f"a{i}", None) for i in range(5)
+    ]

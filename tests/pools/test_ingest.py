@@ -10,13 +10,13 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 from edsft.config import Config
 from edsft.pools.builtin_pydocs import pydocs_rows
 from edsft.pools.builtin_tasks import TASK_FAMILIES
 from edsft.pools.ingest import SCHEMA, PoolError, content_row_id, ingest_pool
 from edsft.storage import get_store
-from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 
 def _cfg(path, **kw):
@@ -113,7 +113,14 @@ def test_glob_and_folder(tmp_path):
 def test_field_mapping_ids_and_missing_response(tmp_path):
     rows = [{"question": f"q{i}", "key": i, "kind": "k"} for i in range(5)]
     _jsonl(tmp_path / "p.jsonl", rows)
-    cfg = _cfg(tmp_path / "p.jsonl", prompt_field="question", input_field=None, response_field="answer", task_field="kind", id_field="key")
+    cfg = _cfg(
+        tmp_path / "p.jsonl",
+        prompt_field="question",
+        input_field=None,
+        response_field="answer",
+        task_field="kind",
+        id_field="key",
+    )
     s, run = _ingest(cfg, tmp_path / "run")
     t = _pool(run).to_pylist()
     assert [r["row_id"] for r in t] == ["0", "1", "2", "3", "4"]
@@ -152,16 +159,28 @@ def test_broken_jsonl_exact_quarantine(tmp_path):
     q = run.child("quarantine.jsonl").read_jsonl()
     assert len(q) == 9 and all(r["source"] == str(src) and r["detail"] for r in q)
     lines = {r["reason"]: sorted(x["line"] for x in q if x["reason"] == r["reason"]) for r in q}
-    assert lines == {"malformed_json": [6, 15], "not_utf8": [8], "empty_prompt": [9, 10], "wrong_type": [11, 12],
-                     "duplicate_id": [13], "prompt_too_long": [14]}
+    assert lines == {
+        "malformed_json": [6, 15],
+        "not_utf8": [8],
+        "empty_prompt": [9, 10],
+        "wrong_type": [11, 12],
+        "duplicate_id": [13],
+        "prompt_too_long": [14],
+    }
     dup = next(r for r in q if r["reason"] == "duplicate_id")
     assert f"{src}:1" in dup["detail"]  # names where the kept copy is
     assert _pool(run).column("line").to_pylist() == [1, 2, 3, 4, 5, 17, 18, 19, 20, 21]
 
 
 def test_duplicate_ids_keep_first_and_missing_id(tmp_path):
-    rows = [{"id": "a", "instruction": "one"}, {"id": "b", "instruction": "two"}, {"id": "a", "instruction": "three"},
-            {"instruction": "no id"}, {"id": 7, "instruction": "int id"}, {"id": [1], "instruction": "bad id"}]
+    rows = [
+        {"id": "a", "instruction": "one"},
+        {"id": "b", "instruction": "two"},
+        {"id": "a", "instruction": "three"},
+        {"instruction": "no id"},
+        {"id": 7, "instruction": "int id"},
+        {"id": [1], "instruction": "bad id"},
+    ]
     pq.write_table(pa.Table.from_pylist(rows[:3]), tmp_path / "a.parquet")
     _jsonl(tmp_path / "b.jsonl", rows[3:] + [{"id": "b", "instruction": "dup across files"}])
     s, run = _ingest(_cfg(tmp_path, id_field="id", max_bad_fraction=1.0), tmp_path / "run")
@@ -170,7 +189,12 @@ def test_duplicate_ids_keep_first_and_missing_id(tmp_path):
     t = _pool(run).to_pylist()
     assert [(r["row_id"], r["prompt"]) for r in t] == [("a", "one"), ("b", "two"), ("7", "int id")]
     q = {(r["source"].rsplit("/", 1)[-1], r["line"]): r["reason"] for r in run.child("quarantine.jsonl").read_jsonl()}
-    assert q == {("a.parquet", 2): "duplicate_id", ("b.jsonl", 1): "missing_id", ("b.jsonl", 3): "wrong_type", ("b.jsonl", 4): "duplicate_id"}
+    assert q == {
+        ("a.parquet", 2): "duplicate_id",
+        ("b.jsonl", 1): "missing_id",
+        ("b.jsonl", 3): "wrong_type",
+        ("b.jsonl", 4): "duplicate_id",
+    }
 
 
 def test_max_bad_fraction(tmp_path):
@@ -259,9 +283,16 @@ def test_s3_pool_and_run_folder(tmp_path, s3_bucket):
     _invariant(s)
     assert s["files"] == [f"s3://{bucket}/pool/part-0.jsonl", f"s3://{bucket}/pool/part-1.jsonl"]
     assert (s["rows_kept"], s["rows_quarantined"]) == (17, 9)
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"] if not o["Key"].endswith("/"))
-    assert keys == ["runs/r1/eval.parquet", "runs/r1/pool.parquet/part-00000.parquet", "runs/r1/pool.parquet/part-00001.parquet",
-                    "runs/r1/pool.parquet/part-00002.parquet", "runs/r1/quarantine.jsonl"]
+    keys = sorted(
+        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"] if not o["Key"].endswith("/")
+    )
+    assert keys == [
+        "runs/r1/eval.parquet",
+        "runs/r1/pool.parquet/part-00000.parquet",
+        "runs/r1/pool.parquet/part-00001.parquet",
+        "runs/r1/pool.parquet/part-00002.parquet",
+        "runs/r1/quarantine.jsonl",
+    ]
     assert len(run.child("quarantine.jsonl").read_jsonl()) == 9
     # same rows and ids as the local ingestion of the same files
     (tmp_path / "local").mkdir()
@@ -271,5 +302,9 @@ def test_s3_pool_and_run_folder(tmp_path, s3_bucket):
     assert run.child("pool.parquet").read_table().column("row_id").to_pylist() == _pool(lrun).column("row_id").to_pylist()
     assert local["quarantine_by_reason"] == s["quarantine_by_reason"]
     # a glob on s3
-    s_glob = ingest_pool(_cfg(f"s3://{bucket}/pool/*-1.jsonl", **{"storage.endpoint_url": endpoint}), get_store(f"s3://{bucket}/runs/r2", endpoint), progress=False)
+    s_glob = ingest_pool(
+        _cfg(f"s3://{bucket}/pool/*-1.jsonl", **{"storage.endpoint_url": endpoint}),
+        get_store(f"s3://{bucket}/runs/r2", endpoint),
+        progress=False,
+    )
     assert s_glob["rows_kept"] == 7

@@ -59,14 +59,17 @@ def test_failed_ingest_removes_pool_and_staging(tmp_path):
 
 
 def test_lone_surrogates_are_quarantined(tmp_path):
-    src = _lines(tmp_path / "s.jsonl", [
-        json.dumps({"instruction": "fine", "output": "a"}),
-        '{"instruction": "cut emoji \\ud83d", "output": "a"}',  # valid JSON, not text
-        '{"instruction": "ok", "input": "\\udc00", "output": "a"}',
-        '{"instruction": "ok2", "output": "\\ud800"}',
-        '{"instruction": "ok3", "output": "a", "task": "\\udfff"}',
-        '{"instruction": "pair \\ud83d\\ude00", "output": "a"}',  # a proper surrogate pair is an emoji
-    ])
+    src = _lines(
+        tmp_path / "s.jsonl",
+        [
+            json.dumps({"instruction": "fine", "output": "a"}),
+            '{"instruction": "cut emoji \\ud83d", "output": "a"}',  # valid JSON, not text
+            '{"instruction": "ok", "input": "\\udc00", "output": "a"}',
+            '{"instruction": "ok2", "output": "\\ud800"}',
+            '{"instruction": "ok3", "output": "a", "task": "\\udfff"}',
+            '{"instruction": "pair \\ud83d\\ude00", "output": "a"}',  # a proper surrogate pair is an emoji
+        ],
+    )
     s, run = _ingest(_cfg(src, max_bad_fraction=1.0), tmp_path / "run")
     _invariant(s)
     assert (s["rows_kept"], s["quarantine_by_reason"]) == (2, {"not_utf8": 4})
@@ -82,16 +85,19 @@ def test_lone_surrogates_are_quarantined(tmp_path):
 
 
 def test_nan_and_infinity_are_not_responses(tmp_path):
-    src = _lines(tmp_path / "n.jsonl", [
-        '{"instruction": "a", "output": NaN}',
-        '{"instruction": "b", "output": Infinity}',
-        '{"instruction": "c", "output": -Infinity}',
-        '{"instruction": "d", "output": 1e999}',  # overflows to inf
-        '{"instruction": "e", "output": "x", "task": NaN}',
-        '{"instruction": "f", "output": 42}',
-        '{"instruction": "g", "output": 0.5}',
-        '{"instruction": "h", "output": null}',
-    ])
+    src = _lines(
+        tmp_path / "n.jsonl",
+        [
+            '{"instruction": "a", "output": NaN}',
+            '{"instruction": "b", "output": Infinity}',
+            '{"instruction": "c", "output": -Infinity}',
+            '{"instruction": "d", "output": 1e999}',  # overflows to inf
+            '{"instruction": "e", "output": "x", "task": NaN}',
+            '{"instruction": "f", "output": 42}',
+            '{"instruction": "g", "output": 0.5}',
+            '{"instruction": "h", "output": null}',
+        ],
+    )
     s, run = _ingest(_cfg(src, max_bad_fraction=1.0), tmp_path / "run")
     _invariant(s)
     assert s["quarantine_by_reason"] == {"wrong_type": 5}
@@ -109,8 +115,11 @@ def test_nan_and_infinity_are_not_responses(tmp_path):
 def test_invisible_prompts_are_empty(tmp_path):
     invisible = ["\u200b", "\u200b\u200c\u200d\ufeff", "\x00\x07\x1b", " \t\u2060\u00ad ", "\u202e"]
     rows = [{"instruction": p, "output": "x"} for p in invisible]
-    rows += [{"instruction": "\u200bvisible", "output": "x"}, {"instruction": "\u200b", "input": "the input", "output": "x"},
-             {"instruction": "real", "input": "\u200b\u200b", "output": "x"}]
+    rows += [
+        {"instruction": "\u200bvisible", "output": "x"},
+        {"instruction": "\u200b", "input": "the input", "output": "x"},
+        {"instruction": "real", "input": "\u200b\u200b", "output": "x"},
+    ]
     s, run = _ingest(_cfg(_jsonl(tmp_path / "z.jsonl", rows), max_bad_fraction=1.0), tmp_path / "run")
     _invariant(s)
     assert s["quarantine_by_reason"] == {"empty_prompt": len(invisible)}
@@ -152,7 +161,10 @@ def test_damaged_files_are_quarantined_by_name(tmp_path):
     pool = run.child("pool.parquet").read_table().to_pylist()
     lines = [r["line"] for r in pool if r["source"].endswith("b-truncated.jsonl.gz")]
     assert 0 < len(lines) < 3000 and lines == list(range(1, len(lines) + 1))
-    assert q["b-truncated.jsonl.gz"]["line"] == len(lines) + 1 and f"after {len(lines)} record(s)" in q["b-truncated.jsonl.gz"]["detail"]
+    assert (
+        q["b-truncated.jsonl.gz"]["line"] == len(lines) + 1
+        and f"after {len(lines)} record(s)" in q["b-truncated.jsonl.gz"]["detail"]
+    )
     assert s["rows_kept"] == 10 + len(lines)
 
 
@@ -181,7 +193,9 @@ def test_skipped_files_are_listed_with_a_reason(tmp_path):
     (d / "notes.txt").write_text("x")
     s, _ = _ingest(_cfg(d), tmp_path / "run")
     assert s["files"] == [str(d / "a.jsonl")] and s["rows_kept"] == 5
-    reasons = {x["path"].rsplit("/", 2)[-1] if "_tmp" not in x["path"] else "_tmp/b.jsonl": x["reason"] for x in s["skipped_files"]}
+    reasons = {
+        x["path"].rsplit("/", 2)[-1] if "_tmp" not in x["path"] else "_tmp/b.jsonl": x["reason"] for x in s["skipped_files"]
+    }
     assert set(reasons) == {"_SUCCESS", ".hidden.jsonl", "_tmp/b.jsonl", "notes.txt"}
     assert all(r.startswith("hidden") for k, r in reasons.items() if k != "notes.txt")
     assert reasons["notes.txt"].startswith("unknown extension") and "pool.format" in reasons["notes.txt"]
@@ -229,7 +243,9 @@ def test_s3_damaged_file_and_literal_brackets(tmp_path, s3_bucket):
     client.put_object(Bucket=bucket, Key="pool[1]/a.jsonl", Body=_jsonl(tmp_path / "a.jsonl", _rows(6)).read_bytes())
     client.put_object(Bucket=bucket, Key="pool[1]/b.jsonl.gz", Body=b"not gzip\n")
     client.put_object(Bucket=bucket, Key="pool[1]/_SUCCESS", Body=b"")
-    cfg = Config().replace(**{"pool.path": f"s3://{bucket}/pool[1]/", "pool.max_bad_fraction": 1.0, "storage.endpoint_url": endpoint})
+    cfg = Config().replace(
+        **{"pool.path": f"s3://{bucket}/pool[1]/", "pool.max_bad_fraction": 1.0, "storage.endpoint_url": endpoint}
+    )
     run = get_store(f"s3://{bucket}/runs/r1", endpoint)
     s = ingest_pool(cfg, run, progress=False)
     _invariant(s)

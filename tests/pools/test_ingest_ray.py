@@ -6,13 +6,12 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 from edsft.config import Config
 from edsft.distributed.ingest import ingest_pool_ray
 from edsft.pools.ingest import ingest_pool
 from edsft.storage import get_store
-
-from pool_data import _broken_jsonl, _invariant, _jsonl, _rows
 
 
 def test_ray_matches_in_process(tmp_path, ray_cluster):
@@ -30,7 +29,16 @@ def test_ray_matches_in_process(tmp_path, ray_cluster):
     run = get_store(tmp_path / "ray")
     dist = ingest_pool_ray(cfg, run, progress=False)
     _invariant(dist)
-    for key in ("rows_read", "rows_kept", "rows_held_out", "rows_quarantined", "quarantine_by_reason", "eval_rows", "tasks", "files"):
+    for key in (
+        "rows_read",
+        "rows_kept",
+        "rows_held_out",
+        "rows_quarantined",
+        "quarantine_by_reason",
+        "eval_rows",
+        "tasks",
+        "files",
+    ):
         assert dist[key] == local[key], key
     # the broken file repeats rows 0-9 of shard-0 (10) and its own line 1 (1); shard-5 repeats 3 rows
     assert dist["quarantine_by_reason"]["duplicate_id"] == 10 + 1 + 3
@@ -57,8 +65,10 @@ def _hostile_folder(tmp_path):
     pool = tmp_path / "hostile"
     pool.mkdir()
     _jsonl(pool / "a.jsonl", _rows(30))
-    (pool / "b-surrogate.jsonl").write_text('{"instruction": "cut \\ud83d", "output": "a"}\n{"instruction": "fine", "output": "b"}\r'
-                                            '{"instruction": "nan", "output": NaN}\r{"instruction": "\\u200b", "output": "c"}\r')
+    (pool / "b-surrogate.jsonl").write_text(
+        '{"instruction": "cut \\ud83d", "output": "a"}\n{"instruction": "fine", "output": "b"}\r'
+        '{"instruction": "nan", "output": NaN}\r{"instruction": "\\u200b", "output": "c"}\r'
+    )
     whole = gzip.compress("".join(json.dumps(r) + "\n" for r in _rows(3000, 100)).encode())
     (pool / "c-truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     (pool / "d-fake.jsonl.gz").write_bytes(b"not gzip\n")
@@ -89,7 +99,9 @@ def test_ray_failed_ingest_is_a_plain_pool_error_and_leaves_no_pool(tmp_path, ra
     for k in range(3):
         _broken_jsonl(pool / f"broken-{k}.jsonl")
     run_dir = tmp_path / "ray"
-    cfg = Config().replace(**{"pool.path": str(pool), "pool.max_bad_fraction": 0.3, "pool.rows_per_shard": 4, "pool.eval_fraction": 0.2})
+    cfg = Config().replace(
+        **{"pool.path": str(pool), "pool.max_bad_fraction": 0.3, "pool.rows_per_shard": 4, "pool.eval_fraction": 0.2}
+    )
     try:
         ingest_pool_ray(cfg, get_store(run_dir), progress=False)
         raise AssertionError("expected a PoolError")
@@ -111,7 +123,9 @@ def test_ray_user_error_inside_a_task_reaches_the_caller_unwrapped(tmp_path, ray
     (pool / "b.lines").write_text("one\n")
     run_dir = tmp_path / "ray"
     try:
-        ingest_pool_ray(Config().replace(**{"pool.path": str(pool), "pool.rows_per_shard": 5}), get_store(run_dir), progress=False)
+        ingest_pool_ray(
+            Config().replace(**{"pool.path": str(pool), "pool.rows_per_shard": 5}), get_store(run_dir), progress=False
+        )
         raise AssertionError("expected a PoolError")
     except PoolError as e:
         assert type(e) is PoolError and str(pool / "b.lines") in str(e) and "register_reader" in str(e)

@@ -65,7 +65,7 @@ class TextLines:
 
 @pytest.fixture
 def lines_source():
-    register_source("lines://", lambda cfg: TextLines(cfg.pool.path[len("lines://"):], cfg.pool))
+    register_source("lines://", lambda cfg: TextLines(cfg.pool.path[len("lines://") :], cfg.pool))
     yield
     sources.SOURCES.pop("lines://")
 
@@ -85,7 +85,9 @@ def test_custom_source_is_ingested_like_any_other(tmp_path, lines_source):
     assert [r["line"] for r in pool] == [1, 2, 3, 6, 7, 9, 11]
     assert all(r["row_id"] == content_row_id(r["prompt"], None) and r["response"] is None for r in pool)
     ev = run.child("eval.parquet").read_table().to_pylist()
-    assert [(r["line"], r["prompt"], r["source"]) for r in ev] == [(n, f"prompt {n}", f"{tmp_path / 'p.txt'}#eval") for n in (4, 8, 12)]
+    assert [(r["line"], r["prompt"], r["source"]) for r in ev] == [
+        (n, f"prompt {n}", f"{tmp_path / 'p.txt'}#eval") for n in (4, 8, 12)
+    ]
     q = {(r["line"], r["reason"]) for r in run.child("quarantine.jsonl").read_jsonl()}
     assert q == {(5, "empty_prompt"), (10, "duplicate_id")}
     # pool.eval_path replaces the source's own eval split, for custom sources too
@@ -108,7 +110,7 @@ def test_a_failing_source_leaves_nothing_behind(tmp_path, lines_source):
                     raise RuntimeError("disk went away")
                 yield line, rec
 
-    register_source("lines://", lambda cfg: Dies(cfg.pool.path[len("lines://"):], cfg.pool))
+    register_source("lines://", lambda cfg: Dies(cfg.pool.path[len("lines://") :], cfg.pool))
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(100)))
     cfg = Config().replace(**{"pool.path": f"lines://{tmp_path / 'p.txt'}", "pool.rows_per_shard": 5})
     with pytest.raises(RuntimeError, match="disk went away"):

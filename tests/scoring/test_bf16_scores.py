@@ -26,9 +26,11 @@ N = 16
 def _batch() -> dict:
     rows = generate_tasks(N, seed=5)
     prompts = [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows]
-    return {"row_id": np.array([f"r{i}" for i in range(N)], dtype=object),
-            "prompt": np.array(prompts, dtype=object),
-            "task": np.array([r["task"] for r in rows], dtype=object)}
+    return {
+        "row_id": np.array([f"r{i}" for i in range(N)], dtype=object),
+        "prompt": np.array(prompts, dtype=object),
+        "task": np.array([r["task"] for r in rows], dtype=object),
+    }
 
 
 def test_bf16_scores_rank_like_fp32_and_embeddings_agree():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from edsft.models import (
+    cpu_supports_bf16,
+    dtype_name,
     end_of_turn_ids,
     load_model,
     load_tokenizer,
     model_fingerprint,
-    cpu_supports_bf16,
-    dtype_name,
     resolve_dtype,
     resolve_model,
 )
@@ -33,8 +33,10 @@ def test_tiny_llama_is_bit_identical_across_processes_and_parallel_builds_do_not
     # byte-identical, one complete folder exists per dir and no temporary folder is left behind.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     shared, other = tmp_path / "a", tmp_path / "b"
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(d)], stdout=subprocess.PIPE, text=True, env=env)
-             for d in (shared, shared, other)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUILD, str(d)], stdout=subprocess.PIPE, text=True, env=env)
+        for d in (shared, shared, other)
+    ]
     prints = [p.communicate(timeout=240)[0].strip().splitlines()[-1] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(prints)) == 1, prints
@@ -62,10 +64,11 @@ def test_smollm2_ends_the_turn_at_im_end():
     assert im_end in end_of_turn_ids(tok)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
     assert im_end in list(model.generation_config.eos_token_id)
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**enc, max_new_tokens=48, do_sample=False)
-    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
     assert new[-1] == im_end and len(new) < 48, tok.decode(new)  # stopped at the end of the turn
     text = tok.decode(new, skip_special_tokens=True)
     assert "5" in text and "user" not in text

@@ -22,23 +22,32 @@ BAD = 11  # this row's prompt is empty: it must be quarantined, not fail the run
 def _pool(n: int, responses: list[str]) -> pa.Table:
     prompts = [f"Question {i}: what is {i} plus {3 * i}?" + " Think." * (i % 5) for i in range(n)]
     prompts[BAD] = ""
-    return pa.table({
-        "row_id": [f"id{i:03d}" for i in range(n)],
-        "prompt": prompts,
-        "response": responses,
-        "task": ["arithmetic" if i % 2 else "other" for i in range(n)],
-        "source": ["test"] * n,
-        "line": list(range(n)),
-    })
+    return pa.table(
+        {
+            "row_id": [f"id{i:03d}" for i in range(n)],
+            "prompt": prompts,
+            "response": responses,
+            "task": ["arithmetic" if i % 2 else "other" for i in range(n)],
+            "source": ["test"] * n,
+            "line": list(range(n)),
+        }
+    )
 
 
 @pytest.mark.slow
 def test_score_pool_on_ray(ray_cluster, tmp_path):
-    cfg = Config().replace(**{
-        "scoring.model": "builtin:tiny-llama", "scoring.dtype": "float32", "scoring.max_new_tokens": 6, "scoring.batch_size": 4,
-        "scoring.num_actors": 2, "scoring.cpus_per_actor": 0.5, "scoring.max_prompt_tokens": 64,
-        "output.dir": str(tmp_path),
-    })
+    cfg = Config().replace(
+        **{
+            "scoring.model": "builtin:tiny-llama",
+            "scoring.dtype": "float32",
+            "scoring.max_new_tokens": 6,
+            "scoring.batch_size": 4,
+            "scoring.num_actors": 2,
+            "scoring.cpus_per_actor": 0.5,
+            "scoring.max_prompt_tokens": 64,
+            "output.dir": str(tmp_path),
+        }
+    )
     # the same pool twice: once with real labels, once with the label column scrambled
     pq.write_table(_pool(N, [str(4 * i) for i in range(N)]), tmp_path / "pool.parquet")
     scrambled = tmp_path / "scrambled"
@@ -78,7 +87,8 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     pool = _pool(N, [""] * N)
     pool = pool.filter(pc.not_equal(pool["row_id"], f"id{BAD:03d}"))
     direct = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
-        {c: pool[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")})
+        {c: pool[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")}
+    )
     for c in SCORE_COLUMNS:
         np.testing.assert_allclose(a[c].to_numpy(), direct[c], atol=1e-4, err_msg=c)
     np.testing.assert_allclose(emb, direct["embedding"], atol=1e-4)

@@ -24,8 +24,11 @@ PROMPTS = [
 
 def _batch(prompts, ids=None):
     ids = ids if ids is not None else [f"r{i}" for i in range(len(prompts))]
-    return {"row_id": np.array(ids, dtype=object), "prompt": np.array(prompts, dtype=object),
-            "task": np.array(["t"] * len(prompts), dtype=object)}
+    return {
+        "row_id": np.array(ids, dtype=object),
+        "prompt": np.array(prompts, dtype=object),
+        "task": np.array(["t"] * len(prompts), dtype=object),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +44,12 @@ def test_scores_equal_a_brute_force_forward_over_prompt_and_response(scorer):
     prompt_ids = scorer._prompt_ids(PROMPTS[0])
     assert out["prompt_tokens"][0] == len(prompt_ids)
     with torch.no_grad():
-        gen = model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
-                             eos_token_id=scorer.end_ids, pad_token_id=scorer.pad_id)
-        resp = gen[0, len(prompt_ids):]
+        gen = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False, eos_token_id=scorer.end_ids, pad_token_id=scorer.pad_id
+        )
+        resp = gen[0, len(prompt_ids) :]
         full = model(gen, output_hidden_states=True)
-    logits = full.logits[:, len(prompt_ids) - 1:-1]  # the distribution that produced each response token
+    logits = full.logits[:, len(prompt_ids) - 1 : -1]  # the distribution that produced each response token
     expected = response_scores(logits, resp.unsqueeze(0), torch.ones(1, len(resp)))
     for c in SCORE_COLUMNS:
         assert out[c][0] == pytest.approx(expected[c].item(), abs=1e-5), c
@@ -153,8 +157,16 @@ def test_label_column_is_refused_and_bad_arguments_are_clear(scorer):
 def test_static_cache_generation_gives_the_dynamic_scores(scorer, bucket):
     # the fast path (preallocated KV cache, width bucketing, micro-batch padded with filler rows) must
     # change nothing but speed: same tokens, same scores, same embeddings for the real rows
-    static = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=6, max_prompt_tokens=64, batch_size=8, max_retries=1,
-                    generation="static", width_bucket=bucket)
+    static = Scorer(
+        "builtin:tiny-llama",
+        dtype="float32",
+        max_new_tokens=6,
+        max_prompt_tokens=64,
+        batch_size=8,
+        max_retries=1,
+        generation="static",
+        width_bucket=bucket,
+    )
     assert static.generation == "static" and scorer.generation == "dynamic"  # auto on CPU = dynamic
     a, b = scorer(_batch(PROMPTS)), static(_batch(PROMPTS))
     assert list(a["generated"]) == list(b["generated"])

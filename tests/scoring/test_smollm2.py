@@ -13,9 +13,11 @@ from edsft.scoring.uncertainty import SCORE_COLUMNS
 def _batch(n: int) -> dict:
     rows = generate_tasks(n, seed=3)
     prompts = [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows]
-    return {"row_id": np.array([f"r{i}" for i in range(n)], dtype=object),
-            "prompt": np.array(prompts, dtype=object),
-            "task": np.array([r["task"] for r in rows], dtype=object)}
+    return {
+        "row_id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "prompt": np.array(prompts, dtype=object),
+        "task": np.array([r["task"] for r in rows], dtype=object),
+    }
 
 
 @pytest.mark.slow
@@ -27,7 +29,8 @@ def test_smollm2_scores_are_finite_normalised_and_deterministic():
     # gives the same answers and numbers
     k = 12
     b = Scorer("builtin:smollm2-135m", dtype="float32", max_new_tokens=10, batch_size=5, generation="static")(
-        {c: v[:k] for c, v in batch.items()})
+        {c: v[:k] for c, v in batch.items()}
+    )
 
     assert all(e is None for e in a["error"])
     for c in SCORE_COLUMNS:

@@ -20,10 +20,12 @@ def test_scores_match_hand_values():
     # Row B: the response ends at once (end-of-turn first): one token, p = (1/3, 1/3, 1/3), token 1 chosen.
     # Padding positions hold extreme logits that must not leak into any score.
     junk = [1e-9, 1 - 2e-9, 1e-9]
-    logits = torch.stack([
-        _logits([0.5, 0.25, 0.25], [0.8, 0.1, 0.1], junk),
-        _logits([1 / 3, 1 / 3, 1 / 3], junk, junk),
-    ])
+    logits = torch.stack(
+        [
+            _logits([0.5, 0.25, 0.25], [0.8, 0.1, 0.1], junk),
+            _logits([1 / 3, 1 / 3, 1 / 3], junk, junk),
+        ]
+    )
     tokens = torch.tensor([[0, 0, 2], [1, 0, 0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     s = response_scores(logits, tokens, mask)

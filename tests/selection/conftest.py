@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from selection_data import blobs, score_table
 
 

@@ -16,5 +16,3 @@ def blobs(n, d, k=6, seed=0, spread=3.0):
 def score_table(n, seed=0):
     r = np.random.default_rng(seed + 1000)
     return {c: r.random(n) for c in SCORE_COLUMNS}
-
-

@@ -5,10 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from selection_data import blobs, score_table
 
 from edsft.selection import allocate_budget, select, shard_of
-
-from selection_data import blobs, score_table
 
 
 def test_allocation_inverse_to_confidence_and_exact_sum():
@@ -49,8 +48,7 @@ def test_task_balanced_inner_params_pass_through():
     X, _ = blobs(120, 4, seed=2)
     S = score_table(120, 2)
     tasks = np.arange(120) % 2
-    res = select("task_balanced", 10, embeddings=X, scores=S, tasks=tasks, inner="k_center",
-                 inner_params={"metric": "cosine"})
+    res = select("task_balanced", 10, embeddings=X, scores=S, tasks=tasks, inner="k_center", inner_params={"metric": "cosine"})
     assert len(set(res.indices.tolist())) == 10
     with pytest.raises(ValueError, match="no parameter"):
         select("task_balanced", 10, embeddings=X, scores=S, tasks=tasks, inner_params={"bogus": 1})
@@ -91,10 +89,13 @@ def test_shard_of_is_stable_and_balanced():
     assert counts.min() > 12_000 and counts.max() < 13_000
     assert not np.array_equal(shard_of(np.arange(50), 4, 0), shard_of(np.arange(50), 4, 1))
     # a fresh interpreter with another hash seed gives the same shards (no Python hash())
-    code = ("from edsft.selection import shard_of; "
-            "print(shard_of(['row-%d' % i for i in range(10)], 3, 0).tolist(), shard_of(list(range(10)), 3, 0).tolist())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    code = (
+        "from edsft.selection import shard_of; "
+        "print(shard_of(['row-%d' % i for i in range(10)], 3, 0).tolist(), shard_of(list(range(10)), 3, 0).tolist())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""}
+    ).stdout
     assert out.strip() == f"{GOLDEN_STR} {GOLDEN_INT}"
 
 

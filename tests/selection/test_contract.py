@@ -22,8 +22,16 @@ NAMES = sorted(SELECTORS)
 
 
 def test_registry_lists_every_family():
-    assert {"random", "uncertainty", "k_center", "uncertain_k_center", "facility_location", "fl_uncertainty",
-            "task_balanced", "greedi"} <= set(SELECTORS)
+    assert {
+        "random",
+        "uncertainty",
+        "k_center",
+        "uncertain_k_center",
+        "facility_location",
+        "fl_uncertainty",
+        "task_balanced",
+        "greedi",
+    } <= set(SELECTORS)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,8 +84,12 @@ def _blocks(n, k=3):
 
 def test_statistics_merged_over_blocks_equal_the_whole_pool(pool):
     X, S, T = pool
-    stats = [PoolGamma(), ScoreRange("min_margin"), ByTask(ScoreRange("mean_entropy")),
-             TaskConfidence("mean_entropy", None, (float(S["mean_entropy"].min()), float(S["mean_entropy"].max())))]
+    stats = [
+        PoolGamma(),
+        ScoreRange("min_margin"),
+        ByTask(ScoreRange("mean_entropy")),
+        TaskConfidence("mean_entropy", None, (float(S["mean_entropy"].min()), float(S["mean_entropy"].max()))),
+    ]
     for st in stats:
         parts = [st.partial(X[b], {k: v[b] for k, v in S.items()}, T[b]) for b in _blocks(len(X))]
         merged = parts[0]
@@ -99,8 +111,9 @@ def test_with_globals_binds_statistics_not_hyperparameters(pool):
     assert bound == fl and bound.globals["gamma"] == 0.02 and dict(fl.globals) == {}  # a copy; fl unchanged
     assert bound.unbound_statistics() == {}
     # a bound statistic is used instead of the rows' own: the same as passing gamma as a hyperparameter
-    np.testing.assert_array_equal(bound.select(20, X).indices,
-                                  SELECTORS["facility_location"](metric="euclidean", gamma=0.02).select(20, X).indices)
+    np.testing.assert_array_equal(
+        bound.select(20, X).indices, SELECTORS["facility_location"](metric="euclidean", gamma=0.02).select(20, X).indices
+    )
     assert not np.array_equal(bound.select(20, X).indices, fl.select(20, X).indices)
     # task_balanced's confidence needs the score's range first: a second statistic once the first is bound
     tb = SELECTORS["task_balanced"]()
@@ -118,8 +131,14 @@ def test_every_selector_has_a_distribution_and_two_round_objectives_split_over_s
         return
     runner = plan.selector.bound_to(X, S, T)  # the pool's statistics, as the partition map computes them
     idx = select(name, 25, embeddings=X, scores=S, tasks=T, seed=0).indices
-    parts = [runner.shard_objective(X[b], {k: v[b] for k, v in S.items()}, X[idx], {k: v[idx] for k, v in S.items()})
-             for b in _blocks(len(X))] if runner.combine else [0.0]
+    parts = (
+        [
+            runner.shard_objective(X[b], {k: v[b] for k, v in S.items()}, X[idx], {k: v[idx] for k, v in S.items()})
+            for b in _blocks(len(X))
+        ]
+        if runner.combine
+        else [0.0]
+    )
     total = {"sum": sum, "max": max, None: sum}[runner.combine](parts)
     total += runner.chosen_objective(X[idx], {k: v[idx] for k, v in S.items()})
     # float32 similarities: a block of rows rounds its GEMM a little differently from the whole pool

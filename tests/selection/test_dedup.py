@@ -3,10 +3,9 @@ fill when the budget exceeds the distinct prompts, inner selectors and their obj
 
 import numpy as np
 import pytest
+from selection_data import blobs, score_table
 
 from edsft.selection import SELECTORS, dedup_keep, objective, select
-
-from selection_data import blobs, score_table
 
 
 def brute_keep(X, threshold):
@@ -86,13 +85,16 @@ def test_inner_selector_on_representatives_and_objective_on_whole_pool():
     assert not SELECTORS["dedup"](inner="facility_location").randomized and SELECTORS["dedup"]().randomized
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(inner="dedup"), "cannot be nested"),
-    (dict(inner="nope"), "inner='nope' is not a selector"),
-    (dict(threshold=0.0), "threshold=0.0 must be > 0"),
-    (dict(n_neighbors=0), "n_neighbors=0"),
-    (dict(inner="k_center", inner_params={"bogus": 1}), r"no parameter\(s\) \['bogus'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(inner="dedup"), "cannot be nested"),
+        (dict(inner="nope"), "inner='nope' is not a selector"),
+        (dict(threshold=0.0), "threshold=0.0 must be > 0"),
+        (dict(n_neighbors=0), "n_neighbors=0"),
+        (dict(inner="k_center", inner_params={"bogus": 1}), r"no parameter\(s\) \['bogus'\]"),
+    ],
+)
 def test_bad_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SELECTORS["dedup"](**kwargs)

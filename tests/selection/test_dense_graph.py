@@ -6,12 +6,11 @@ against the plain DenseGraph or a brute-force sum.
 
 import numpy as np
 import pytest
+from selection_data import blobs
 
 from edsft.selection import dense_similarity
 from edsft.selection.facility import DENSE_BLOCK, DenseGraph, build_graph, facility_location_greedy
 from edsft.selection.similarity import alloc, n_threads, quantize
-
-from selection_data import blobs
 
 
 def _graphs(n=3000, d=16, seed=0, metric="cosine", gamma=None):

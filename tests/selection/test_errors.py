@@ -5,11 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+from selection_data import blobs, score_table
 
 from edsft.errors import UserError
 from edsft.selection import SELECTORS, objective, select
-
-from selection_data import blobs, score_table
 
 X, _ = blobs(50, 4)
 S = score_table(50)
@@ -67,7 +66,9 @@ def test_every_selector_lists_its_params_on_a_typo():
 
 
 def test_selection_imports_neither_torch_nor_ray():
-    code = ("import edsft.selection, sys; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'pandas')]; "
-            "assert not bad, bad")
+    code = (
+        "import edsft.selection, sys; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'pandas')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from selection_data import blobs, score_table
 
 from edsft.selection import (
     best_similarity,
@@ -14,8 +15,6 @@ from edsft.selection import (
     objective,
     select,
 )
-
-from selection_data import blobs, score_table
 
 
 def sim_reference(X, metric="cosine", gamma=None):

@@ -4,10 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
+from selection_data import blobs, score_table
 
 from edsft.selection import min_distance, select
-
-from selection_data import blobs, score_table
 
 
 def textbook(X, budget, first, metric="euclidean"):

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from selection_data import blobs
 
 from edsft.selection import knn_distances, select, typicality
 from edsft.selection.typical import (
@@ -16,8 +17,6 @@ from edsft.selection.typical import (
     max_coverage_greedy,
     purity_delta,
 )
-
-from selection_data import blobs
 
 
 def brute_dist(X, metric):
@@ -94,8 +93,9 @@ def test_typiclust_picks_dense_centres_not_outliers():
     # TypiClust picks the centre of each blob
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(5, 6)) * 10
-    X = np.concatenate([centers[i] + rng.normal(size=(60, 6)) * 0.5 for i in range(5)]
-                       + [rng.normal(size=(8, 6)) * 60]).astype(np.float32)
+    X = np.concatenate([centers[i] + rng.normal(size=(60, 6)) * 0.5 for i in range(5)] + [rng.normal(size=(8, 6)) * 60]).astype(
+        np.float32
+    )
     outliers = set(range(300, 308))
     typ = select("typiclust", 5, embeddings=X, metric="euclidean", seed=0)
     kc = select("k_center", 5, embeddings=X, seed=0)
@@ -207,13 +207,16 @@ def test_probcover_purity_delta_on_blobs_covers_more_than_random():
     assert np.isfinite(pc.resolve_delta(X, 20)) and pc.resolve_delta(X, 20) > 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(delta=-1.0), "delta=-1.0 must be > 0"),
-    (dict(alpha=1.0), "alpha=1.0 must be in"),
-    (dict(n_clusters=1), "n_clusters=1"),
-    (dict(metric="rbf"), "metric='rbf' is not valid"),
-    (dict(n_neighbors=0), "n_neighbors=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(delta=-1.0), "delta=-1.0 must be > 0"),
+        (dict(alpha=1.0), "alpha=1.0 must be in"),
+        (dict(n_clusters=1), "n_clusters=1"),
+        (dict(metric="rbf"), "metric='rbf' is not valid"),
+        (dict(n_neighbors=0), "n_neighbors=0"),
+    ],
+)
 def test_probcover_bad_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProbCover(**kwargs)
@@ -234,4 +237,8 @@ def test_approximate_paths_pick_like_the_exact_ones():
     pa = ProbCover(n_neighbors=100, n_clusters=6, exact_max_n=50)
     ce = pe.select(12, X, seed=0).objective
     ca = pa.select(12, X, seed=0).objective
-    assert ce > 0.1 and ca == pytest.approx(ce, abs=0.02) and pe.resolve_delta(X, 12) == pytest.approx(pa.resolve_delta(X, 12), rel=0.1)
+    assert (
+        ce > 0.1
+        and ca == pytest.approx(ce, abs=0.02)
+        and pe.resolve_delta(X, 12) == pytest.approx(pa.resolve_delta(X, 12), rel=0.1)
+    )

@@ -17,7 +17,6 @@ import pytest
 from edsft import report as R
 from edsft.storage import get_store
 
-
 # ---- intervals --------------------------------------------------------------------------------
 
 
@@ -49,8 +48,15 @@ def test_summarize_mean_and_t_interval_by_hand():
 
 
 def test_load_results_keeps_finished_trials_only():
-    df = pd.DataFrame({"selector": ["random", "random"], "budget": [1, 2], "seed": [0, 0], "exact_match": [0.1, None],
-                       "status": ["TERMINATED", "ERROR"]})
+    df = pd.DataFrame(
+        {
+            "selector": ["random", "random"],
+            "budget": [1, 2],
+            "seed": [0, 0],
+            "exact_match": [0.1, None],
+            "status": ["TERMINATED", "ERROR"],
+        }
+    )
     out = R.load_results(df)
     assert len(out) == 1 and out["params"].tolist() == ["{}"]
     with pytest.raises(ValueError, match="missing columns"):
@@ -108,8 +114,17 @@ def _curves(sel_eff: dict[str, float], budgets=(25, 50, 100, 200, 400), seeds=(0
     for sel, eff in sel_eff.items():
         for b in budgets:
             for s in seeds:
-                rows.append(dict(trial_id=f"{sel}-b{b}-s{s}", selector=sel, params="{}", budget=b, seed=s,
-                                 exact_match=0.1 * math.log2(eff * b / 25) + noise * rng.normal(), status="TERMINATED"))
+                rows.append(
+                    dict(
+                        trial_id=f"{sel}-b{b}-s{s}",
+                        selector=sel,
+                        params="{}",
+                        budget=b,
+                        seed=s,
+                        exact_match=0.1 * math.log2(eff * b / 25) + noise * rng.normal(),
+                        status="TERMINATED",
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -188,19 +203,40 @@ def test_single_seed_draws_no_band_and_says_so():
 def test_build_report_writes_markdown_and_pngs(tmp_path):
     df = _curves({"random": 1.0, "facility_location": 2.0, "uncertainty": 1.25}, noise=0.005)
     df["loss"] = 3.0 - df["exact_match"]
-    df = pd.concat([df, pd.DataFrame([dict(trial_id="x", selector="uncertainty", params="{}", budget=25, seed=9, status="ERROR")])])
+    df = pd.concat(
+        [df, pd.DataFrame([dict(trial_id="x", selector="uncertainty", params="{}", budget=25, seed=9, status="ERROR")])]
+    )
     run = get_store(tmp_path / "run")
     run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(df, preserve_index=False))
-    run.child("manifest.json").write_json({"config": {"pool": {"path": "builtin:tasks", "size": 20000},
-                                                      "scoring": {"model": "builtin:smollm2-135m"}, "training": {"lora": True},
-                                                      "sweep": {"metric": "exact_match"}},
-                                           "versions": {"edsft": "0.1.0", "ray": "2.60.0"}})
+    run.child("manifest.json").write_json(
+        {
+            "config": {
+                "pool": {"path": "builtin:tasks", "size": 20000},
+                "scoring": {"model": "builtin:smollm2-135m"},
+                "training": {"lora": True},
+                "sweep": {"metric": "exact_match"},
+            },
+            "versions": {"edsft": "0.1.0", "ray": "2.60.0"},
+        }
+    )
     out = R.build_report(run)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     assert out["headline"]["selector"] == "facility_location" and out["headline"]["ratio"] == pytest.approx(0.5, abs=0.05)
-    for needle in ("builtin:tasks", "20000", "builtin:smollm2-135m", "25, 50, 100, 200, 400", "0, 1, 2",
-                   "exact_match", "ray 2.60.0", "learning_curve_exact_match.png", "learning_curve_loss.png",
-                   "facility_location reaches random's exact_match", "45 finished of 46", "ERROR: 1", "95% t-interval"):
+    for needle in (
+        "builtin:tasks",
+        "20000",
+        "builtin:smollm2-135m",
+        "25, 50, 100, 200, 400",
+        "0, 1, 2",
+        "exact_match",
+        "ray 2.60.0",
+        "learning_curve_exact_match.png",
+        "learning_curve_loss.png",
+        "facility_location reaches random's exact_match",
+        "45 finished of 46",
+        "ERROR: 1",
+        "95% t-interval",
+    ):
         assert needle in md, needle
     for p in out["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -235,8 +271,16 @@ def test_equivalent_budgets_matches_the_scalar_inversion():
             assert got[r] == pytest.approx(want) and {0: "", 1: ">", -1: "<"}[int(code[r])] == bound
 
 
-def _per_example_experiment(sel_eff: dict[str, float], *, budgets=(32, 64, 128, 256, 512), seeds=(0, 1, 2),
-                            n_tasks=8, per_task=40, seed_sd=0.015, rng=None):
+def _per_example_experiment(
+    sel_eff: dict[str, float],
+    *,
+    budgets=(32, 64, 128, 256, 512),
+    seeds=(0, 1, 2),
+    n_tasks=8,
+    per_task=40,
+    seed_sd=0.015,
+    rng=None,
+):
     """Trials and their per-prompt exact match: prompt e of task k is right with probability
     clip(a_k + 0.08 log2(eff * B / 32) + d_e + seed effect), so a selector with efficiency 2 matches
     random with half the labels (B / B_random = 0.5 wherever 2B is inside random's curve)."""
@@ -251,8 +295,17 @@ def _per_example_experiment(sel_eff: dict[str, float], *, budgets=(32, 64, 128, 
                 shift = rng.normal(0, seed_sd)
                 p = np.clip(a[:, None] + 0.08 * math.log2(eff * b / 32) + d + shift, 0, 1)
                 hit = (rng.random(p.shape) < p).astype(float)
-                trials.append(dict(trial_id=tid, selector=sel, params="{}", budget=b, seed=s, exact_match=hit.mean(axis=1).mean(),
-                                   status="TERMINATED"))
+                trials.append(
+                    dict(
+                        trial_id=tid,
+                        selector=sel,
+                        params="{}",
+                        budget=b,
+                        seed=s,
+                        exact_match=hit.mean(axis=1).mean(),
+                        status="TERMINATED",
+                    )
+                )
                 for k in range(n_tasks):
                     for e in range(per_task):
                         ex.append((tid, f"t{k}-{e}", f"task{k}", hit[k, e]))
@@ -276,7 +329,9 @@ def test_bootstrap_interval_covers_the_true_ratio():
     n_exp = 40
     for _ in range(n_exp):
         trials, ex = _per_example_experiment({"random": 1.0, "fl": 2.0}, rng=rng)
-        pb = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=400, seed=int(rng.integers(1 << 30)))["per_budget"].set_index("budget")
+        pb = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=400, seed=int(rng.integers(1 << 30)))[
+            "per_budget"
+        ].set_index("budget")
         for b in cover:
             cover[b] += pb.loc[b, "lo"] <= 0.5 <= pb.loc[b, "hi"]
         width.append(pb.loc[128, "hi"] / pb.loc[128, "lo"])
@@ -343,8 +398,11 @@ def test_build_report_resamples_prompts_from_the_trials_predictions(tmp_path):
     run = get_store(tmp_path / "run")
     run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(trials, preserve_index=False))
     for tid, g in ex.groupby("trial_id"):  # what evaluate_models writes next to each trial's metrics.json
-        rows = [dict(row_id=r.row_id, task=r.task, variant=v, exact_match=r.exact_match, loss_sum=1.0, n_tokens=2)
-                for r in g.itertuples() for v in ("base", "finetuned")]
+        rows = [
+            dict(row_id=r.row_id, task=r.task, variant=v, exact_match=r.exact_match, loss_sum=1.0, n_tokens=2)
+            for r in g.itertuples()
+            for v in ("base", "finetuned")
+        ]
         run.child("sweep", "trials", tid, "predictions.jsonl").write_jsonl(rows)
     out = R.build_report(run)
     md = (tmp_path / "run" / "report" / "report.md").read_text()

@@ -14,8 +14,12 @@ def _cfg(**sweep) -> Config:
 
 
 def test_grid_adds_random_and_expands_params():
-    cfg = _cfg(selectors=["fl_uncertainty", "uncertainty"], budgets=[10, 40], seeds=[0, 1],
-               params={"fl_uncertainty": {"lambda_": [0.3, 0.7], "metric": "cosine"}, "uncertainty": {"score": "min_margin"}})
+    cfg = _cfg(
+        selectors=["fl_uncertainty", "uncertainty"],
+        budgets=[10, 40],
+        seeds=[0, 1],
+        params={"fl_uncertainty": {"lambda_": [0.3, 0.7], "metric": "cosine"}, "uncertainty": {"score": "min_margin"}},
+    )
     specs, notes = S.expand_grid(cfg)
     assert any("added it" in n for n in notes)
     names = [s["name"] for s in specs]
@@ -79,14 +83,27 @@ def test_explicit_max_concurrent_trials_wins():
 
 
 def test_eval_result_prefers_macro_and_prefixes_base():
-    m = {"finetuned": {"exact_match": 0.2, "rouge_l": 0.5, "loss": 1.5, "macro": {"exact_match": 0.25, "rouge_l": 0.55}},
-         "base": {"exact_match": 0.1, "loss": 2.0}}
-    assert EvalResult.from_metrics(m).flat() == {"exact_match": 0.25, "rouge_l": 0.55, "loss": 1.5, "base_exact_match": 0.1, "base_loss": 2.0}
+    m = {
+        "finetuned": {"exact_match": 0.2, "rouge_l": 0.5, "loss": 1.5, "macro": {"exact_match": 0.25, "rouge_l": 0.55}},
+        "base": {"exact_match": 0.1, "loss": 2.0},
+    }
+    assert EvalResult.from_metrics(m).flat() == {
+        "exact_match": 0.25,
+        "rouge_l": 0.55,
+        "loss": 1.5,
+        "base_exact_match": 0.1,
+        "base_loss": 2.0,
+    }
 
 
 def test_eval_result_reads_overall_when_macro_lacks_a_metric():
     # the layout build_metrics writes: a variant block is the overall metrics plus "macro"
-    m = {"n": 4, "finetuned": {"exact_match": 0.3, "loss": 1.2, "macro": {"exact_match": 0.35, "loss": None}}, "base": None, "per_task": {}}
+    m = {
+        "n": 4,
+        "finetuned": {"exact_match": 0.3, "loss": 1.2, "macro": {"exact_match": 0.35, "loss": None}},
+        "base": None,
+        "per_task": {},
+    }
     assert EvalResult.from_metrics(m).flat() == {"exact_match": 0.35, "loss": 1.2}
 
 
@@ -94,8 +111,19 @@ def test_eval_result_reads_what_evaluation_writes():
     """From build_metrics' own output, not a hand-written layout."""
     from edsft.training.evaluation import build_metrics
 
-    rows = [{"row_id": f"r{i}", "task": t, "variant": v, "loss_sum": 2.0 * (i + 1), "n_tokens": 2, "exact_match": float(i % 2), "rouge_l": 0.5}
-            for i, t in enumerate(["a", "a", "b"]) for v in ("base", "finetuned")]
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "task": t,
+            "variant": v,
+            "loss_sum": 2.0 * (i + 1),
+            "n_tokens": 2,
+            "exact_match": float(i % 2),
+            "rouge_l": 0.5,
+        }
+        for i, t in enumerate(["a", "a", "b"])
+        for v in ("base", "finetuned")
+    ]
     r = EvalResult.from_metrics(build_metrics(rows))
     assert r.n == 3 and set(r.finetuned) == set(r.base) == set(METRICS)
     assert r.finetuned["exact_match"] == pytest.approx((0.5 + 0.0) / 2)  # macro: task a 0.5, task b 0

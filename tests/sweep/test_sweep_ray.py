@@ -21,16 +21,30 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(run_dir, **sweep):
-    return config_from_dict({
-        "pool": {"path": "builtin:tasks", "size": 120, "eval_size": 28},
-        "scoring": {"model": "builtin:tiny-llama", "max_new_tokens": 4, "batch_size": 32, "num_actors": 1, "cpus_per_actor": 0.5},
-        "selection": {"name": "facility_location", "mode": "local"},
-        "training": {"backend": "ddp", "num_workers": 1, "resources_per_worker": {"CPU": 1}, "max_seq_len": 64,
-                     "micro_batch_size": 8, "max_steps": 2},
-        "evaluation": {"max_new_tokens": 4, "max_examples": 28},
-        "sweep": {"enabled": True, **sweep},
-        "output": {"dir": str(run_dir), "progress": False},
-    })
+    return config_from_dict(
+        {
+            "pool": {"path": "builtin:tasks", "size": 120, "eval_size": 28},
+            "scoring": {
+                "model": "builtin:tiny-llama",
+                "max_new_tokens": 4,
+                "batch_size": 32,
+                "num_actors": 1,
+                "cpus_per_actor": 0.5,
+            },
+            "selection": {"name": "facility_location", "mode": "local"},
+            "training": {
+                "backend": "ddp",
+                "num_workers": 1,
+                "resources_per_worker": {"CPU": 1},
+                "max_seq_len": 64,
+                "micro_batch_size": 8,
+                "max_steps": 2,
+            },
+            "evaluation": {"max_new_tokens": 4, "max_examples": 28},
+            "sweep": {"enabled": True, **sweep},
+            "output": {"dir": str(run_dir), "progress": False},
+        }
+    )
 
 
 class FailOnce:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ckpt import assert_no_pickle
 from safetensors.torch import load_file
 
-from _ckpt import assert_no_pickle
 from edsft.config import Config
 from edsft.errors import UserError
 from edsft.training.checkpoint import load_state, save_state
 from edsft.training.loop import train_loop
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +45,10 @@ class Stage(enum.IntEnum):
 
 def test_state_round_trips_through_safetensors_and_json(tmp_path):
     tree = {
-        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5)}, 1: {"exp_avg": torch.randn(2, 3).to(torch.bfloat16)}},
+        "state": {
+            0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5)},
+            1: {"exp_avg": torch.randn(2, 3).to(torch.bfloat16)},
+        },
         "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0, 1], "foreach": None, "fused": False}],
         "stage": Stage.two,
         "$odd": "a key that looks like a marker",
@@ -66,19 +68,21 @@ def test_state_round_trips_through_safetensors_and_json(tmp_path):
 
 
 def _cfg(backend: str, stage: int) -> Config:
-    return Config().replace(**{
-        "training.model": "builtin:tiny-llama",
-        "training.backend": backend,
-        "training.zero_stage": stage,
-        "training.micro_batch_size": 2,
-        "training.grad_accum": 2,  # resume lands on an accumulation boundary
-        "training.max_steps": 8,
-        "training.lr": 1e-2,
-        "training.lora_dropout": 0.1,  # dropout draws random numbers: the RNG state must come back too
-        "training.checkpoint_every": 4,
-        "training.log_every": 4,
-        "training.max_seq_len": 64,
-    })
+    return Config().replace(
+        **{
+            "training.model": "builtin:tiny-llama",
+            "training.backend": backend,
+            "training.zero_stage": stage,
+            "training.micro_batch_size": 2,
+            "training.grad_accum": 2,  # resume lands on an accumulation boundary
+            "training.max_steps": 8,
+            "training.lr": 1e-2,
+            "training.lora_dropout": 0.1,  # dropout draws random numbers: the RNG state must come back too
+            "training.checkpoint_every": 4,
+            "training.log_every": 4,
+            "training.max_seq_len": 64,
+        }
+    )
 
 
 ROWS = [{"row_id": f"r{i}", "prompt": f"Is {i} a number?", "response": "yes" if i % 2 else "no", "task": "t"} for i in range(16)]
@@ -92,6 +96,7 @@ def _kill_at(step_to_kill: int):
     def cb(*, step, rank, metrics, checkpoint_dir):
         if step == step_to_kill:
             raise Killed  # right after the checkpoint of that step was written
+
     return cb
 
 
@@ -157,6 +162,8 @@ def test_a_checkpoint_of_another_zero_stage_is_a_clear_error(tmp_path):
         train_loop(tc, tc.model, ROWS, checkpoint_dir_fn=lambda s: str(tmp_path / f"step{s}"), callbacks=[_kill_at(4)])
     other = _cfg("deepspeed", 0).training
     with pytest.raises(UserError, match="zero_stage=2 on 1 workers, this run has 0 on 1"):
-        train_loop(other, other.model, ROWS, resume_from=tmp_path / "step4", checkpoint_dir_fn=lambda s: str(tmp_path / "x" / f"step{s}"))
+        train_loop(
+            other, other.model, ROWS, resume_from=tmp_path / "step4", checkpoint_dir_fn=lambda s: str(tmp_path / "x" / f"step{s}")
+        )
     state = json.loads((tmp_path / "step4" / "engine.json").read_text())
     assert state["backend"] == "deepspeed" and state["global_steps"] == 4

@@ -23,7 +23,14 @@ def _rows(start: int, n: int) -> list[dict]:
     rows = []
     for i in range(start, start + n):
         c = COLORS[i % len(COLORS)]
-        rows.append({"row_id": f"c{i}", "prompt": f"Item {i} is {c}. Reply with its colour code.", "response": f"COLOUR={c.upper()}", "task": "colour"})
+        rows.append(
+            {
+                "row_id": f"c{i}",
+                "prompt": f"Item {i} is {c}. Reply with its colour code.",
+                "response": f"COLOUR={c.upper()}",
+                "task": "colour",
+            }
+        )
     return rows
 
 
@@ -92,8 +99,16 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
     )
     _, adapter = _train_adapter(cfg, _rows(0, 8), tmp_path / "ckpt")
     eval_path = _parquet(tmp_path / "eval.parquet", _rows(100, 10))
-    local = evaluate_models(cfg.replace(**{"evaluation.mode": "local"}), eval_path, str(adapter), str(tmp_path / "local.json"), progress=False)
-    dist = evaluate_models(cfg.replace(**{"evaluation.mode": "distributed"}), eval_path, str(adapter), str(tmp_path / "d" / "metrics.json"), progress=False)
+    local = evaluate_models(
+        cfg.replace(**{"evaluation.mode": "local"}), eval_path, str(adapter), str(tmp_path / "local.json"), progress=False
+    )
+    dist = evaluate_models(
+        cfg.replace(**{"evaluation.mode": "distributed"}),
+        eval_path,
+        str(adapter),
+        str(tmp_path / "d" / "metrics.json"),
+        progress=False,
+    )
     assert dist["settings"]["mode"] == "distributed" and local["settings"]["mode"] == "local"
     assert dist["settings"]["dtype"] == local["settings"]["dtype"] == "float32"  # recorded in metrics.json
     for variant in ("base", "finetuned"):

@@ -94,7 +94,7 @@ def _choice_logprobs(model, tokenizer) -> list[list[float]]:
             whole = tokenizer(question + " " + choice, add_special_tokens=False).input_ids
             with torch.no_grad():
                 logits = model(torch.tensor([whole[:-1]])).logits[0].float().log_softmax(-1)
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx) :]
             row.append(sum(logits[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
         out.append(row)
     return out
@@ -124,7 +124,9 @@ def test_lm_eval_scores_base_and_adapter_in_metrics_json(tmp_path):
         }
     )
     eval_path = tmp_path / "eval.parquet"
-    pq.write_table(pa.Table.from_pylist([{"row_id": f"r{i}", "prompt": q, "response": c[y]} for i, (q, c, y) in enumerate(ROWS)]), eval_path)
+    pq.write_table(
+        pa.Table.from_pylist([{"row_id": f"r{i}", "prompt": q, "response": c[y]} for i, (q, c, y) in enumerate(ROWS)]), eval_path
+    )
     m = evaluate_models(cfg, str(eval_path), get_store(str(adapter)), get_store(str(tmp_path / "metrics.json")), progress=False)
 
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -145,7 +147,9 @@ def test_lm_eval_scores_base_and_adapter_in_metrics_json(tmp_path):
 def test_no_tasks_leaves_metrics_json_unchanged(tmp_path):
     from edsft.distributed.evaluate import evaluate_models
 
-    cfg = Config().replace(**{"training.model": MODEL, "training.max_seq_len": 32, "evaluation.mode": "local", "evaluation.generate": False})
+    cfg = Config().replace(
+        **{"training.model": MODEL, "training.max_seq_len": 32, "evaluation.mode": "local", "evaluation.generate": False}
+    )
     eval_path = tmp_path / "eval.parquet"
     pq.write_table(pa.Table.from_pylist([{"row_id": "r0", "prompt": "The sky is", "response": "blue"}]), eval_path)
     m = evaluate_models(cfg, str(eval_path), None, get_store(str(tmp_path / "metrics.json")), progress=False)
@@ -172,16 +176,33 @@ def test_report_shows_the_benchmark_table(tmp_path):
     from edsft import report as R
 
     run = get_store(str(tmp_path / "run"))
-    trials = [("t0", "random", 10, 0, 0.25), ("t1", "random", 10, 1, 0.75), ("t2", "k_center", 10, 0, 0.5), ("t3", "k_center", 10, 1, None)]
+    trials = [
+        ("t0", "random", 10, 0, 0.25),
+        ("t1", "random", 10, 1, 0.75),
+        ("t2", "k_center", 10, 0, 0.5),
+        ("t3", "k_center", 10, 1, None),
+    ]
     rows = []
     for tid, selector, budget, seed, acc in trials:
-        rows.append(dict(trial_id=tid, selector=selector, params="{}", budget=budget, seed=seed, status="TERMINATED", exact_match=0.1 * seed))
+        rows.append(
+            dict(
+                trial_id=tid,
+                selector=selector,
+                params="{}",
+                budget=budget,
+                seed=seed,
+                status="TERMINATED",
+                exact_match=0.1 * seed,
+            )
+        )
         metrics = {"finetuned": {"exact_match": 0.1 * seed}}
         if acc is not None:  # t3 ran before lm_eval_tasks was set: it is left out, not counted as 0
             metrics["lm_eval"] = {"finetuned": {"tiny_mc": {"acc": acc, "acc_stderr": 0.1, "sample_len": 8.0}}}
         run.child("sweep", "trials", tid, "metrics.json").write_json(metrics)
     run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
-    run.child("sweep", "base_metrics.json").write_json({"base": {"exact_match": 0.0}, "lm_eval": {"base": {"tiny_mc": {"acc": 0.125}}}})
+    run.child("sweep", "base_metrics.json").write_json(
+        {"base": {"exact_match": 0.0}, "lm_eval": {"base": {"tiny_mc": {"acc": 0.125}}}}
+    )
 
     R.build_report(run)
     md = (tmp_path / "run" / "report" / "report.md").read_text()

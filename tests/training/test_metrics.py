@@ -50,11 +50,14 @@ def test_rouge_l_by_hand():
 
 
 # rouge-score's own rougeL cases (rouge_scorer_test.py): (target, prediction, F)
-@pytest.mark.parametrize("target, prediction, f", [
-    ("testing one two", "testing one", 4 / 5),  # testRougeLConsecutive
-    ("testing one two", "testing two", 4 / 5),  # testRougeLNonConsecutive
-    ("testing one two", "", 0.0),  # testRougeEmpty
-])
+@pytest.mark.parametrize(
+    "target, prediction, f",
+    [
+        ("testing one two", "testing one", 4 / 5),  # testRougeLConsecutive
+        ("testing one two", "testing two", 4 / 5),  # testRougeLNonConsecutive
+        ("testing one two", "", 0.0),  # testRougeEmpty
+    ],
+)
 def test_rouge_l_on_rouge_scores_own_cases(target, prediction, f):
     assert rouge_l(prediction, target) == pytest.approx(f)
 
@@ -62,17 +65,66 @@ def test_rouge_l_on_rouge_scores_own_cases(target, prediction, f):
 def _varied_pairs() -> list[tuple[str, str]]:
     """Hand-picked edge cases plus seeded random sentences: punctuation, case, digits, unicode, repeats."""
     pairs = [
-        ("Paris, France.", "Paris"), ("paris", "Paris, France."), ("", ""), ("", "x"), ("!!!", "..."),
-        ("The answer is 42.", "42"), ("4 2", "42"), ("3.14", "3,14"), ("e-mail", "email"), ("e-mail", "e mail"),
-        ("don't stop", "do not stop"), ("ÉCOLE école", "ecole"), ("naïve café", "naive cafe"), ("東京", "東京"),
-        ("Straße", "strasse"), ("İstanbul", "istanbul"), ("K", "k"), ("snake_case_name", "snake case name"),
-        ("a a a a", "a"), ("a b a b a b", "b a b a"), ("x\ty\nz", "x y z"), ("  lead and trail  ", "lead trail"),
-        ("<b>bold</b> text", "bold text"), ("$1,000.00", "1000"), ("C++ and C#", "c and c"), ("The cat sat.", "the cat sat"),
-        ("2024-01-31", "2024 01 31"), ("[1, 2, 3]", "1 2 3"), ("ok 👍", "ok"), ("１２３", "123"),
+        ("Paris, France.", "Paris"),
+        ("paris", "Paris, France."),
+        ("", ""),
+        ("", "x"),
+        ("!!!", "..."),
+        ("The answer is 42.", "42"),
+        ("4 2", "42"),
+        ("3.14", "3,14"),
+        ("e-mail", "email"),
+        ("e-mail", "e mail"),
+        ("don't stop", "do not stop"),
+        ("ÉCOLE école", "ecole"),
+        ("naïve café", "naive cafe"),
+        ("東京", "東京"),
+        ("Straße", "strasse"),
+        ("İstanbul", "istanbul"),
+        ("K", "k"),
+        ("snake_case_name", "snake case name"),
+        ("a a a a", "a"),
+        ("a b a b a b", "b a b a"),
+        ("x\ty\nz", "x y z"),
+        ("  lead and trail  ", "lead trail"),
+        ("<b>bold</b> text", "bold text"),
+        ("$1,000.00", "1000"),
+        ("C++ and C#", "c and c"),
+        ("The cat sat.", "the cat sat"),
+        ("2024-01-31", "2024 01 31"),
+        ("[1, 2, 3]", "1 2 3"),
+        ("ok 👍", "ok"),
+        ("１２３", "123"),
     ]
     rng = random.Random(16)
-    vocab = ["the", "The", "cat", "CAT", "sat", "on", "mat", "Paris", "france", "42", "3.5", "a", "an", "is",
-             "don't", "well-known", "über", "naïve", "x_y", "(note)", "end.", "yes!", "No?", "1,000", "—", "…"]
+    vocab = [
+        "the",
+        "The",
+        "cat",
+        "CAT",
+        "sat",
+        "on",
+        "mat",
+        "Paris",
+        "france",
+        "42",
+        "3.5",
+        "a",
+        "an",
+        "is",
+        "don't",
+        "well-known",
+        "über",
+        "naïve",
+        "x_y",
+        "(note)",
+        "end.",
+        "yes!",
+        "No?",
+        "1,000",
+        "—",
+        "…",
+    ]
     while len(pairs) < 80:
         a = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
         b = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
@@ -115,8 +167,26 @@ def test_summarize_token_weighted_loss_and_macro_average():
 
 def test_build_metrics_layout_and_delta():
     results = [
-        {"row_id": "1", "task": "t", "variant": "base", "loss_sum": 4.0, "n_tokens": 2, "prediction": "no", "exact_match": 0.0, "rouge_l": 0.0},
-        {"row_id": "1", "task": "t", "variant": "finetuned", "loss_sum": 1.0, "n_tokens": 2, "prediction": "yes", "exact_match": 1.0, "rouge_l": 1.0},
+        {
+            "row_id": "1",
+            "task": "t",
+            "variant": "base",
+            "loss_sum": 4.0,
+            "n_tokens": 2,
+            "prediction": "no",
+            "exact_match": 0.0,
+            "rouge_l": 0.0,
+        },
+        {
+            "row_id": "1",
+            "task": "t",
+            "variant": "finetuned",
+            "loss_sum": 1.0,
+            "n_tokens": 2,
+            "prediction": "yes",
+            "exact_match": 1.0,
+            "rouge_l": 1.0,
+        },
     ]
     m = build_metrics(results)
     assert m["n"] == 1 and m["variants"] == ["base", "finetuned"]

@@ -13,11 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.cloudpickle
+from _ckpt import assert_no_pickle
 from safetensors.torch import load_file
 
-import ray.cloudpickle
-
-from _ckpt import assert_no_pickle
 from edsft.config import Config
 
 pytestmark = pytest.mark.slow
