@@ -315,6 +315,11 @@ class EvaluationConfig(_Section):
     cpus_per_actor: float = rule(0.5, ge=0)  # fractional on CPU-only clusters (a whole CPU can deadlock reads)
     num_gpus_per_actor: float = rule(0.0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as scoring.dtype: bf16 where native
+    # lm-evaluation-harness tasks (e.g. [arc_easy, hellaswag]) run on the base and finetuned model;
+    # empty: none (lm-eval is the optional extra edsft[lm-eval]). Local task YAML: lm_eval_include_path.
+    lm_eval_tasks: tuple[str, ...] = rule((), unique=True)
+    lm_eval_include_path: str | None = None  # a folder of task YAML files, or null for lm-eval's registry only
+    lm_eval_limit: int | None = rule(None, ge=1, hint="or null to run every example of each task")
 
 
 @dataclass(frozen=True)

@@ -898,6 +898,44 @@ def _efficiency_table(eff: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def lm_eval_table(run, results: pd.DataFrame) -> str | None:
+    """Markdown: lm-evaluation-harness scores (``evaluation.lm_eval_tasks``) per selector and budget,
+    the mean over seeds of each task's metrics (stderr left out), with the base model's row first;
+    read from each trial's metrics.json and the sweep's base_metrics.json. None when no trial has any."""
+    rows = []
+    base_file = run.child("sweep", "base_metrics.json")
+    base = base_file.read_json().get("lm_eval", {}).get("base") if base_file.exists() else None
+    if base:
+        rows.append({"label": "base model", "budget": "-", **_lm_eval_flat(base)})
+    for _, r in results.iterrows():
+        metrics_file = run.child("sweep", "trials", str(r.get("trial_id")), "metrics.json")
+        scores = (
+            metrics_file.read_json().get("lm_eval", {}).get("finetuned") if "trial_id" in r and metrics_file.exists() else None
+        )
+        if scores:
+            rows.append({"label": _label(r["selector"], r["params"]), "budget": int(r["budget"]), **_lm_eval_flat(scores)})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    columns = [c for c in df.columns if c not in ("label", "budget")]
+    means = df.groupby(["label", "budget"], sort=False)[columns].agg(["mean", "count"])
+    lines = ["| selector | B | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for (label, budget), r in means.iterrows():
+        cells = [f"{_fmt(r[(c, 'mean')])} (n={int(r[(c, 'count')])})" if r[(c, "count")] else "-" for c in columns]
+        lines.append(f"| {label} | {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _lm_eval_flat(scores: dict) -> dict:
+    # {task: {metric: value}} -> {"task/metric": value}; stderrs and counts are not compared
+    return {
+        f"{task}/{m}": v
+        for task, values in scores.items()
+        for m, v in values.items()
+        if not m.endswith("_stderr") and m != "sample_len" and isinstance(v, (int, float))
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # The report of a run folder
 # --------------------------------------------------------------------------------------------
@@ -1014,5 +1052,15 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
         "## Results",
         "",
     ] + sections
+    lm_eval = lm_eval_table(run, results)
+    if lm_eval is not None:
+        lines += [
+            "## Benchmarks (lm-evaluation-harness)",
+            "",
+            "Mean over seeds (n trials) of each task's metric, finetuned adapter per selector and budget; the base model once:",
+            "",
+            lm_eval,
+            "",
+        ]
     out.child("report.md").write_text("\n".join(lines) + "\n")
     return {"report": out.child("report.md").uri, "headline": head, "plots": plots, "trials": int(len(results)), "metric": metric}

@@ -25,6 +25,7 @@ from edsft.config import Config
 from edsft.storage import Store, get_store
 from edsft.training.data import load_examples
 from edsft.training.evaluation import Evaluator, build_metrics
+from edsft.training.lm_eval import run_lm_eval
 
 __all__ = ["evaluate_models", "EvalWorker"]
 
@@ -146,9 +147,38 @@ def evaluate_models(
         eval_data=data.uri,
         wall_time_s=round(time.time() - t0, 3),
     )
+    if ev.lm_eval_tasks:
+        metrics["lm_eval"] = _lm_eval_scores(cfg, model_spec, adapter_store)
+        metrics["wall_time_s"] = round(time.time() - t0, 3)
     folder.child("predictions.jsonl").write_jsonl(results)
     out.write_json(metrics)
     return metrics
+
+
+def _lm_eval_scores(cfg: Config, model_spec: str, adapter: Store | None) -> dict:
+    """``{variant: {task: {metric: value}}}`` from lm-evaluation-harness, for the same variants as above.
+
+    Runs in the driver process: lm-eval batches and caches its own requests, and the benchmark
+    sets it is pointed at here are small next to the held-out split.
+    """
+    ev = cfg.evaluation
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="edsft-lm-eval-") as scratch:
+        variants = ([("base", None)] if ev.base_model else []) + (
+            [("finetuned", _local_adapter(adapter, Path(scratch)))] if adapter is not None else []
+        )
+        for variant, adapter_dir in variants:
+            console.note(f"lm-eval {variant}: {', '.join(ev.lm_eval_tasks)}")
+            scores[variant] = run_lm_eval(
+                model_spec,
+                adapter_dir,
+                ev.lm_eval_tasks,
+                ev.lm_eval_include_path,
+                ev.lm_eval_limit,
+                dtype=ev.dtype,
+                batch_size=ev.batch_size,
+            )
+    return scores
 
 
 def _evaluate_distributed(cfg: Config, rows: list[dict], model_spec: str, adapter: Store | None, settings: dict) -> list[dict]:

@@ -314,6 +314,8 @@ def _base_metrics(cfg: Config, run: Store, progress: bool) -> dict | None:
     metrics = scratch.read_json()
     block = metrics.get("base", metrics)
     rec = {"config_hash": key, "base": block}
+    if "lm_eval" in metrics:  # evaluation.lm_eval_tasks: the base model's benchmark scores, for the report
+        rec["lm_eval"] = metrics["lm_eval"]
     out.write_json(rec)
     return rec
 
