@@ -22,6 +22,7 @@ RULES = {
     "pools": (HEAVY, UPPER),
     "annotation": (HEAVY, UPPER),
     "exports": (HEAVY, UPPER | {"annotation"}),
+    "console": (HEAVY, UPPER | {"selection", "pools", "annotation", "report"}),
     "report": (HEAVY, UPPER),
     "validate": (HEAVY, UPPER),
     "results": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"config", "storage", "selection", "pools", "annotation", "report"}),
