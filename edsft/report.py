@@ -323,37 +323,13 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     flat = float(np.ptp(ref["mean"].to_numpy(dtype=float))) <= 1e-12 * max(1.0, float(ref["mean"].abs().max()))
     rows = []
     for _, r in summary[summary["label"] != ref["label"].iloc[0]].iterrows():
+        row = dict(label=r["label"], selector=r["selector"], params=r["params"], budget=int(r["budget"]), mean=r["mean"])
         if flat:
-            rows.append(
-                dict(
-                    label=r["label"],
-                    selector=r["selector"],
-                    params=r["params"],
-                    budget=int(r["budget"]),
-                    mean=r["mean"],
-                    random_budget=float("nan"),
-                    bound="flat",
-                    ratio=float("nan"),
-                    ratio_bound="",
-                )
-            )
+            rows.append({**row, "random_budget": float("nan"), "bound": "flat", "ratio": float("nan"), "ratio_bound": ""})
             continue
         rb, bound = random_equivalent_budget(ref["budget"], ref["mean"], float(r["mean"]), hib)
-        ratio = r["budget"] / rb
         ratio_bound = {"": "", ">": "<", "<": ">"}[bound]
-        rows.append(
-            dict(
-                label=r["label"],
-                selector=r["selector"],
-                params=r["params"],
-                budget=int(r["budget"]),
-                mean=r["mean"],
-                random_budget=rb,
-                bound=bound,
-                ratio=ratio,
-                ratio_bound=ratio_bound,
-            )
-        )
+        rows.append({**row, "random_budget": rb, "bound": bound, "ratio": r["budget"] / rb, "ratio_bound": ratio_bound})
     cols = ["label", "selector", "params", "budget", "mean", "random_budget", "bound", "ratio", "ratio_bound"]
     return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
 

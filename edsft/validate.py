@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import Config, ConfigError, did_you_mean
+from .errors import UserError
 from .report import METRICS
 from .selection import SELECTORS, get_selector
 
@@ -33,11 +34,11 @@ def sweep_metrics() -> tuple[str, ...]:
 
 def param_grid(selector: str, spec: Any) -> list[dict]:
     """``{param: value or [values]}`` -> every combination, in sorted key order (one empty dict
-    when the selector has no swept parameters). ValueError names the bad ``sweep.params`` entry."""
+    when the selector has no swept parameters). UserError names the bad ``sweep.params`` entry."""
     if spec is None:
         return [{}]
     if not isinstance(spec, Mapping):
-        raise ValueError(
+        raise UserError(
             f"sweep.params.{selector}={spec!r} must map parameter names to a value or a list of values, "
             f"e.g. sweep.params={{{selector}: {{lambda_: [0.3, 0.7]}}}}"
         )
@@ -46,7 +47,7 @@ def param_grid(selector: str, spec: Any) -> list[dict]:
     for k in keys:
         v = list(spec[k]) if isinstance(spec[k], (list, tuple)) else [spec[k]]
         if not v:
-            raise ValueError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
+            raise UserError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
         values.append(v)
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 

@@ -22,7 +22,6 @@ Results: ``run/sweep/results.parquet``, one row per trial.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from ..config import Config, config_from_dict, config_hash, config_to_dict
 from ..errors import UserError
 from ..results import METRICS, EvalResult
 from ..storage import Store, get_store
+from ..validate import param_grid
 
 __all__ = [
     "run_sweep",
@@ -85,27 +85,6 @@ def _trial_progress(total: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _param_grid(selector: str, spec: Any) -> list[dict]:
-    """{param: value or [values]} -> every combination, as a list of dicts (one empty dict
-    when the selector has no swept parameters)."""
-    if spec is None:
-        return [{}]
-    if not isinstance(spec, dict):
-        raise UserError(
-            f"sweep.params.{selector}={spec!r} must map parameter names to a value or a list of values, "
-            f"e.g. sweep.params={{{selector}: {{lambda_: [0.3, 0.7]}}}}"
-        )
-    keys = sorted(spec)
-    values = []
-    for k in keys:
-        v = spec[k]
-        v = list(v) if isinstance(v, (list, tuple)) else [v]
-        if not v:
-            raise UserError(f"sweep.params.{selector}.{k}=[] is empty: give a value or a non-empty list of values")
-        values.append(v)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-
 def trial_name(selector: str, params: dict, budget: int, seed: int) -> str:
     """``<selector>[-k=v,...]-b<budget>-s<seed>``, safe as a folder name locally and on S3."""
     name = selector
@@ -140,7 +119,7 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     variants = []  # (selector, params) pairs
     for selector in selectors:
         base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
-        variants += [(selector, {**base, **params}) for params in _param_grid(selector, cfg.sweep.params.get(selector))]
+        variants += [(selector, {**base, **params}) for params in param_grid(selector, cfg.sweep.params.get(selector))]
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
     specs = []
