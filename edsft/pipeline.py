@@ -300,7 +300,16 @@ STAGES: dict[str, Stage] = {
             _ingest,
             keep_on_failure=("quarantine.jsonl",),
         ),
-        Stage("score", ("scoring",), ("ingest",), ("scores.parquet", "score_quarantine.jsonl"), _score, needs=("pool.parquet",)),
+        # Score keeps its staging folder too: an attempt with the same hash scores only the rows of no finished block
+        Stage(
+            "score",
+            ("scoring",),
+            ("ingest",),
+            ("scores.parquet", "score_quarantine.jsonl"),
+            _score,
+            needs=("pool.parquet",),
+            resumable=True,
+        ),
         # selection.parquet is the largest budget (what annotate, train and evaluate read); with a list
         # of budgets selection/b<size>.parquet holds each; subset/ the trainer-ready files of each
         # (score's hash covers ingest's, so reading the pool's prompts adds no upstream)

@@ -5,6 +5,15 @@ away at the Parquet reader, so it does not even leave the object store. Each act
 :class:`edsft.scoring.Scorer` (one per GPU on GPU clusters; fractional-CPU actors with one
 torch thread on CPU-only clusters). Rows the scorer quarantines go to a JSONL file of
 ``{row_id, reason}``; ``rows_in == rows_scored + rows_quarantined`` always.
+
+Resume. Spot GPU nodes get preempted, so scoring commits its output in blocks (one per Ray batch
+the actors return): the block's Parquet part is written to a temporary name and renamed into
+``out``, then a small JSON marker (its row count, tokens and quarantined rows) is written to a
+``_<out>.blocks/`` folder next to ``out``. A re-run with the same scoring config and pool finds the
+marked blocks, drops any unmarked part (a write the kill interrupted), and sends only the rows of
+no finished block to the model (``rows_resumed`` in the summary says how many it skipped). The
+marker folder is removed when the whole pool is scored; a folder left by another config is
+discarded. ``block_callbacks`` are called after every committed block (fault-injection hook).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import math
 import posixpath
 import sys
 import time
+import uuid
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from ..config import Config
+from ..config import Config, config_hash
 from ..models import resolve_model
 from ..scoring.scorer import INPUT_COLUMNS, Scorer
 from ..scoring.uncertainty import SCORE_COLUMNS
@@ -28,7 +39,11 @@ from ..storage import Store
 from .runtime import model_actor_plan
 from .session import init_ray
 
-__all__ = ["score_pool", "scores_schema"]
+__all__ = ["score_pool", "scores_schema", "block_callbacks"]
+
+# Called on the driver as ``cb(block=, rows=, part=)`` after each block is committed (part and
+# marker on disk); an exception raised here stops scoring like a preempted node would.
+block_callbacks: list[Callable[..., None]] = []
 
 
 def scores_schema(dim: int, encoder_dim: int | None = None, error: bool = False) -> pa.Schema:
@@ -78,18 +93,66 @@ class _ScoringActor:
         )
 
 
-def _tally(t: pa.Table) -> pa.Table:
+def _tally(t: pa.Table) -> dict:
+    """A block's marker: its row count, tokens, dtypes and quarantined rows (JSON-friendly)."""
     bad = t.filter(pc.is_valid(t["error"]))
-    return pa.table(
-        {
-            "rows": [t.num_rows],
-            "prompt_tokens": [pc.sum(t["prompt_tokens"]).as_py() or 0],
-            "response_tokens": [pc.sum(t["response_tokens"]).as_py() or 0],
-            "bad_row_ids": [bad["row_id"].to_pylist()],
-            "bad_reasons": [bad["error"].to_pylist()],
-            "dtypes": [sorted(set(t["dtype"].to_pylist()))],
-        }
-    )
+    return {
+        "rows": t.num_rows,
+        "prompt_tokens": pc.sum(t["prompt_tokens"]).as_py() or 0,
+        "response_tokens": pc.sum(t["response_tokens"]).as_py() or 0,
+        "bad": [[r, why] for r, why in zip(bad["row_id"].to_pylist(), bad["error"].to_pylist())],
+        "dtypes": sorted(set(t["dtype"].to_pylist())),
+    }
+
+
+class _Blocks:
+    """The finished blocks of an interrupted scoring of ``out``: a marker JSON per block in
+    ``_<out>.blocks/``, whose ``part`` (if it had good rows) is a committed Parquet file in ``out``."""
+
+    def __init__(self, out: Store, fingerprint: str):
+        self.out = out
+        self.dir = _sibling(out, "_{}.blocks")
+        state = self.dir.child("_state.json")
+        if not (state.exists() and state.read_json().get("fingerprint") == fingerprint):
+            # no earlier attempt, or one with another config or pool: start from nothing
+            self.dir.remove()
+            out.remove()
+            state.write_json({"fingerprint": fingerprint})
+        self.done = [self.dir.child(n).read_json() for n in self.dir.list() if n.endswith(".json") and n != "_state.json"]
+        # parts no marker names were cut off by the kill (a temporary file, or renamed before the marker)
+        keep = {b["part"] for b in self.done if b["part"]}
+        for n in out.list():
+            if n not in keep:
+                out.child(n).remove()
+        self.attempt = uuid.uuid4().hex[:8]
+
+    def row_ids(self) -> pa.Array:
+        """Every row a finished block holds: scored (from its part) or quarantined."""
+        ids = [r for b in self.done for r, _ in b["bad"]]
+        parts = [self.out.child(b["part"]) for b in self.done if b["part"]]
+        scored = [p.read_table(columns=["row_id"])["row_id"].to_pylist() for p in parts]
+        return pa.array(ids + [r for s in scored for r in s], pa.string())
+
+    def commit(self, t: pa.Table, seq: int) -> dict:
+        """Write one block: its good rows as a Parquet part (temporary name, renamed), then its marker."""
+        tally = _tally(t)
+        good = t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"])
+        name = f"part-{self.attempt}-{seq:05d}"
+        tally["part"] = f"{name}.parquet" if good.num_rows else None
+        if good.num_rows:
+            self.out.child(tally["part"]).write_table(good)
+        self.dir.child(f"{name}.json").write_json(tally)
+        self.done.append(tally)
+        return tally
+
+    def finish(self) -> None:
+        self.dir.remove()
+
+
+def _sibling(out: Store, pattern: str) -> Store:
+    """The file or folder next to ``out`` named ``pattern`` filled with out's own name."""
+    name = pattern.format(posixpath.basename(out.path.rstrip("/")))
+    return Store(out.fs, posixpath.join(posixpath.dirname(out.path.rstrip("/")), name), out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name)
 
 
 def _count_rows(pool: Store, files: list[str]) -> int:
@@ -100,9 +163,11 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     """Score every prompt of ``pool`` with ``cfg.scoring``; write Parquet shards to ``out``.
 
     ``quarantine`` (a JSONL file; default ``<out>.quarantine.jsonl`` next to ``out``) receives
-    ``{row_id, reason}`` for rows that could not be scored. Returns a summary: rows_in,
-    rows_scored, rows_quarantined, wall_s, rows_per_s, tokens_per_s (prompt + generated tokens),
-    generated_tokens_per_s, out.
+    ``{row_id, reason}`` for rows that could not be scored. An interrupted call resumes: rows
+    in blocks it finished are not scored again (module docstring). Returns a summary: rows_in,
+    rows_scored, rows_quarantined (of the whole pool), rows_resumed and blocks_resumed (taken from
+    an interrupted attempt), rows_this_attempt (sent to the model now), wall_s, rows_per_s,
+    tokens_per_s (prompt + generated tokens), generated_tokens_per_s (this attempt's), out.
     """
     sc = cfg.scoring
     files = pool.parquet_files()
@@ -114,75 +179,88 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         raise ValueError(f"pool={pool.uri!r} lacks column(s) {missing} (has {names}): score a pool written by the pool stage")
     columns = [c for c in INPUT_COLUMNS if c in names]  # never the response (label) column
     if quarantine is None:  # <out>.quarantine.jsonl, next to the shards folder
-        name = posixpath.basename(out.path.rstrip("/")) + ".quarantine.jsonl"
-        quarantine = Store(
-            out.fs,
-            posixpath.join(posixpath.dirname(out.path.rstrip("/")), name),
-            out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name,
-        )
+        quarantine = _sibling(out, "{}.quarantine.jsonl")
 
     start = time.perf_counter()
     init_ray(cfg)
     resolve_model(sc.model)  # build/convert a builtin once on the driver, so actors only load it
     plan = model_actor_plan(sc)
     rows_in = _count_rows(pool, files)
+    blocks_done = _Blocks(out, config_hash(cfg, ("scoring",), extra={"pool": pool.uri, "files": files}))
+    resumed = blocks_done.row_ids()
+    rows_resumed, blocks_resumed = len(resumed), len(blocks_done.done)
+    todo = rows_in - rows_resumed
 
-    from ray.data import DataContext
+    new = []
+    if todo > 0:
+        from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress  # Ray Data's bars show rows/s and an ETA per operator
-    # Actors sort each batch by length and run micro-batches of sc.batch_size: a few micro-batches
-    # per Ray batch cut padding, but every actor must still get work on a small pool.
-    ray_batch = max(1, min(sc.batch_size * 4, math.ceil(max(rows_in, 1) / plan.max_actors)))
-    blocks = max(plan.max_actors * 2, math.ceil(max(rows_in, 1) / ray_batch))
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = progress  # Ray Data's bars show rows/s and an ETA per operator
+        # Actors sort each batch by length and run micro-batches of sc.batch_size: a few micro-batches
+        # per Ray batch cut padding, but every actor must still get work on a small pool.
+        ray_batch = max(1, min(sc.batch_size * 4, math.ceil(todo / plan.max_actors)))
+        blocks = max(plan.max_actors * 2, math.ceil(todo / ray_batch))
 
-    ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
-    ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
-    ds = ds.map_batches(
-        _ScoringActor,
-        fn_constructor_kwargs=dict(
-            model=sc.model,
-            max_new_tokens=sc.max_new_tokens,
-            max_prompt_tokens=sc.max_prompt_tokens,
-            embedding_layer=sc.embedding_layer,
-            encoder=sc.encoder,
-            dtype=sc.dtype,
-            device=plan.device,
-            batch_size=sc.batch_size,
-            max_retries=sc.max_retries,
-            num_threads=plan.num_threads,
-            generation=sc.generation,
-        ),
-        batch_size=ray_batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-    )
-    scored = ds.materialize()  # scored once, read twice (good rows and quarantine)
+        ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
+        if rows_resumed:  # only the rows no finished block holds go to the model
+            ds = ds.map_batches(
+                lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow"
+            )
+        ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
+        ds = ds.map_batches(
+            _ScoringActor,
+            fn_constructor_kwargs=dict(
+                model=sc.model,
+                max_new_tokens=sc.max_new_tokens,
+                max_prompt_tokens=sc.max_prompt_tokens,
+                embedding_layer=sc.embedding_layer,
+                encoder=sc.encoder,
+                dtype=sc.dtype,
+                device=plan.device,
+                batch_size=sc.batch_size,
+                max_retries=sc.max_retries,
+                num_threads=plan.num_threads,
+                generation=sc.generation,
+            ),
+            batch_size=ray_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+        )
+        # Streamed: each scored block is committed as it arrives, so a kill loses only the blocks in flight.
+        for seq, t in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            if not t.num_rows:
+                continue
+            new.append(blocks_done.commit(t, seq))
+            for cb in block_callbacks:
+                cb(block=seq, rows=t.num_rows, part=new[-1]["part"])
 
-    # One cheap pass over the materialized blocks: per-batch counts and the quarantined rows.
-    # (Ray's aggregate ops would start a shuffle: seconds of overhead for four numbers.)
-    tallies = scored.map_batches(_tally, batch_format="pyarrow").take_all()
-    bad = [(rid, why) for t in tallies for rid, why in zip(t["bad_row_ids"], t["bad_reasons"])]
-    prompt_tokens = sum(int(t["prompt_tokens"]) for t in tallies)
-    response_tokens = sum(int(t["response_tokens"]) for t in tallies)
-    rows_scored = sum(int(t["rows"]) for t in tallies) - len(bad)
-    if out.exists():
-        out.remove()  # a rerun replaces the shards instead of mixing old and new ones
-    dtypes = sorted({d for t in tallies for d in t["dtypes"]})
-    scored.map_batches(
-        lambda t: t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"]), batch_format="pyarrow"
-    ).write_parquet(out.path, filesystem=out.fs)
+    everything = blocks_done.done
+    bad = [(rid, why) for b in everything for rid, why in b["bad"]]
+    rows_scored = sum(b["rows"] for b in everything) - len(bad)
+    rows_now = sum(b["rows"] for b in new)
+    prompt_tokens = sum(b["prompt_tokens"] for b in new)
+    response_tokens = sum(b["response_tokens"] for b in new)
+    dtypes = sorted({d for b in everything for d in b["dtypes"]})
+    if rows_in != rows_scored + len(bad):
+        raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
+    if not out.exists():
+        out.mkdir()  # a pool whose every row was quarantined still gives a (empty) scores folder
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)
+    blocks_done.finish()  # last: a kill before this resumes from the blocks, after it nothing is left to do
 
     wall = time.perf_counter() - start
     summary = {
         "rows_in": rows_in,
         "rows_scored": rows_scored,
         "rows_quarantined": len(bad),
+        "rows_resumed": rows_resumed,  # held by blocks an interrupted attempt finished: not scored again
+        "blocks_resumed": blocks_resumed,
+        "rows_this_attempt": rows_now,  # sent to the model in this attempt
         "wall_s": round(wall, 3),
-        "rows_per_s": round(rows_scored / wall, 3),
+        "rows_per_s": round(rows_now / wall, 3),
         "tokens_per_s": round((prompt_tokens + response_tokens) / wall, 1),
         "generated_tokens_per_s": round(response_tokens / wall, 1),
         "actors": plan.max_actors,
@@ -191,11 +269,9 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         "out": out.uri,
         "quarantine": quarantine.uri,
     }
-    if rows_in != rows_scored + len(bad):
-        raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
     if progress:
         print(
-            f"scoring: {rows_scored}/{rows_in} rows scored, {len(bad)} quarantined in {wall:.1f}s "
+            f"scoring: {rows_scored}/{rows_in} rows scored ({rows_resumed} resumed), {len(bad)} quarantined in {wall:.1f}s "
             f"({summary['rows_per_s']:.2f} rows/s, {summary['tokens_per_s']:.0f} tokens/s) -> {out.uri}",
             file=sys.stderr,
             flush=True,
