@@ -152,7 +152,9 @@ class _Blocks:
 def _sibling(out: Store, pattern: str) -> Store:
     """The file or folder next to ``out`` named ``pattern`` filled with out's own name."""
     name = pattern.format(posixpath.basename(out.path.rstrip("/")))
-    return Store(out.fs, posixpath.join(posixpath.dirname(out.path.rstrip("/")), name), out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name)
+    return Store(
+        out.fs, posixpath.join(posixpath.dirname(out.path.rstrip("/")), name), out.uri.rstrip("/").rsplit("/", 1)[0] + "/" + name
+    )
 
 
 def _count_rows(pool: Store, files: list[str]) -> int:
@@ -204,9 +206,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
 
         ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
         if rows_resumed:  # only the rows no finished block holds go to the model
-            ds = ds.map_batches(
-                lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow"
-            )
+            ds = ds.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow")
         ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
         ds = ds.map_batches(
             _ScoringActor,
