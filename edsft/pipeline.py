@@ -20,8 +20,9 @@ that a kill can interrupt): before the move the stage's entry says ``committing`
 A stage counts as done only if its entry is ``done``, its config hash and its inputs' commits
 are the current ones and the inventory still matches what is on disk, so a killed stage is
 never skipped with a partial artifact: ``run`` simply runs it again. A failed stage removes its
-staging folder (a resumable stage, train, keeps it: the next attempt continues from its last
-checkpoint). ``manifest.json`` also records the resolved config and library versions.
+staging folder; the resumable stages keep it, so the next attempt continues: train from its last
+checkpoint, score from its last committed block. ``manifest.json`` also records the resolved
+config and library versions.
 """
 
 from __future__ import annotations
