@@ -306,8 +306,11 @@ def _context_json(turns: list[dict]) -> str | None:
 
 def context_turns(context: str | None) -> list[dict]:
     """A row's ``context`` column back as chat messages (``[{"role", "content"}, ...]``: system
-    prompt and earlier turns, for a chat template); [] for a single-turn row."""
-    return json.loads(context) if context else []
+    prompt and earlier turns, for a chat template); [] for a single-turn row. A null that went
+    through a pandas batch (Ray Data) arrives as NaN, so anything but a non-empty string is "none"."""
+    if isinstance(context, list):
+        return context
+    return json.loads(context) if isinstance(context, str) and context else []
 
 
 def check_turns(turns: list[tuple[str, str]], what: str) -> Bad | None:

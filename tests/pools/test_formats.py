@@ -294,3 +294,12 @@ def test_parquet_conversations_and_flat_parquet_unchanged(tmp_path):
     assert [(r["row_id"], r["prompt"], r["response"], r["context"]) for r in rows] == [
         (content_row_id(f"q{i}", f"a{i}"), f"q{i}", f"a{i}", None) for i in range(5)
     ]
+
+
+def test_context_turns_reads_what_batches_carry():
+    from edsft.pools.records import context_turns
+
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert context_turns(json.dumps(turns)) == turns == context_turns(turns)
+    # a null context through a pandas batch (Ray Data's map_batches) arrives as NaN
+    assert context_turns(None) == context_turns(float("nan")) == context_turns("") == []
