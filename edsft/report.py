@@ -526,23 +526,11 @@ def bootstrap_label_efficiency(
     for (label, budget), (selector, params, boot, mean, n_seeds) in cells.items():
         if label == ref_label:
             continue
+        row = dict(
+            label=label, selector=selector, params=params, budget=budget, mean=mean, n_seeds=n_seeds, n_seeds_random=ref_seeds
+        )
         if flat:
-            per_budget.append(
-                dict(
-                    label=label,
-                    selector=selector,
-                    params=params,
-                    budget=budget,
-                    mean=mean,
-                    ratio=np.nan,
-                    ratio_bound="",
-                    lo=np.nan,
-                    hi=np.nan,
-                    n_seeds=n_seeds,
-                    n_seeds_random=ref_seeds,
-                    censored=np.nan,
-                )
-            )
+            per_budget.append({**row, "ratio": np.nan, "ratio_bound": "", "lo": np.nan, "hi": np.nan, "censored": np.nan})
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
@@ -550,20 +538,14 @@ def bootstrap_label_efficiency(
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
         per_budget.append(
-            dict(
-                label=label,
-                selector=selector,
-                params=params,
-                budget=budget,
-                mean=mean,
-                ratio=float(budget / rb0[0]),
-                ratio_bound={0: "", 1: "<", -1: ">"}[int(code0[0])],
-                lo=float(np.quantile(ratio_boot, q)),
-                hi=float(np.quantile(ratio_boot, 1 - q)),
-                n_seeds=n_seeds,
-                n_seeds_random=ref_seeds,
-                censored=float((code != 0).mean()),
-            )
+            {
+                **row,
+                "ratio": float(budget / rb0[0]),
+                "ratio_bound": {0: "", 1: "<", -1: ">"}[int(code0[0])],
+                "lo": float(np.quantile(ratio_boot, q)),
+                "hi": float(np.quantile(ratio_boot, 1 - q)),
+                "censored": float((code != 0).mean()),
+            }
         )
     cols = [
         "label",
