@@ -129,7 +129,7 @@ def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None) -> l
     return out
 
 
-def build_config(mode: str, pool: str, out_dir: str) -> Config:
+def build_config(mode: str, pool: str, out_dir: str, embedding: str = "embedding") -> Config:
     """The run's config (ingest, score and the sweeps' shared sections) for ``mode`` in {cpu, gpu, tiny}."""
     path = {"tasks": "builtin:tasks", "pydocs": "builtin:pydocs"}[pool]
     if mode == "tiny":
@@ -186,6 +186,9 @@ def build_config(mode: str, pool: str, out_dir: str) -> Config:
                 "batch_size": 16,
                 "num_actors": 2,
                 "cpus_per_actor": 0.5,
+                # MiniLM as a second embedding column (a minute on 5,000 prompts): the embedding ablation
+                # needs no second scoring pass
+                "encoder": "builtin:minilm",
             },
             # two trials side by side on two cores, one worker each
             "training": {
@@ -200,7 +203,7 @@ def build_config(mode: str, pool: str, out_dir: str) -> Config:
         }
     else:
         raise ValueError(f"mode={mode!r} is not one of ['cpu', 'gpu', 'tiny']")
-    data["selection"] = {"name": "random", "mode": "local"}
+    data["selection"] = {"name": "random", "mode": "local", "embedding": embedding}
     data["sweep"] = {"enabled": True}
     data["output"] = {"dir": out_dir, "progress": mode != "tiny"}
     return config_from_dict(data)
@@ -252,7 +255,9 @@ def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> f
     return s / 3600
 
 
-def run_plan(mode: str, plan: Plan, out_root: Path, publish_dir: Path | None) -> dict:
+def run_plan(
+    mode: str, plan: Plan, out_root: Path, publish_dir: Path | None, embedding: str = "embedding", score_only: bool = False
+) -> dict:
     import pandas as pd
     import pyarrow as pa
 
@@ -261,10 +266,12 @@ def run_plan(mode: str, plan: Plan, out_root: Path, publish_dir: Path | None) ->
     from edsft.pipeline import Run, run_stage
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
-    cfg = build_config(mode, plan.pool, str(out))
+    cfg = build_config(mode, plan.pool, str(out), embedding)
     t0 = time.time()
     run_stage(cfg, "ingest", skip_done=True)
     run_stage(cfg, "score", skip_done=True)
+    if score_only:
+        return {"wall_s": time.time() - t0}
     run = Run.open(cfg).store
     parts = []
     for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
@@ -525,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["minilm", "smollm2_last"],
         help="--coverage: which embeddings (SmolLM2 costs ~10x MiniLM on CPU)",
     )
+    ap.add_argument(
+        "--embedding",
+        choices=["embedding", "embedding_encoder"],
+        default="embedding",
+        help="what the diversity selectors read: the scoring model's mean-pooled hidden state or the MiniLM encoder's",
+    )
+    ap.add_argument("--score-only", action="store_true", help="ingest and score only (the sweeps can start later)")
     ap.add_argument("--no-publish", action="store_true", help="do not write benchmarks/results")
     ap.add_argument("--publish-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -536,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     out_root = Path(args.out or ROOT / "runs")
     summary = {}
     for plan in plans(mode, args.pools, args.seeds, args.selectors):
-        cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"))
+        cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"), args.embedding)
         n, steps = trial_count(cfg, plan)
         rows = cfg.pool.size if plan.pool == "tasks" else 3140
         est = (
@@ -551,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             continue
-        summary[plan.pool] = run_plan(mode, plan, out_root, None if args.no_publish else Path(args.publish_dir))
+        res = run_plan(mode, plan, out_root, None if args.no_publish else Path(args.publish_dir), args.embedding, args.score_only)
+        if not args.score_only:
+            summary[plan.pool] = res
     if summary:
         print(
             json.dumps(
