@@ -223,6 +223,43 @@ class SelectionConfig(_Section):
     local_max_rows: int = rule(200_000, ge=1)  # auto: in-process below this many rows
     allow_budget_over_pool: bool = False  # True: cap budget at the pool size instead of failing
     cpus_per_task: float = rule(0.25, ge=0)  # Ray CPUs per distributed selection task (fractional: no deadlock in Tune)
+    # Multi-round active learning (1 = the one-shot design): the budget is spent in `rounds` batches;
+    # after each batch the model is finetuned and the remaining pool re-scored with it.
+    rounds: int = rule(1, ge=1)
+    round_budgets: tuple[int, ...] | None = rule(None, ge=1, hint="or null to split the budget evenly")
+    round_training: Literal["restart", "continue"] = "restart"  # from the base model each round, or the last adapter
+
+    def _check(self) -> list[str]:
+        out = []
+        if self.round_budgets is not None:
+            if len(self.round_budgets) != self.rounds:
+                out.append(
+                    f"selection.round_budgets has {len(self.round_budgets)} entries but selection.rounds={self.rounds}: "
+                    "give one batch size per round"
+                )
+            if sum(self.round_budgets) != self.max_budget:
+                out.append(
+                    f"selection.round_budgets={list(self.round_budgets)} adds up to {sum(self.round_budgets)}, not "
+                    f"selection.budget={self.max_budget}: make the batches add up to the budget"
+                )
+        if self.rounds > 1 and len(self.budgets) > 1:
+            out.append(
+                f"selection.rounds={self.rounds} with several budgets {list(self.budgets)}: multi-round selection "
+                "takes one budget (sweep.budgets sweeps several)"
+            )
+        if self.max_budget >= 1 and self.rounds > self.max_budget:
+            out.append(
+                f"selection.rounds={self.rounds} is more than selection.budget={self.max_budget}: each round picks >= 1 row"
+            )
+        return out
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The rows each round picks: round_budgets, or the budget split evenly (earlier rounds get the remainder)."""
+        if self.round_budgets is not None:
+            return tuple(self.round_budgets)
+        q, r = divmod(self.max_budget, self.rounds)
+        return tuple(q + (i < r) for i in range(self.rounds))
 
     @property
     def budgets(self) -> tuple[int, ...]:
@@ -341,6 +378,9 @@ class SweepConfig(_Section):
     cpus_per_trial: float = rule(0.001, ge=0)  # the trial itself only drives its TorchTrainer
     # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
     max_failures: int = rule(0, ge=0)
+    rounds: tuple[int, ...] = rule(
+        (1,), ge=1, unique=True, nonempty="give at least one round count, e.g. [1]"
+    )  # selection.rounds axis
 
     # A sweep.params entry for a selector the sweep leaves out is ignored (with a note): the default
     # config's params must not make a user's shorter sweep.selectors fail. edsft.validate still
