@@ -430,8 +430,7 @@ def collect_results(cfg: Config, run: Store) -> dict:
     """Rewrite ``run/sweep/results.parquet`` from the trial folders alone (no Tune): for a look at
     a sweep that is still running (unfinished trials are PENDING) or was stopped."""
     specs, _ = expand_grid(cfg)
-    base_file = run.child("sweep", "base_metrics.json")
-    table = _collect(run, cfg, specs, {}, base_file.read_json() if base_file.exists() else None)
+    table = trial_results(cfg, run)
     out = run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
@@ -441,6 +440,14 @@ def collect_results(cfg: Config, run: Store) -> dict:
         "pending": statuses.count("PENDING"),
         "results": out.uri,
     }
+
+
+def trial_results(cfg: Config, run: Store) -> pa.Table:
+    """The results table of ``cfg``'s grid from the trial folders alone, without writing anything:
+    finished trials are TERMINATED, the others PENDING (safe to call while the sweep runs)."""
+    specs, _ = expand_grid(cfg)
+    base_file = run.child("sweep", "base_metrics.json")
+    return _collect(run, cfg, specs, {}, base_file.read_json() if base_file.exists() else None)
 
 
 def _count_events(run: Store, specs: list[dict], event: str) -> int:
