@@ -263,7 +263,7 @@ def run_plan(
 
     from edsft import report as R
     from edsft.distributed.sweep import run_sweep
-    from edsft.pipeline import Run, run_stage
+    from edsft.pipeline import Run, run_stage, run_trial
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
     cfg = build_config(mode, plan.pool, str(out), embedding)
@@ -275,7 +275,7 @@ def run_plan(
     run = Run.open(cfg).store
     parts = []
     for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
-        s = run_sweep(c, run, progress=cfg.output.progress)
+        s = run_sweep(c, run, progress=cfg.output.progress, trial_runner=run_trial)
         b = c.sweep.budgets[0]
         part = run.child("sweep", f"results_b{b}.parquet")
         part.write_table(run.child("sweep", "results.parquet").read_table())
