@@ -115,3 +115,39 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
         for key in ("loss", "exact_match", "rouge_l", "n_tokens"):
             assert dist[variant][key] == pytest.approx(local[variant][key], rel=1e-4), (variant, key)
     assert dist["n"] == local["n"] == 10
+
+
+def test_distributed_evaluation_needs_no_whole_cpu(ray_cluster, tmp_path):
+    """A sweep on 2 CPUs: each Tune trial holds a sliver of a CPU, each eval actor half of one.
+    No step of the evaluation may then wait for a whole free CPU (the label-efficiency experiment
+    hung there for 30 minutes when evaluation repartitioned its rows with 1-CPU tasks)."""
+    import ray
+
+    from edsft.distributed.evaluate import evaluate_models
+
+    @ray.remote(num_cpus=0.01)
+    class Trial:  # what a running Tune trial holds
+        def ping(self):
+            return True
+
+    trials = [Trial.remote() for _ in range(2)]
+    ray.get([t.ping.remote() for t in trials])
+    cfg = Config().replace(
+        **{
+            "training.model": "builtin:tiny-llama",
+            "evaluation.mode": "distributed",
+            "evaluation.max_new_tokens": 2,
+            "evaluation.batch_size": 2,
+            "evaluation.num_actors": 2,
+            "evaluation.cpus_per_actor": 0.5,
+        }
+    )
+    eval_path = _parquet(tmp_path / "eval.parquet", _rows(0, 12))
+    try:
+        ref = ray.remote(num_cpus=0)(evaluate_models).remote(cfg, eval_path, None, str(tmp_path / "m.json"), False)
+        ready, _ = ray.wait([ref], timeout=240)
+        assert ready, "distributed evaluation hung waiting for a whole CPU"
+        assert ray.get(ref)["n"] == 12
+    finally:
+        for t in trials:
+            ray.kill(t)
