@@ -695,13 +695,33 @@ def config_to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+# Fields added after runs existed: at their default they stay out of the hash, so a run folder made
+# before the field existed is still "up to date" (its stages and sweep trials are not recomputed).
+# A new field whose default changes no result belongs here.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("selection", "rounds"): 1,
+    ("selection", "round_budgets"): None,
+    ("selection", "round_training"): "restart",
+    ("sweep", "rounds"): [1],
+}
+
+
 def config_hash(cfg: Config | Mapping, sections: tuple[str, ...] | None = None, extra: Any = None) -> str:
     """A short stable hash of (parts of) the config; stages use it to skip recomputation."""
     data = config_to_dict(cfg) if not isinstance(cfg, Mapping) else dict(cfg)
     if sections is not None:
         data = {s: data[s] for s in sections}
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for (section, name), default in HASH_NEUTRAL_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and name in part and _plain(part[name]) == _plain(default):
+            del part[name]
     blob = json.dumps({"cfg": data, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def to_yaml(cfg: Config) -> str:

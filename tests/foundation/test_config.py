@@ -183,3 +183,18 @@ def test_lists_become_typed_tuples_and_round_trip():
 def test_exponents_without_a_dot_parse_as_floats():
     cfg = load_config(None, ["training.lr=3e-5", "training.weight_decay=1E-2"])
     assert cfg.training.lr == pytest.approx(3e-5) and cfg.training.weight_decay == pytest.approx(1e-2)
+
+
+def test_fields_added_later_leave_the_hash_alone_at_their_default():
+    """A run folder made before selection.rounds existed stays up to date: at its default a
+    hash-neutral field is not part of the hash, and any other value is."""
+    from edsft.config import HASH_NEUTRAL_DEFAULTS, config_hash, config_to_dict
+
+    cfg = Config()
+    old = config_to_dict(cfg)
+    for section, name in HASH_NEUTRAL_DEFAULTS:
+        del old[section][name]  # what config_to_dict gave before the field existed
+    assert config_hash(cfg) == config_hash(old)
+    assert config_hash(cfg, ("selection",)) == config_hash({"selection": old["selection"]})
+    assert config_hash(cfg.replace(**{"selection.rounds": 2})) != config_hash(cfg)
+    assert config_hash(cfg.replace(**{"sweep.rounds": [1, 2]})) != config_hash(cfg)

@@ -125,12 +125,14 @@ def test_distributed_evaluation_needs_no_whole_cpu(ray_cluster, tmp_path):
 
     from edsft.distributed.evaluate import evaluate_models
 
-    @ray.remote(num_cpus=0.01)
-    class Trial:  # what a running Tune trial holds
+    @ray.remote
+    class Held:
         def ping(self):
             return True
 
-    trials = [Trial.remote() for _ in range(2)]
+    # Two trials' slivers plus the other trial's 0.5-CPU eval actor and a bit more: under a whole CPU
+    # stays free, so the hang (a 1-CPU task) is certain rather than a race with the actors' start.
+    trials = [Held.options(num_cpus=c).remote() for c in (0.01, 0.01, 0.99)]
     ray.get([t.ping.remote() for t in trials])
     cfg = Config().replace(
         **{
@@ -138,14 +140,14 @@ def test_distributed_evaluation_needs_no_whole_cpu(ray_cluster, tmp_path):
             "evaluation.mode": "distributed",
             "evaluation.max_new_tokens": 2,
             "evaluation.batch_size": 2,
-            "evaluation.num_actors": 2,
+            "evaluation.num_actors": 1,
             "evaluation.cpus_per_actor": 0.5,
         }
     )
     eval_path = _parquet(tmp_path / "eval.parquet", _rows(0, 12))
     try:
         ref = ray.remote(num_cpus=0)(evaluate_models).remote(cfg, eval_path, None, str(tmp_path / "m.json"), False)
-        ready, _ = ray.wait([ref], timeout=240)
+        ready, _ = ray.wait([ref], timeout=180)
         assert ready, "distributed evaluation hung waiting for a whole CPU"
         assert ray.get(ref)["n"] == 12
     finally:
