@@ -22,7 +22,8 @@ are the current ones and the inventory still matches what is on disk, so a kille
 never skipped with a partial artifact: ``run`` simply runs it again. A failed stage removes its
 staging folder; the resumable stages keep it, so the next attempt continues: train from its last
 checkpoint, score from its last committed block. ``manifest.json`` also records the resolved
-config and library versions.
+config and library versions, each stage's compute (:mod:`edsft.compute`: seconds and GPU-seconds
+per kind) and, for a child run, its parent and the stages it inherits from it.
 """
 
 from __future__ import annotations

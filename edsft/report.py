@@ -1183,7 +1183,7 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
         f"| run | `{run.uri}` |",
         f"| pool | `{pool.get('path', '?')}` (size {pool.get('size', '?')}) |",
         f"| model | `{model or '?'}` (LoRA: {config.get('training', {}).get('lora', '?')}) |",
-        f"| selectors | {', '.join(selectors)} |",
+        f"| selectors | {('; ' if multi_round else ', ').join(selectors)} |",  # labels of rounds hold a comma
         f"| budgets | {', '.join(str(b) for b in budgets)} |",
         f"| seeds | {', '.join(str(s) for s in seeds)} |",
         *(
