@@ -22,7 +22,8 @@ are the current ones and the inventory still matches what is on disk, so a kille
 never skipped with a partial artifact: ``run`` simply runs it again. A failed stage removes its
 staging folder; the resumable stages keep it, so the next attempt continues: train from its last
 checkpoint, score from its last committed block. ``manifest.json`` also records the resolved
-config and library versions.
+config and library versions, each stage's compute (:mod:`edsft.compute`: seconds and GPU-seconds
+per kind) and, for a child run, its parent and the stages it inherits from it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import console
+from . import compute, console
 from .config import Config, config_hash, config_to_dict
 from .errors import UserError
 from .pools.sources import open_source
@@ -138,6 +139,8 @@ class Run:
         m["versions"] = library_versions()
         m["config"] = config_to_dict(self.cfg)
         m["config_hash"] = config_hash(self.cfg)
+        if self.parent is not None:  # where the inherited stages' artifacts (and compute) are
+            m["parent"] = {"run": self.parent.store.uri, "inherited": list(self.inherited)}
         m.setdefault("stages", {})[stage] = entry
         self.path("manifest.json").write_json(m)
 
@@ -287,6 +290,14 @@ class Stage:
     needs: tuple[str, ...] = ()  # upstream artifacts it reads, checked before it starts
     resumable: bool = False  # keep the staging folder across attempts with the same hash
     keep_on_failure: tuple[str, ...] = ()  # diagnostics moved into the run folder even when the stage fails
+    # where its wall time goes in the compute accounting (edsft.compute.KINDS), None: not compute
+    kind: str | None = None
+
+    def __post_init__(self):
+        if self.kind is not None and self.kind not in compute.KINDS:
+            raise ValueError(
+                f"Stage {self.name!r}: kind={self.kind!r} is not one of {list(compute.KINDS)} (or None: not compute)"
+            )
 
 
 STAGES: dict[str, Stage] = {
@@ -310,6 +321,7 @@ STAGES: dict[str, Stage] = {
             _score,
             needs=("pool.parquet",),
             resumable=True,
+            kind="scoring",
         ),
         # selection.parquet is the largest budget (what annotate, train and evaluate read); with a list
         # of budgets selection/b<size>.parquet holds each; subset/ the trainer-ready files of each
@@ -321,6 +333,7 @@ STAGES: dict[str, Stage] = {
             ("selection.parquet", "selection", "subset"),
             _select,
             needs=("scores.parquet", "pool.parquet"),
+            kind="selection",
         ),
         Stage(
             "annotate",
@@ -332,7 +345,16 @@ STAGES: dict[str, Stage] = {
         ),
         # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
         # Train's checkpoints live in the staging folder until the run finishes
-        Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, needs=("annotated.parquet",), resumable=True),
+        Stage(
+            "train",
+            ("training", "scoring"),
+            ("annotate",),
+            ("train",),
+            _train,
+            needs=("annotated.parquet",),
+            resumable=True,
+            kind="training",
+        ),
         Stage(
             "evaluate",
             ("evaluation",),
@@ -340,6 +362,7 @@ STAGES: dict[str, Stage] = {
             ("metrics.json", "predictions.jsonl"),
             _evaluate,
             needs=("eval.parquet",),
+            kind="evaluation",
         ),
         # the trials are child runs with their own manifests (committed stage by stage), and Tune
         # keeps its own experiment state: only the results table is staged
@@ -483,6 +506,8 @@ def _execute(run: Run, st: Stage, progress: bool, force: bool) -> dict:
         "finished_at": _now(),
         "artifact": run.path(produced[0] if produced else st.outputs[0]).uri,
         "summary": _rebase(summary, staging.uri, run.store.uri),
+        # seconds (and GPU-seconds) per kind: the summary's own split, else the wall time under st.kind
+        "compute": compute.stage_compute(st.kind, wall, summary, run.cfg),
     }
     # The commit: say so first, move, then record what is on disk. A kill anywhere in between
     # leaves "committing", which is never taken for done.
@@ -608,6 +633,7 @@ def summarize(cfg: Config, results: dict[str, dict]) -> None:
         lines.append(f"report:  edsft report {run.store.uri}")
     if "evaluate" in results:
         lines.append(f"metrics: {run.path('metrics.json').uri}")
+    lines.append(console.compute_line(compute.run_compute(run.store)))
     con = console.active()
     if con is not None:
         lines.append(f"log:     {con.log_path}")

@@ -60,6 +60,10 @@ CASES = {
     "sweep_seeds_negative": (["sweep.seeds=[-1]"], "sweep.seeds=[-1] has entry -1, which must be >= 0"),
     "sweep_seeds_empty": (["sweep.seeds=[]"], "sweep.seeds=[] is empty: give at least one seed"),
     "sweep_budgets_repeated": (["sweep.budgets=[8, 8]"], "sweep.budgets=[8, 8] repeats [8]: list each value once"),
+    "sweep_rounds_over_budget": (
+        ["sweep.rounds=[1, 8]", "sweep.budgets=[4, 16]"],
+        "sweep.rounds=[1, 8] has [8] rounds but sweep.budgets has [4]: each round picks >= 1 row",
+    ),
     "sweep_metric_unknown": (
         ["sweep.metric=exact"],
         "sweep.metric='exact' is not a metric of the report: did you mean 'exact_match'?",

@@ -438,3 +438,117 @@ def test_flat_random_curve_report_says_no_ratio(tmp_path):
     out = R.build_report(run)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     assert out["headline"]["selector"] is None and "random's curve is flat" in md and "2.00x" not in md
+
+
+# ---- one-shot vs multi-round: curves per (selector, rounds), compute ---------------------------
+
+
+def _design_results():
+    """random, uncertainty (one round) and uncertainty with 2 rounds, 2 seeds, no noise: uncertainty-2
+    matches random at twice its budget (B / B_random = 0.5) and costs 2.5x its one-round design."""
+    rows = []
+    for sel, rounds, eff, cost in [("random", 1, 1.0, 100.0), ("uncertainty", 1, 1.25, 100.0), ("uncertainty", 2, 2.0, 250.0)]:
+        for b in (25, 50, 100):
+            for s in (0, 1):
+                rows.append(
+                    dict(
+                        trial_id=f"{sel}-r{rounds}-b{b}-s{s}",
+                        selector=sel,
+                        params="{}",
+                        rounds=rounds,
+                        budget=b,
+                        seed=s,
+                        exact_match=0.1 * math.log2(eff * b / 25),
+                        status="TERMINATED",
+                        compute_scoring_s=10.0 * rounds,
+                        compute_selection_s=1.0,
+                        compute_training_s=cost * b / 25 - 10.0 * rounds - 1.0 - 4.0 * s,
+                        compute_evaluation_s=4.0 * s,
+                        compute_total_s=cost * b / 25,  # the sum of the four
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def test_curves_are_per_selector_and_round_count():
+    s = R.summarize(_design_results(), "exact_match")
+    assert sorted(s.label.unique()) == ["random", "uncertainty", "uncertainty, 2 rounds"]
+    assert s[s.label == "uncertainty, 2 rounds"]["rounds"].unique().tolist() == [2]
+    fig = R.plot_learning_curves(s, "exact_match")
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    one, two = lines["uncertainty"], lines["uncertainty, 2 rounds"]
+    assert one.get_color() == two.get_color() and one.get_linestyle() == "-" and two.get_linestyle() == "-."
+    assert matplotlib.colors.to_hex(lines["random"].get_color()) == "#000000"
+    matplotlib.pyplot.close(fig)
+    # random is the reference at one round only, and 2-round variants are compared with it like any selector
+    eff = R.label_efficiency(s, "exact_match").set_index(["label", "budget"])
+    assert eff.loc[("uncertainty, 2 rounds", 25), "ratio"] == pytest.approx(0.5)
+    assert eff.loc[("uncertainty", 50), "ratio"] == pytest.approx(0.8)
+
+
+def test_compute_against_one_shot_and_labels_against_random_by_hand():
+    res = _design_results()
+    csum = R.compute_summary(res).set_index(["label", "budget"])
+    # means over seeds 0 and 1: evaluation 4 s x (0 + 1) / 2
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_total_s"] == 500.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_scoring_s"] == 20.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_evaluation_s"] == 2.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "vs_one_shot"] == pytest.approx(2.5)  # 500 / 200
+    assert csum.loc[("uncertainty", 50), "vs_one_shot"] == 1.0 and csum.loc[("uncertainty", 50), "n"] == 2
+    boot = R.bootstrap_label_efficiency(res, "exact_match", n_boot=200)
+    table = R.design_table(R.compute_summary(res), boot)
+    assert "| 25 | random | 1 | 1 (the reference) | 100.0 | 1 (one-shot) |" in table
+    assert "| 25 | uncertainty | 1 | 0.80 [0.80, 0.80] **<1** | 100.0 | 1 (one-shot) |" in table
+    assert "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |" in table
+    # at B=100 uncertainty-2 is beyond random's best: a bound, not significant
+    assert "| 100 | uncertainty | 2 | <1.00 [1.00, 1.00] | 1000.0 | 2.50x |" in table
+    # without a one-round trial of that selector there is nothing to compare with
+    alone = R.compute_summary(res[~((res.selector == "uncertainty") & (res.rounds == 1))])
+    assert "- (no one-round trial)" in R.design_table(alone, None) and np.isnan(alone["vs_one_shot"].iloc[-1])
+    md = R.compute_table(R.compute_summary(res))
+    assert "| uncertainty, 2 rounds | 50 | 2 | 20.0 | 1.0 | 477.0 | 2.0 | 500.0 |" in md and "GPU" not in md
+
+
+def test_metric_vs_compute_plot_is_log_x_at_the_mean_compute():
+    fig = R.plot_metric_vs_compute(_design_results(), "exact_match")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "compute" in ax.get_xlabel() and ax.get_ylabel()
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    x, y = lines["uncertainty, 2 rounds"].get_data()
+    assert list(x) == [250.0, 500.0, 1000.0]
+    np.testing.assert_allclose(y, [0.1 * math.log2(2 * b / 25) for b in (25, 50, 100)])
+    assert lines["uncertainty"].get_color() == lines["uncertainty, 2 rounds"].get_color()
+    matplotlib.pyplot.close(fig)
+
+
+def test_one_shot_report_is_todays_plus_the_compute_section(tmp_path):
+    df = _curves({"random": 1.0, "facility_location": 2.0}, budgets=(25, 50, 100), noise=0.005)
+    texts = {}
+    for name, frame in [("plain", df), ("compute", df.assign(compute_training_s=30.0, compute_total_s=40.0 + df.budget))]:
+        run = get_store(tmp_path / name)
+        run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(frame, preserve_index=False))
+        R.build_report(run)
+        texts[name] = (tmp_path / name / "report" / "report.md").read_text().replace(str(tmp_path / name), "RUN")
+    assert "## Compute" not in texts["plain"] and "rounds" not in texts["plain"] and "vs compute" not in texts["plain"]
+    head, _, section = texts["compute"].partition("## Compute\n")
+    assert head == texts["plain"]  # nothing else changed
+    assert "| facility_location | 50 | 3 | - | - | 30.0 | - | 90.0 |" in section
+    assert (tmp_path / "compute" / "report" / "compute.csv").exists()
+
+
+def test_report_of_a_sweep_with_rounds(tmp_path):
+    run = get_store(tmp_path / "run")
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(_design_results(), preserve_index=False))
+    out = R.build_report(run, metrics=["exact_match"])
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    for needle in (
+        "| rounds | 1, 2 (1: the one-shot design) |",
+        "| selectors | random; uncertainty; uncertainty, 2 rounds |",
+        "compute spent against the same selector's one-round design",
+        "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |",
+        "![exact_match vs compute](metric_vs_compute_exact_match.png)",
+        "## Compute",
+    ):
+        assert needle in md, needle
+    assert any(p.endswith("metric_vs_compute_exact_match.png") for p in out["plots"])
+    assert out["headline"]["selector"] == "uncertainty, 2 rounds"

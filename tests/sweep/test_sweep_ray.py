@@ -96,6 +96,18 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
         assert len(sel) == r.budget and set(sel.selector) == {r.selector}
         assert pq.read_table(trial / "annotated.parquet").num_rows == r.budget
         assert (trial / "metrics.json").exists() and r.train_steps == 2
+    # every trial's compute includes the run's scoring, which it inherits, and its own stages
+    from edsft.compute import run_compute
+
+    scoring = run_compute(run)["compute_s"]["scoring"]
+    assert scoring > 0 and (t["compute_scoring_s"] == scoring).all() and (t["rounds"] == 1).all()
+    for kind in ("selection", "training", "evaluation"):
+        assert (t[f"compute_{kind}_s"] > 0).all(), kind
+    parts = t[[f"compute_{k}_s" for k in ("scoring", "selection", "training", "evaluation")]].sum(axis=1)
+    assert (abs(t["compute_total_s"] - parts) < 1e-6).all() and "gpu_total_s" not in t.columns
+    # the sweep's own figure: its trials' stages (not the shared scoring) and the base model's evaluation
+    assert out["compute_s"]["training"] == pytest.approx(t["compute_training_s"].sum(), abs=1e-2)
+    assert out["compute_s"]["scoring"] == 0 and out["compute_s"]["evaluation"] > t["compute_evaluation_s"].sum()
     # re-running the finished sweep restores it and runs nothing
     again = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
     assert again["executed"] == 0 and again["finished"] == 4  # Tune restored a finished experiment
