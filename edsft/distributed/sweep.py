@@ -122,10 +122,13 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
         variants += [(selector, {**base, **params}) for params in param_grid(selector, cfg.sweep.params.get(selector))]
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
+    # Random's extra budgets (sweep.random_budgets) come after each seed's shared budgets.
+    cells = [(b, variants) for b in cfg.sweep.budgets]
+    cells += [(b, [v for v in variants if v[0] == "random"]) for b in cfg.sweep.random_budgets]
     specs = []
     for seed in cfg.sweep.seeds:
-        for budget in cfg.sweep.budgets:
-            for selector, params in variants:
+        for budget, cell in cells:
+            for selector, params in cell:
                 specs.append(
                     {
                         "name": trial_name(selector, params, int(budget), int(seed)),
@@ -138,7 +141,9 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise UserError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
+        raise UserError(
+            f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.random_budgets / sweep.seeds"
+        )
     return specs, notes
 
 
@@ -342,7 +347,9 @@ def run_sweep(
     name = _experiment_name(cfg, specs)
     _log(
         f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
-        f"{len(cfg.sweep.seeds)} seeds), up to {limit} at once; experiment {name}"
+        f"{len(cfg.sweep.seeds)} seeds"
+        + (f", random also at {list(cfg.sweep.random_budgets)}" if cfg.sweep.random_budgets else "")
+        + f"), up to {limit} at once; experiment {name}"
     )
 
     base = _base_metrics(cfg, run, progress)
