@@ -534,7 +534,11 @@ def bootstrap_label_efficiency(
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
+        # A censored resample lies strictly beyond its bound (random needs more than its largest budget,
+        # or fewer than its smallest): one ulp off the bound, so that a bound of exactly 1 - the selector
+        # beyond random's value at random's own largest or smallest budget - excludes 1 as it should.
         ratio_boot = budget / rb
+        ratio_boot = np.where(code == 1, np.nextafter(ratio_boot, 0.0), np.where(code == -1, np.nextafter(ratio_boot, np.inf), ratio_boot))
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
         per_budget.append(
@@ -694,12 +698,20 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
         parts.append(f"significantly MORE labels than random (interval above 1): {by_label(worse, True)}")
     if len(unclear):
         parts.append(f"not significant (interval includes 1): {by_label(unclear, detail)}")
-    gm = f"{best['ratio']:.2f}x [{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean of B / B_random over {int(best['n_budgets'])} budgets)"
+    n_gm = int(best["n_budgets"])
+    gm = f"{best['ratio']:.2f}x [{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean of B / B_random over {n_gm} budgets)"
     text = (
         f"no selector needs significantly fewer labels than random on {metric} at these budgets ({how}); "
         + "; ".join(parts)
-        + (f". Overall {best['label']} is at {gm}" if len(ps) == 1 else f". Closest to random: {best['label']} at {gm}")
-        + f"{bound_note(pd.concat([worse, unclear]) if detail else worse)}."
+        + bound_note(pd.concat([worse, unclear]) if detail else worse)
+        + (
+            ""
+            if len(ps) == 1 and n_gm < 2  # one selector at one budget: the mean is the cell above
+            else f". Overall {best['label']} is at {gm}"
+            if len(ps) == 1
+            else f". Closest to random: {best['label']} at {gm}"
+        )
+        + "."
     )
     return {**base, "selector": None, "ratio": None, "closest": best["label"], "worse_budgets": worse_budgets, "text": text}
 
@@ -745,7 +757,7 @@ def _pyplot():
 
 
 def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random", base: float | None = None):
-    """Metric vs budget per selector: mean over seeds with a 95% t-band (none for one seed).
+    """Metric vs budget per selector: mean over seeds with a 95% t-band and error bars (none for one seed).
     ``random`` is drawn black dashed with markers; log-scale x when budgets span more than 10x;
     ``base`` (the base model's value, no finetuning) is a grey dotted horizontal line."""
     plt = _pyplot()
@@ -771,6 +783,20 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
         ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
         if g["n"].min() >= 2:
             ax.fill_between(g["budget"], g["lo"], g["hi"], color=style["color"], alpha=0.12 if is_ref else 0.18, linewidth=0)
+        # error bars too: a band has no width at a budget only this selector ran (e.g. random's extra budgets)
+        ok = g[g["n"] >= 2]
+        if len(ok):
+            ax.errorbar(
+                ok["budget"],
+                ok["mean"],
+                yerr=[ok["mean"] - ok["lo"], ok["hi"] - ok["mean"]],
+                fmt="none",
+                ecolor=style["color"],
+                elinewidth=1.0,
+                capsize=3,
+                alpha=0.8,
+                label="_nolegend_",
+            )
     if base is not None and math.isfinite(base):
         ax.axhline(base, color="0.45", linestyle=":", linewidth=1.4, label="base model (no finetuning)")
     _budget_axis(ax, summary["budget"])

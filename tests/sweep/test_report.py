@@ -180,7 +180,14 @@ def test_learning_curve_plot_axes_and_random_style():
     rnd = lines["random"]
     assert rnd.get_linestyle() == "--" and rnd.get_marker() == "o" and matplotlib.colors.to_hex(rnd.get_color()) == "#000000"
     assert lines["fl"].get_linestyle() == "-" and matplotlib.colors.to_hex(lines["fl"].get_color()) != "#000000"
-    assert len(ax.collections) == 2  # one band per selector (3 seeds)
+    bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert len(bands) == 2 and len(bars) == 2  # one band and one set of error bars per selector (3 seeds)
+    # each error bar spans the t-interval of its (selector, budget) cell
+    fl = s[s.label == "fl"].sort_values("budget")
+    segs = [c for c in bars if matplotlib.colors.to_hex(c.get_color()[0]) == matplotlib.colors.to_hex(lines["fl"].get_color())]
+    np.testing.assert_allclose([seg[:, 1].min() for seg in segs[0].get_segments()], fl["lo"], rtol=1e-9)
+    np.testing.assert_allclose([seg[:, 1].max() for seg in segs[0].get_segments()], fl["hi"], rtol=1e-9)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"random", "fl"}
     matplotlib.pyplot.close(fig)
 
@@ -406,6 +413,19 @@ def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
     )
     assert f"at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
     assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
+
+
+def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_significant():
+    # efficiency 0.25 at B=16, random's smallest budget: random needs fewer than 16 labels in every resample,
+    # so B / B_random > 1 throughout (a bound of exactly 1, strictly exceeded); at 64 random needs about 16
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 0.25}, np.random.default_rng(5))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    pb = boot["per_budget"].set_index("budget")
+    assert pb.loc[16, "ratio_bound"] == ">" and pb.loc[16, "censored"] == 1.0 and pb.loc[16, "lo"] > 1
+    h = R.significance_headline(boot, "exact_match")
+    assert h["worse_budgets"] == {"typiclust": [16, 64]} and "not significant" not in h["text"]
+    assert "significantly MORE labels than random (interval above 1): typiclust at B=16: >1.00x" in h["text"]
+    assert "a bound, the selector's value lies beyond random's measured curve" in h["text"]
 
 
 def test_demo_shaped_sweep_with_a_clear_winner_names_its_budgets():
