@@ -538,7 +538,9 @@ def bootstrap_label_efficiency(
         # or fewer than its smallest): one ulp off the bound, so that a bound of exactly 1 - the selector
         # beyond random's value at random's own largest or smallest budget - excludes 1 as it should.
         ratio_boot = budget / rb
-        ratio_boot = np.where(code == 1, np.nextafter(ratio_boot, 0.0), np.where(code == -1, np.nextafter(ratio_boot, np.inf), ratio_boot))
+        ratio_boot = np.where(
+            code == 1, np.nextafter(ratio_boot, 0.0), np.where(code == -1, np.nextafter(ratio_boot, np.inf), ratio_boot)
+        )
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
         per_budget.append(

@@ -12,7 +12,9 @@ from edsft.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_from_d
 ROOT = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 # every YAML edsft ships: the job configs and the embedded default(s) inside the package
-SHIPPED_CONFIGS = sorted(p for d in ("jobs/configs", "edsft/configs") for ext in ("yaml", "yml") for p in (ROOT / d).glob(f"*.{ext}"))
+SHIPPED_CONFIGS = sorted(
+    p for d in ("jobs/configs", "edsft/configs") for ext in ("yaml", "yml") for p in (ROOT / d).glob(f"*.{ext}")
+)
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

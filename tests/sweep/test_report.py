@@ -411,7 +411,7 @@ def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
         f"B={b}: {pb.loc[b, 'ratio_bound']}{pb.loc[b, 'ratio']:.2f}x [{pb.loc[b, 'lo']:.2f}, {pb.loc[b, 'hi']:.2f}]"
         for b in (16, 64)
     )
-    assert f"at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
+    assert "at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
     assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
 
 
