@@ -122,9 +122,11 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
         variants += [(selector, {**base, **params}) for params in param_grid(selector, cfg.sweep.params.get(selector))]
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
-    # Random's extra budgets (sweep.random_budgets) come after each seed's shared budgets.
-    cells = [(b, variants) for b in cfg.sweep.budgets]
-    cells += [(b, [v for v in variants if v[0] == "random"]) for b in cfg.sweep.random_budgets]
+    # Random's extra budgets (sweep.random_budgets, usually beyond the others: the longest trials)
+    # start each seed: longest first packs the concurrent trials better, and the shared budgets still
+    # follow one another, so a sweep stopped early still has every selector at the same budgets.
+    cells = [(b, [v for v in variants if v[0] == "random"]) for b in cfg.sweep.random_budgets]
+    cells += [(b, variants) for b in cfg.sweep.budgets]
     specs = []
     for seed in cfg.sweep.seeds:
         for budget, cell in cells:
