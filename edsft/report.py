@@ -670,6 +670,15 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
             return ""
         return " ('<' / '>': a bound, the selector's value lies beyond random's measured curve)"
 
+    # With two seeds a cell's seed resampling has three distinct draws and its spread is half the
+    # seeds' sample variance: the intervals are narrower than the seed-to-seed spread warrants.
+    few_seeds = (
+        " Two seeds per cell: the bootstrap understates seed-to-seed spread, so read this as indicative and "
+        "confirm with >= 3 seeds (sweep.seeds=[0, 1, 2])."
+        if boot["min_seeds"] == 2
+        else ""
+    )
+
     if len(wins):
         counts = wins.groupby("label").size()
         label = min(counts.index, key=lambda l: (-counts[l], point_ratio(l)))
@@ -683,7 +692,7 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
         text = (
             f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
             f"(B / B_random, {how}, each excluding 1): {cells(w, True, '; ')}{tail}"
-            f"{bound_note(pd.concat([w, rest_worse, rest_ns if detail else rest_ns.iloc[:0]]))}."
+            f"{bound_note(pd.concat([w, rest_worse, rest_ns if detail else rest_ns.iloc[:0]]))}.{few_seeds}"
         )
         return {
             **base,
@@ -714,6 +723,7 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
             else f". Closest to random: {best['label']} at {gm}"
         )
         + "."
+        + few_seeds
     )
     return {**base, "selector": None, "ratio": None, "closest": best["label"], "worse_budgets": worse_budgets, "text": text}
 

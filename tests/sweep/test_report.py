@@ -365,6 +365,7 @@ def test_clearly_better_selector_gets_a_headline_and_a_copy_of_random_does_not()
     assert h["selector"] == "fl" and len(h["significant_budgets"]) >= 2 and h["interval"][1] < 1
     assert h["ratio"] == pytest.approx(0.25, abs=0.1)
     assert "fl reaches random's exact_match with fewer labels" in h["text"] and "excluding 1" in h["text"]
+    assert "Two seeds per cell" not in h["text"]  # three seeds
     pb = boot["per_budget"]
     copy = pb[pb["label"] == "random_copy"]
     assert (copy["hi"] >= 1).sum() >= 4  # indistinguishable from random nearly everywhere
@@ -413,6 +414,7 @@ def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
     )
     assert "at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
     assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
+    assert h["text"].endswith("confirm with >= 3 seeds (sweep.seeds=[0, 1, 2]).")  # two seeds: indicative only
 
 
 def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_significant():
