@@ -371,6 +371,10 @@ class SweepConfig(_Section):
         nonempty="name at least one selector, e.g. [random, facility_location]",
     )
     budgets: tuple[int, ...] = rule((50, 200), ge=1, unique=True, nonempty="give at least one budget, e.g. [50, 200]")
+    # Budgets for random alone, on top of sweep.budgets: B / B_random inverts random's curve, so a
+    # selector that beats random at its largest budget needs random measured beyond it (e.g. [128]
+    # next to budgets [16, 64]); without them the ratio there is only a bound.
+    random_budgets: tuple[int, ...] = rule((), ge=1, unique=True)
     seeds: tuple[int, ...] = rule((0,), ge=0, unique=True, nonempty="give at least one seed, e.g. [0]")
     params: Mapping[str, Any] = field(default_factory=dict)  # selector -> {param: value or [grid]}
     metric: str = "exact_match"
@@ -381,6 +385,15 @@ class SweepConfig(_Section):
     rounds: tuple[int, ...] = rule(
         (1,), ge=1, unique=True, nonempty="give at least one round count, e.g. [1]"
     )  # selection.rounds axis
+
+    def _check(self) -> list[str]:
+        both = sorted(set(self.random_budgets) & set(self.budgets))
+        if both:
+            return [
+                f"sweep.random_budgets={list(self.random_budgets)} repeats {both} from sweep.budgets={list(self.budgets)}: "
+                "random runs at every sweep.budgets entry already; list only its extra budgets"
+            ]
+        return []
 
     # A sweep.params entry for a selector the sweep leaves out is ignored (with a note): the default
     # config's params must not make a user's shorter sweep.selectors fail. edsft.validate still
@@ -703,6 +716,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("selection", "round_budgets"): None,
     ("selection", "round_training"): "restart",
     ("sweep", "rounds"): [1],
+    ("sweep", "random_budgets"): [],
 }
 
 

@@ -552,7 +552,13 @@ def bootstrap_label_efficiency(
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
+        # A censored resample lies strictly beyond its bound (random needs more than its largest budget,
+        # or fewer than its smallest): one ulp off the bound, so that a bound of exactly 1 - the selector
+        # beyond random's value at random's own largest or smallest budget - excludes 1 as it should.
         ratio_boot = budget / rb
+        ratio_boot = np.where(
+            code == 1, np.nextafter(ratio_boot, 0.0), np.where(code == -1, np.nextafter(ratio_boot, np.inf), ratio_boot)
+        )
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
         per_budget.append(
@@ -614,8 +620,13 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
       has no spread to learn an interval from);
     - some selector's interval lies below 1 at one budget or more: the selector with the most such
       budgets (ties: the smaller geometric-mean ratio) and, at each of them, its ratio and interval;
-    - otherwise: no selector differs significantly from random, with the closest one's geometric mean.
-    ``ratio`` is the geometric mean of B / B_random over the interpolated budgets (as :func:`headline`).
+      its other budgets are named as not significant (interval includes 1) or as significantly worse
+      (interval above 1);
+    - otherwise: no selector needs significantly fewer labels; the cells whose interval lies above 1
+      are named as significantly worse, those whose interval includes 1 as not significant (with
+      ratio and interval when there are at most 6 cells), and the closest selector's geometric mean.
+    ``ratio`` is the geometric mean of B / B_random over the interpolated budgets (as :func:`headline`);
+    ``worse_budgets`` maps each selector to the budgets where it needs significantly more labels.
     """
     pb, ps = boot["per_budget"], boot["per_selector"]
     conf = f"{boot['confidence'] * 100:.0f}%"
@@ -657,33 +668,82 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
                 return float(np.exp(np.log(exact["ratio"].to_numpy(dtype=float)).mean()))
         return float(ps.set_index("label").loc[label, "ratio"])
 
-    wins = pb[pb["hi"] < 1.0]
+    wins, worse = pb[pb["hi"] < 1.0], pb[pb["lo"] > 1.0]
+    unclear = pb[(pb["lo"] <= 1.0) & (pb["hi"] >= 1.0)]
+    worse_budgets = {label: [int(b) for b in g["budget"]] for label, g in worse.groupby("label", sort=True)}
+    detail = len(pb) <= 6  # a small sweep (the demo) gets every cell's ratio and interval in the headline
+
+    def cells(g: pd.DataFrame, values: bool, sep: str = ", ") -> str:
+        """One selector's budgets: "B=16: 0.80x [0.50, 1.30], B=64: ..." with values, else "B=16, 64"."""
+        g = g.sort_values("budget")
+        if values:
+            return sep.join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in g.itertuples())
+        return "B=" + ", ".join(str(int(b)) for b in g["budget"])
+
+    def by_label(sub: pd.DataFrame, values: bool) -> str:
+        return "; ".join(f"{label} at {cells(g, values)}" for label, g in sub.groupby("label", sort=True))
+
+    def bound_note(shown: pd.DataFrame) -> str:
+        if not (shown["ratio_bound"] != "").any():
+            return ""
+        return " ('<' / '>': a bound, the selector's value lies beyond random's measured curve)"
+
+    # With two seeds a cell's seed resampling has three distinct draws and its spread is half the
+    # seeds' sample variance: the intervals are narrower than the seed-to-seed spread warrants.
+    few_seeds = (
+        " Two seeds per cell: the bootstrap understates seed-to-seed spread, so read this as indicative and "
+        "confirm with >= 3 seeds (sweep.seeds=[0, 1, 2])."
+        if boot["min_seeds"] == 2
+        else ""
+    )
+
     if len(wins):
         counts = wins.groupby("label").size()
         label = min(counts.index, key=lambda l: (-counts[l], point_ratio(l)))
-        w = wins[wins["label"] == label].sort_values("budget")
-        parts = "; ".join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in w.itertuples())
-        rest = sorted(set(pb[pb["label"] == label]["budget"]) - set(w["budget"]))
-        tail = f"; at B={', '.join(map(str, rest))} the difference from random is not significant" if rest else ""
+        w = wins[wins["label"] == label]
+        tail = ""
+        rest_ns, rest_worse = unclear[unclear["label"] == label], worse[worse["label"] == label]
+        if len(rest_ns):
+            tail += f"; at {cells(rest_ns, detail)} the difference from random is not significant"
+        if len(rest_worse):
+            tail += f"; at {cells(rest_worse, True)} it needs significantly more labels than random (interval above 1)"
         text = (
             f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
-            f"(B / B_random, {how}, each excluding 1): {parts}{tail}."
+            f"(B / B_random, {how}, each excluding 1): {cells(w, True, '; ')}{tail}"
+            f"{bound_note(pd.concat([w, rest_worse, rest_ns if detail else rest_ns.iloc[:0]]))}.{few_seeds}"
         )
         return {
             **base,
             "selector": label,
             "ratio": point_ratio(label),
-            "significant_budgets": w["budget"].tolist(),
+            "significant_budgets": sorted(int(b) for b in w["budget"]),
+            "worse_budgets": worse_budgets,
             "interval": [float(w["lo"].min()), float(w["hi"].max())],
             "text": text,
         }
     best = ps.sort_values("ratio").iloc[0]
+    parts = []
+    if len(worse):
+        parts.append(f"significantly MORE labels than random (interval above 1): {by_label(worse, True)}")
+    if len(unclear):
+        parts.append(f"not significant (interval includes 1): {by_label(unclear, detail)}")
+    n_gm = int(best["n_budgets"])
+    gm = f"{best['ratio']:.2f}x [{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean of B / B_random over {n_gm} budgets)"
     text = (
-        f"no selector needs significantly fewer labels than random on {metric} ({how}: every interval of "
-        f"B / B_random includes 1 or lies above it); the closest is {best['label']} at {best['ratio']:.2f}x "
-        f"[{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean over {int(best['n_budgets'])} budgets): not significant."
+        f"no selector needs significantly fewer labels than random on {metric} at these budgets ({how}); "
+        + "; ".join(parts)
+        + bound_note(pd.concat([worse, unclear]) if detail else worse)
+        + (
+            ""
+            if len(ps) == 1 and n_gm < 2  # one selector at one budget: the mean is the cell above
+            else f". Overall {best['label']} is at {gm}"
+            if len(ps) == 1
+            else f". Closest to random: {best['label']} at {gm}"
+        )
+        + "."
+        + few_seeds
     )
-    return {**base, "selector": None, "ratio": None, "closest": best["label"], "text": text}
+    return {**base, "selector": None, "ratio": None, "closest": best["label"], "worse_budgets": worse_budgets, "text": text}
 
 
 def interval_table(boot: dict) -> str:
@@ -727,8 +787,8 @@ def _pyplot():
 
 
 def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random", base: float | None = None):
-    """Metric vs budget per selector (and round count): mean over seeds with a 95% t-band (none for
-    one seed). ``random`` is drawn black dashed with markers; a selector's multi-round curves share its
+    """Metric vs budget per selector (and round count): mean over seeds with a 95% t-band and error bars (none
+    for one seed). ``random`` is drawn black dashed with markers; a selector's multi-round curves share its
     colour with other line styles; log-scale x when budgets span more than 10x; ``base`` (the base
     model's value, no finetuning) is a grey dotted horizontal line."""
     plt = _pyplot()
@@ -744,6 +804,20 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
         ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
         if g["n"].min() >= 2:
             ax.fill_between(g["budget"], g["lo"], g["hi"], color=style["color"], alpha=0.12 if is_ref else 0.18, linewidth=0)
+        # error bars too: a band has no width at a budget only this selector ran (e.g. random's extra budgets)
+        ok = g[g["n"] >= 2]
+        if len(ok):
+            ax.errorbar(
+                ok["budget"],
+                ok["mean"],
+                yerr=[ok["mean"] - ok["lo"], ok["hi"] - ok["mean"]],
+                fmt="none",
+                ecolor=style["color"],
+                elinewidth=1.0,
+                capsize=3,
+                alpha=0.8,
+                label="_nolegend_",
+            )
     if base is not None and math.isfinite(base):
         ax.axhline(base, color="0.45", linestyle=":", linewidth=1.4, label="base model (no finetuning)")
     _budget_axis(ax, summary["budget"])

@@ -152,10 +152,15 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
             variants += [(selector, {**base, **params}, r) for r in rounds if r == 1 or selector != "random"]
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
+    # Random's extra budgets (sweep.random_budgets, usually beyond the others: the longest trials)
+    # start each seed: longest first packs the concurrent trials better, and the shared budgets still
+    # follow one another, so a sweep stopped early still has every selector at the same budgets.
+    cells = [(b, [v for v in variants if v[0] == "random"]) for b in cfg.sweep.random_budgets]
+    cells += [(b, variants) for b in cfg.sweep.budgets]
     specs = []
     for seed in cfg.sweep.seeds:
-        for budget in cfg.sweep.budgets:
-            for selector, params, r in variants:
+        for budget, cell in cells:
+            for selector, params, r in cell:
                 specs.append(
                     {
                         "name": trial_name(selector, params, int(budget), int(seed), r),
@@ -169,7 +174,9 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise UserError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
+        raise UserError(
+            f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.random_budgets / sweep.seeds"
+        )
     return specs, notes
 
 
@@ -387,7 +394,9 @@ def run_sweep(
     rounds = f" x {len(set(s['rounds'] for s in specs))} round counts" if len(cfg.sweep.rounds) > 1 else ""
     _log(
         f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
-        f"{len(cfg.sweep.seeds)} seeds{rounds}), up to {limit} at once; experiment {name}"
+        f"{len(cfg.sweep.seeds)} seeds{rounds}"
+        + (f", random also at {list(cfg.sweep.random_budgets)}" if cfg.sweep.random_budgets else "")
+        + f"), up to {limit} at once; experiment {name}"
     )
 
     base = _base_metrics(cfg, run, progress)

@@ -180,7 +180,14 @@ def test_learning_curve_plot_axes_and_random_style():
     rnd = lines["random"]
     assert rnd.get_linestyle() == "--" and rnd.get_marker() == "o" and matplotlib.colors.to_hex(rnd.get_color()) == "#000000"
     assert lines["fl"].get_linestyle() == "-" and matplotlib.colors.to_hex(lines["fl"].get_color()) != "#000000"
-    assert len(ax.collections) == 2  # one band per selector (3 seeds)
+    bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert len(bands) == 2 and len(bars) == 2  # one band and one set of error bars per selector (3 seeds)
+    # each error bar spans the t-interval of its (selector, budget) cell
+    fl = s[s.label == "fl"].sort_values("budget")
+    segs = [c for c in bars if matplotlib.colors.to_hex(c.get_color()[0]) == matplotlib.colors.to_hex(lines["fl"].get_color())]
+    np.testing.assert_allclose([seg[:, 1].min() for seg in segs[0].get_segments()], fl["lo"], rtol=1e-9)
+    np.testing.assert_allclose([seg[:, 1].max() for seg in segs[0].get_segments()], fl["hi"], rtol=1e-9)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"random", "fl"}
     matplotlib.pyplot.close(fig)
 
@@ -358,6 +365,7 @@ def test_clearly_better_selector_gets_a_headline_and_a_copy_of_random_does_not()
     assert h["selector"] == "fl" and len(h["significant_budgets"]) >= 2 and h["interval"][1] < 1
     assert h["ratio"] == pytest.approx(0.25, abs=0.1)
     assert "fl reaches random's exact_match with fewer labels" in h["text"] and "excluding 1" in h["text"]
+    assert "Two seeds per cell" not in h["text"]  # three seeds
     pb = boot["per_budget"]
     copy = pb[pb["label"] == "random_copy"]
     assert (copy["hi"] >= 1).sum() >= 4  # indistinguishable from random nearly everywhere
@@ -368,6 +376,70 @@ def test_clearly_better_selector_gets_a_headline_and_a_copy_of_random_does_not()
         pytest.skip("a false positive at one budget in this draw")
     h2 = R.significance_headline(b2, "exact_match")
     assert h2["selector"] is None and "not significant" in h2["text"] and "random_copy" in h2["text"]
+
+
+def test_significantly_worse_selector_is_named_never_called_not_significant():
+    # efficiency 0.25: four times the labels; where the interval lies above 1 the headline says so
+    trials, ex = _per_example_experiment({"random": 1.0, "bad": 0.25}, rng=np.random.default_rng(7))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    h = R.significance_headline(boot, "exact_match")
+    pb = boot["per_budget"]
+    worse = sorted(int(b) for b in pb[pb["lo"] > 1]["budget"])
+    assert len(worse) >= 3 and h["selector"] is None and h["worse_budgets"] == {"bad": worse}
+    assert "significantly MORE labels than random (interval above 1): bad at B=" in h["text"]
+    unclear = pb[(pb["lo"] <= 1) & (pb["hi"] >= 1)]
+    assert ("not significant" in h["text"]) == (len(unclear) > 0)
+    for b in worse:
+        assert f"B={b}: " in h["text"]
+
+
+def _demo_shaped(sel_eff: dict[str, float], rng) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The quickstart's grid: selectors at B=16 and 64, random also at 128, two seeds."""
+    trials, ex = _per_example_experiment(sel_eff, budgets=(16, 64, 128), seeds=(0, 1), rng=rng)
+    drop = set(trials[(trials.selector != "random") & (trials.budget == 128)].trial_id)
+    return trials[~trials.trial_id.isin(drop)], ex[~ex.trial_id.isin(drop)]
+
+
+def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 1.0}, np.random.default_rng(3))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    pb = boot["per_budget"].set_index("budget")
+    assert sorted(pb.index) == [16, 64] and sorted(boot["random_curve"]) == [16, 64, 128]
+    assert ((pb["lo"] <= 1) & (pb["hi"] >= 1)).all()  # a copy of random: every interval includes 1
+    h = R.significance_headline(boot, "exact_match")
+    assert h["selector"] is None and h["worse_budgets"] == {}
+    cells = ", ".join(
+        f"B={b}: {pb.loc[b, 'ratio_bound']}{pb.loc[b, 'ratio']:.2f}x [{pb.loc[b, 'lo']:.2f}, {pb.loc[b, 'hi']:.2f}]"
+        for b in (16, 64)
+    )
+    assert "at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
+    assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
+    assert h["text"].endswith("confirm with >= 3 seeds (sweep.seeds=[0, 1, 2]).")  # two seeds: indicative only
+
+
+def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_significant():
+    # efficiency 0.25 at B=16, random's smallest budget: random needs fewer than 16 labels in every resample,
+    # so B / B_random > 1 throughout (a bound of exactly 1, strictly exceeded); at 64 random needs about 16
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 0.25}, np.random.default_rng(5))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    pb = boot["per_budget"].set_index("budget")
+    assert pb.loc[16, "ratio_bound"] == ">" and pb.loc[16, "censored"] == 1.0 and pb.loc[16, "lo"] > 1
+    h = R.significance_headline(boot, "exact_match")
+    assert h["worse_budgets"] == {"typiclust": [16, 64]} and "not significant" not in h["text"]
+    assert "significantly MORE labels than random (interval above 1): typiclust at B=16: >1.00x" in h["text"]
+    assert "a bound, the selector's value lies beyond random's measured curve" in h["text"]
+
+
+def test_demo_shaped_sweep_with_a_clear_winner_names_its_budgets():
+    # efficiency 4 at B=16 and 64 is inside random's curve because random also ran at 128 (64 x 4 = 256 is
+    # beyond it: a bound there, counted at B / 128 = 0.5, which still excludes 1)
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 4.0}, np.random.default_rng(4))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    h = R.significance_headline(boot, "exact_match")
+    pb = boot["per_budget"].set_index("budget")
+    wins = sorted(int(b) for b in pb.index[pb["hi"] < 1])
+    assert h["selector"] == "typiclust" and h["significant_budgets"] == wins and len(wins) >= 1
+    assert "typiclust reaches random's exact_match with fewer labels at" in h["text"]
 
 
 def test_loss_bootstrap_is_token_weighted_and_lower_is_better():

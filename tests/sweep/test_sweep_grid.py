@@ -162,10 +162,25 @@ def test_grid_order_is_seed_then_budget_then_selector():
     assert [s["name"] for s in specs][:4] == ["random-b4-s0", "k_center-b4-s0", "random-b8-s0", "k_center-b8-s0"]
 
 
+def test_random_budgets_add_random_only_trials_first_in_each_seed():
+    # random's extra budgets are usually the longest trials: started first, the concurrent trials pack better
+    cfg = _cfg(selectors=["k_center"], budgets=[16, 64], random_budgets=[128], seeds=[0, 1])
+    specs, _ = S.expand_grid(cfg)
+    assert [s["name"] for s in specs] == [
+        f"{sel}-b{b}-s{seed}"
+        for seed in (0, 1)
+        for sel, b in (("random", 128), ("random", 16), ("k_center", 16), ("random", 64), ("k_center", 64))
+    ]
+    # random's params grid applies at its extra budgets too; the other selectors never run there
+    cfg = _cfg(selectors=["random", "k_center"], budgets=[8], random_budgets=[32], seeds=[0])
+    assert {s["budget"] for s in S.expand_grid(cfg)[0] if s["selector"] == "k_center"} == {8}
+
+
 def test_default_config_sweeps_a_subset_of_its_selectors():
     from edsft.config import load_config
 
-    cfg = load_config(None, ["sweep.selectors=[random, k_center]"])  # the quickstart's sweep.params name others
+    # a config's sweep.params may name selectors that a shorter sweep.selectors leaves out
+    cfg = load_config(None, ["sweep.selectors=[random, k_center]", "sweep.params={uncertainty: {score: mean_entropy}}"])
     assert set(cfg.sweep.params) - {"random", "k_center"}
     specs, notes = S.expand_grid(cfg)
     assert {s["selector"] for s in specs} == {"random", "k_center"} and any("ignored" in n for n in notes)

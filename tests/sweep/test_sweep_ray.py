@@ -146,3 +146,63 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     assert invoked("k_center-b8-s0") - before["k_center-b8-s0"] == 2  # failed, then resumed
     t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
     assert len(t) == 2 and set(t.status) == {"TERMINATED"} and t.exact_match.notna().all()
+
+
+def test_two_seed_sweep_report_draws_intervals_and_the_headline_they_allow(scored_run):
+    """The quickstart's shape on the tiny model: a selector against random over two seeds, random also at
+    a budget beyond the selector's (sweep.random_budgets), metric loss. The report must carry the
+    intervals (curves and B / B_random) and a headline that says exactly what those intervals allow."""
+    import matplotlib
+    import numpy as np
+    import pandas as pd
+
+    from edsft import report as R
+    from edsft.distributed.sweep import run_sweep
+
+    matplotlib.use("Agg")
+    cfg = _cfg(scored_run, selectors=["typiclust"], budgets=[8], random_budgets=[16], seeds=[0, 1], metric="loss")
+    run = get_store(scored_run)
+    out = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
+    assert out["trials"] == 6 and out["finished"] == 6 and out["errored"] == 0
+    t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
+    assert sorted(t.trial_id) == sorted(
+        [f"random-b{b}-s{s}" for b in (8, 16) for s in (0, 1)] + ["typiclust-b8-s0", "typiclust-b8-s1"]
+    )
+    assert t["loss"].map(math.isfinite).all()
+
+    rep = R.build_report(run, metric="loss")
+    report_dir = scored_run / "report"
+    md = (report_dir / "report.md").read_text()
+    head = rep["headline"]
+    assert f"**Headline (loss).** {head['text']}" in md
+    assert "95% t-interval over seeds" in md and "bootstrap interval over seeds and eval prompts" in md
+    # the curves table gives each cell's interval over its 2 seeds
+    summ = R.summarize(R.load_results(t), "loss")
+    for r in summ.itertuples():
+        assert r.n == 2 and f"{r.mean:.3f} [{r.lo:.3f}, {r.hi:.3f}] (n=2)" in md
+    # the plot draws them: one band per selector with >= 2 budgets, error bars at every cell
+    fig = R.plot_learning_curves(summ, "loss")
+    ax = fig.axes[0]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert sum(len(c.get_segments()) for c in bars) == len(summ) == 3 and "95% t-interval" in ax.get_title()
+    matplotlib.pyplot.close(fig)
+
+    # B / B_random with its interval, and the headline is the one those intervals allow
+    pb = pd.read_csv(report_dir / "label_efficiency_intervals_loss.csv")
+    assert list(pb["budget"]) == [8] and list(pb["label"]) == ["typiclust"] and (pb["n_seeds"] == 2).all()
+    r = pb.iloc[0]
+    if np.isnan(r["ratio"]):  # random's loss did not move between 8 and 16 labels
+        assert "does not change across its budgets" in head["text"]
+        return
+    assert r["lo"] <= r["ratio"] <= r["hi"] or r["ratio_bound"] in ("<", ">")
+    bound = "" if pd.isna(r["ratio_bound"]) else r["ratio_bound"]
+    cell = f"B=8: {bound}{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
+    assert cell in head["text"] and f"| typiclust | {bound}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" in md
+    if r["hi"] < 1:
+        assert head["selector"] == "typiclust" and "fewer labels at 1 of 1 budgets" in head["text"]
+    elif r["lo"] > 1:
+        assert head["selector"] is None and "significantly MORE labels than random" in head["text"]
+        assert head["worse_budgets"] == {"typiclust": [8]} and "not significant" not in head["text"]
+    else:
+        assert head["selector"] is None and "not significant (interval includes 1): typiclust at B=8" in head["text"]
+        assert "MORE" not in head["text"]
