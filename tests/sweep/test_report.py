@@ -573,7 +573,7 @@ def test_compute_against_one_shot_and_labels_against_random_by_hand():
     assert "| 25 | uncertainty | 1 | 0.80 [0.80, 0.80] **<1** | 100.0 | 1 (one-shot) |" in table
     assert "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |" in table
     # at B=100 uncertainty-2 is beyond random's best: a bound, not significant
-    assert "| 100 | uncertainty | 2 | <1.00 [1.00, 1.00] | 1000.0 | 2.50x |" in table
+    assert "| 100 | uncertainty | 2 | <1.00 [1.00, 1.00] **<1** | 1000.0 | 2.50x |" in table
     # without a one-round trial of that selector there is nothing to compare with
     alone = R.compute_summary(res[~((res.selector == "uncertainty") & (res.rounds == 1))])
     assert "- (no one-round trial)" in R.design_table(alone, None) and np.isnan(alone["vs_one_shot"].iloc[-1])
