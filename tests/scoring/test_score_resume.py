@@ -119,8 +119,8 @@ def _block(ids: list[str], bad: set[str]) -> pa.Table:
 def test_blocks_of_another_config_or_pool_are_discarded(tmp_path):
     out = get_store(tmp_path / "scores")
     blocks = scoring._Blocks(out, "config-a")
-    blocks.commit(_block(["a", "b", "c"], bad={"b"}), 0)
-    blocks.commit(_block(["d"], bad={"d"}), 1)  # only quarantined rows: a marker, no part
+    blocks.commit(scoring.write_block(blocks.incoming, _block(["a", "b", "c"], bad={"b"})), 0)
+    blocks.commit(scoring.write_block(blocks.incoming, _block(["d"], bad={"d"})), 1)  # only quarantined rows: a marker, no part
     again = scoring._Blocks(out, "config-a")
     assert sorted(again.row_ids().to_pylist()) == ["a", "b", "c", "d"]
     assert [p.name for p in (tmp_path / "scores").iterdir()] == [again.done[0]["part"]]
