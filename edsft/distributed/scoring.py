@@ -24,20 +24,23 @@ by an actor whose tally never arrived: a kill, an actor Ray Data retried, or an 
 driver that outlived it), and sends only the rows of no marked block to the model
 (``rows_resumed`` in the summary). Ray Data hands every input row to exactly one successful task
 output, and the resumed rows are filtered out before the model, so the marked blocks are disjoint
-and every row of the pool is in exactly one of them or in none; the driver checks that the counts
-add up before the stage commits. The marker folder is removed when the whole pool is scored; a
+and every row of the pool is in exactly one of them or in none; before the stage commits, the
+driver checks that the blocks hold ``rows_in`` rows with as many distinct row ids (reading only the
+parts' ``row_id`` column). The marker folder is removed when the whole pool is scored; a
 folder left by another config or pool is discarded. ``block_callbacks`` are called after every
 committed block (fault-injection hook). Because actors write, ``output.dir`` must be reachable from
 every node that runs an actor (``s3://`` or a shared mount on a multi-node cluster), as for the
 ingest tasks and Ray Train's checkpoints.
 
 Why not Ray Data's own checkpointing (``DataContext.checkpoint_config`` with ``id_column=row_id``,
-beta in Ray 2.60): it records the rows that reach a ``write_*`` sink, while a scored block has two
-outputs that must commit together (its score rows and its quarantined rows with reasons), plus the
-tallies that ``rows_in == rows_scored + rows_quarantined`` and the summary are built from; a
-quarantined row it never saw would be scored again on every resume, and the summary would need a
-second pass over all scores. Its file backend also deletes or keeps data files by name prefixes of
-its own, so the stage could not say exactly which files make the committed artifact.
+beta in Ray 2.60): it records the rows that reach one ``write_*`` sink, while a scored block has two
+outputs that must commit together, its score rows and its quarantined rows with their reasons, plus
+the tallies that ``rows_in == rows_scored + rows_quarantined`` and the summary are built from. The
+quarantined rows would have to go into the scores files and be split out again by a second pass
+over all scores, on the driver or in another Ray Data job, before the stage could commit. Its file
+backend also keeps or deletes data files by name prefixes of its own, so the stage could not name
+the exact files of the committed artifact, and it is a process-wide setting of the DataContext that
+evaluation's and ingest's datasets would see too.
 """
 
 from __future__ import annotations
@@ -300,6 +303,9 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     dtypes = sorted({d for b in everything for d in b["dtypes"]})
     if rows_in != rows_scored + len(bad):
         raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
+    distinct = pc.count_distinct(blocks_done.row_ids()).as_py()  # the row_id columns of the parts, not the scores
+    if distinct != rows_in:
+        raise RuntimeError(f"scoring holds {rows_in - distinct} row(s) twice: {rows_in} rows in {len(everything)} blocks")
     if not out.exists():
         out.mkdir()  # a pool whose every row was quarantined still gives a (empty) scores folder
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)
