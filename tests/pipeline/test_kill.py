@@ -42,7 +42,8 @@ from edsft.config import load_config
 from edsft.distributed.sweep import _trial_hash, expand_grid, trial_config
 from edsft.pipeline import STAGING, TRIAL_STAGES, Run, trial_run, why_not_done
 
-pytestmark = pytest.mark.slow
+# 4-7 minutes each on 2 quiet cores; a loaded machine can take three times that (the suite's default is 900 s)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = "jobs/configs/smoke.yaml"
