@@ -94,6 +94,19 @@ class Driver:
     def next_event(self, timeout: float = 600):
         return self.lines.get(timeout=timeout)
 
+    def wait_in(self, stage: str, seconds: float) -> None:
+        """Wait ``seconds`` into ``stage``, or until it ends if it is quicker this time: a kill planned
+        in a stage then lands in it or right after it, never stages later (a run on a machine quieter
+        than the reference's would otherwise run ahead of the plan, and later kills pile up in the last stage)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = self.lines.get(timeout=left)
+            except queue.Empty:
+                return
+            if ev is None or (ev[1] == stage and ev[2] == "end"):
+                return
+
     def finish(self, timeout: float = 900) -> int:
         rc = self.proc.wait(timeout=timeout)
         time.sleep(0.2)  # let the reader drain the pipe
@@ -158,7 +171,7 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
                 if kind == "start" and STAGES.index(s) >= STAGES.index(stage):
                     # a retry waits less: the run that outran the last kill may be faster than the
                     # reference's (a resumed stage, a quieter machine)
-                    time.sleep(frac * duration[s] * 0.5**attempt)
+                    d.wait_in(s, frac * duration[s] * 0.5**attempt)
                     break
             if d.proc.poll() is None:
                 break
