@@ -51,6 +51,7 @@ __all__ = [
     "run_pipeline",
     "summarize",
     "run_trial",
+    "trial_run",
     "StageNotBuilt",
     "ManifestError",
     "read_manifest",
@@ -647,13 +648,19 @@ def summarize(cfg: Config, results: dict[str, dict]) -> None:
 TRIAL_STAGES = ("select", "annotate", "train", "evaluate")
 
 
+def trial_run(cfg: Config, parent_uri: str) -> Run:
+    """The child run of a sweep trial: its own folder ``cfg.output.dir``, with the pool, scores and
+    eval split of the parent run ``parent_uri`` (what :func:`run_trial` runs and what it skips)."""
+    child = Run.open(cfg)
+    parent = Run(cfg, get_store(parent_uri, cfg.storage.endpoint_url, cfg.storage.region))
+    return Run(cfg, child.store, parent=parent, inherited=("ingest", "score"))
+
+
 def run_trial(cfg: Config, parent_uri: str) -> dict[str, dict]:
     """One sweep trial: the pipeline's own select -> annotate -> train -> evaluate on the child run
     ``cfg.output.dir``, whose pool, scores and eval split are the parent run's (``parent_uri``).
 
     Stages the child already committed for this config are skipped, so a trial that finished
     under another grid (or was killed half-way) is reused or continued. Returns {stage: entry}."""
-    child = Run.open(cfg)
-    parent = Run(cfg, get_store(parent_uri, cfg.storage.endpoint_url, cfg.storage.region))
-    child = Run(cfg, child.store, parent=parent, inherited=("ingest", "score"))
+    child = trial_run(cfg, parent_uri)
     return {name: _run(child, name, skip_done=True, progress=False) for name in TRIAL_STAGES}

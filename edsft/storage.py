@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["Store", "is_remote", "join", "get_store", "set_default_storage"]
+__all__ = ["Store", "is_remote", "join", "get_store", "set_default_storage", "s3_settings"]
 
 _DEFAULT: dict[str, Any] = {"endpoint_url": None, "region": None}
 
@@ -243,9 +243,15 @@ class Store:
             self.fs.create_dir(parent, recursive=True)
 
 
-def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+def s3_settings(endpoint_url: str | None = None, region: str | None = None) -> tuple[str | None, str]:
+    """The endpoint and region an S3 access uses: the given ones, else the process-wide defaults."""
     endpoint_url = endpoint_url or _DEFAULT["endpoint_url"]
     region = region or _DEFAULT["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint_url, region
+
+
+def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    endpoint_url, region = s3_settings(endpoint_url, region)
     kwargs: dict[str, Any] = {"region": region}
     if endpoint_url:
         scheme, _, host = endpoint_url.partition("://")

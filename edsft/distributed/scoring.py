@@ -7,17 +7,45 @@ torch thread on CPU-only clusters). Rows the scorer quarantines go to a JSONL fi
 ``{row_id, reason}``; ``rows_in == rows_scored + rows_quarantined`` always.
 
 Resume. Spot GPU nodes get preempted, so scoring commits its output in blocks (one per Ray batch
-the actors return): the block's Parquet part is written to a temporary name and renamed into
-``out``, then a small JSON marker (its row count, tokens and quarantined rows) is written to a
-``_<out>.blocks/`` folder next to ``out``. A re-run with the same scoring config and pool finds the
-marked blocks, drops any unmarked part (a write the kill interrupted), and sends only the rows of
-no finished block to the model (``rows_resumed`` in the summary says how many it skipped). The
-marker folder is removed when the whole pool is scored; a folder left by another config is
-discarded. ``block_callbacks`` are called after every committed block (fault-injection hook).
+an actor scores), and the score rows never pass through the driver:
+
+1. the actor writes the block's good rows as one Parquet file under a fresh name into
+   ``_<out>.blocks/incoming/`` (whole or not at all: a temporary name renamed locally, one PUT on
+   S3) and returns only the block's tally (row count, tokens, dtype, its quarantined rows and the
+   file's name), a few hundred bytes;
+2. the driver, as each tally arrives, renames the file into ``out`` as ``part-<attempt>-<seq>``
+   (a metadata operation; a server-side copy on S3) and then writes the block's JSON marker into
+   ``_<out>.blocks/``. A block counts only once its marker exists.
+
+So ``out`` only ever holds files the driver moved there, and a part counts only with its marker.
+A re-run with the same scoring config and pool reads the markers, deletes every file in ``out``
+no marker names (renamed before the kill could write the marker) and all of ``incoming/`` (written
+by an actor whose tally never arrived: a kill, an actor Ray Data retried, or an actor of a killed
+driver that outlived it), and sends only the rows of no marked block to the model
+(``rows_resumed`` in the summary). Ray Data hands every input row to exactly one successful task
+output, and the resumed rows are filtered out before the model, so the marked blocks are disjoint
+and every row of the pool is in exactly one of them or in none; before the stage commits, the
+driver checks that the blocks hold ``rows_in`` rows with as many distinct row ids (reading only the
+parts' ``row_id`` column). The marker folder is removed when the whole pool is scored; a
+folder left by another config or pool is discarded. ``block_callbacks`` are called after every
+committed block (fault-injection hook). Because actors write, ``output.dir`` must be reachable from
+every node that runs an actor (``s3://`` or a shared mount on a multi-node cluster), as for the
+ingest tasks and Ray Train's checkpoints.
+
+Why not Ray Data's own checkpointing (``DataContext.checkpoint_config`` with ``id_column=row_id``,
+beta in Ray 2.60): it records the rows that reach one ``write_*`` sink, while a scored block has two
+outputs that must commit together, its score rows and its quarantined rows with their reasons, plus
+the tallies that ``rows_in == rows_scored + rows_quarantined`` and the summary are built from. The
+quarantined rows would have to go into the scores files and be split out again by a second pass
+over all scores, on the driver or in another Ray Data job, before the stage could commit. Its file
+backend also keeps or deletes data files by name prefixes of its own, so the stage could not name
+the exact files of the committed artifact, and it is a process-wide setting of the DataContext that
+evaluation's and ingest's datasets would see too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import posixpath
 import sys
@@ -35,14 +63,14 @@ from ..config import Config, config_hash
 from ..models import resolve_model
 from ..scoring.scorer import INPUT_COLUMNS, Scorer
 from ..scoring.uncertainty import SCORE_COLUMNS
-from ..storage import Store
+from ..storage import Store, get_store
 from .runtime import model_actor_plan
 from .session import init_ray
 
-__all__ = ["score_pool", "scores_schema", "block_callbacks"]
+__all__ = ["score_pool", "scores_schema", "block_callbacks", "write_block"]
 
-# Called on the driver as ``cb(block=, rows=, part=)`` after each block is committed (part and
-# marker on disk); an exception raised here stops scoring like a preempted node would.
+# Called on the driver as ``cb(block=, rows=, part=)`` after each block is committed (part moved
+# into out, marker on disk); an exception raised here stops scoring like a preempted node would.
 block_callbacks: list[Callable[..., None]] = []
 
 
@@ -69,12 +97,17 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
 
 
 class _ScoringActor:
-    """A Scorer whose output is an Arrow table with a fixed schema (same types in every block)."""
+    """A Scorer that writes each scored batch itself and returns only its tally (module docstring).
 
-    def __init__(self, **kwargs):
+    ``incoming`` (a URI, with the storage endpoint and region: the actor builds its own filesystem,
+    credentials from its environment) is where its block files go."""
+
+    def __init__(self, incoming: str, endpoint_url: str | None = None, region: str | None = None, **kwargs):
         self.scorer = Scorer(**kwargs)
+        self.incoming = get_store(incoming, endpoint_url, region)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def table(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The scored batch as an Arrow table with a fixed schema (same types in every block)."""
         out = self.scorer(batch)
         enc = out.get("embedding_encoder")
         schema = scores_schema(out["embedding"].shape[1], None if enc is None else enc.shape[1], error=True)
@@ -92,6 +125,22 @@ class _ScoringActor:
             "dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string())
         )
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        tally = write_block(self.incoming, self.table(batch))
+        return pa.table({"tally": pa.array([json.dumps(tally)], pa.string())})
+
+
+def write_block(incoming: Store, t: pa.Table) -> dict:
+    """Write a scored block's good rows as one Parquet file with a fresh name in ``incoming``
+    (written whole) and return its tally, whose ``part`` names that file (None: no good row)."""
+    tally = _tally(t)
+    good = t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"])
+    tally["part"] = None
+    if good.num_rows:
+        tally["part"] = f"{uuid.uuid4().hex}.parquet"
+        incoming.child(tally["part"]).write_table(good)
+    return tally
+
 
 def _tally(t: pa.Table) -> dict:
     """A block's marker: its row count, tokens, dtypes and quarantined rows (JSON-friendly)."""
@@ -107,11 +156,13 @@ def _tally(t: pa.Table) -> dict:
 
 class _Blocks:
     """The finished blocks of an interrupted scoring of ``out``: a marker JSON per block in
-    ``_<out>.blocks/``, whose ``part`` (if it had good rows) is a committed Parquet file in ``out``."""
+    ``_<out>.blocks/``, whose ``part`` (if it had good rows) is a committed Parquet file in ``out``;
+    ``incoming/`` in that folder is where the actors write blocks that are not committed yet."""
 
     def __init__(self, out: Store, fingerprint: str):
         self.out = out
         self.dir = _sibling(out, "_{}.blocks")
+        self.incoming = self.dir.child("incoming")
         state = self.dir.child("_state.json")
         if not (state.exists() and state.read_json().get("fingerprint") == fingerprint):
             # no earlier attempt, or one with another config or pool: start from nothing
@@ -119,11 +170,13 @@ class _Blocks:
             out.remove()
             state.write_json({"fingerprint": fingerprint})
         self.done = [self.dir.child(n).read_json() for n in self.dir.list() if n.endswith(".json") and n != "_state.json"]
-        # parts no marker names were cut off by the kill (a temporary file, or renamed before the marker)
+        # parts no marker names were cut off by the kill (moved into out before the marker was written),
+        # and nothing in incoming/ was ever committed
         keep = {b["part"] for b in self.done if b["part"]}
         for n in out.list():
             if n not in keep:
                 out.child(n).remove()
+        self.incoming.remove()
         self.attempt = uuid.uuid4().hex[:8]
 
     def row_ids(self) -> pa.Array:
@@ -133,14 +186,13 @@ class _Blocks:
         scored = [p.read_table(columns=["row_id"])["row_id"].to_pylist() for p in parts]
         return pa.array(ids + [r for s in scored for r in s], pa.string())
 
-    def commit(self, t: pa.Table, seq: int) -> dict:
-        """Write one block: its good rows as a Parquet part (temporary name, renamed), then its marker."""
-        tally = _tally(t)
-        good = t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"])
+    def commit(self, tally: dict, seq: int) -> dict:
+        """Commit one block an actor wrote (:func:`write_block`): its file renamed into ``out``, then its marker."""
+        tally = dict(tally)
         name = f"part-{self.attempt}-{seq:05d}"
-        tally["part"] = f"{name}.parquet" if good.num_rows else None
-        if good.num_rows:
-            self.out.child(tally["part"]).write_table(good)
+        if tally["part"]:
+            self.incoming.child(tally["part"]).move_to(self.out.child(f"{name}.parquet"))
+            tally["part"] = f"{name}.parquet"
         self.dir.child(f"{name}.json").write_json(tally)
         self.done.append(tally)
         return tally
@@ -211,6 +263,9 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         ds = ds.map_batches(
             _ScoringActor,
             fn_constructor_kwargs=dict(
+                incoming=blocks_done.incoming.uri,
+                endpoint_url=cfg.storage.endpoint_url,
+                region=cfg.storage.region,
                 model=sc.model,
                 max_new_tokens=sc.max_new_tokens,
                 max_prompt_tokens=sc.max_prompt_tokens,
@@ -229,13 +284,15 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
-        # Streamed: each scored block is committed as it arrives, so a kill loses only the blocks in flight.
-        for seq, t in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-            if not t.num_rows:
-                continue
-            new.append(blocks_done.commit(t, seq))
-            for cb in block_callbacks:
-                cb(block=seq, rows=t.num_rows, part=new[-1]["part"])
+        # Streamed: each block is committed as its tally arrives, so a kill loses only the blocks in
+        # flight. Ray Data may bundle several tallies into one batch.
+        seq = 0
+        for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for tally in t["tally"].to_pylist():
+                new.append(blocks_done.commit(json.loads(tally), seq))
+                for cb in block_callbacks:
+                    cb(block=seq, rows=new[-1]["rows"], part=new[-1]["part"])
+                seq += 1
 
     everything = blocks_done.done
     bad = [(rid, why) for b in everything for rid, why in b["bad"]]
@@ -246,6 +303,9 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     dtypes = sorted({d for b in everything for d in b["dtypes"]})
     if rows_in != rows_scored + len(bad):
         raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
+    distinct = pc.count_distinct(blocks_done.row_ids()).as_py()  # the row_id columns of the parts, not the scores
+    if distinct != rows_in:
+        raise RuntimeError(f"scoring holds {rows_in - distinct} row(s) twice: {rows_in} rows in {len(everything)} blocks")
     if not out.exists():
         out.mkdir()  # a pool whose every row was quarantined still gives a (empty) scores folder
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)

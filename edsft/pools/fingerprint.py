@@ -4,8 +4,10 @@ adding or removing a pool file re-runs ingest (and everything after it) instead 
 
 Small local pools (up to ``CONTENT_HASH_LIMIT`` bytes in all) are hashed by content, so that a
 copy that keeps the mtime (``cp -p``, an unpacked archive) or an edit within the same second is
-still seen. Bigger pools and ``s3://`` / ``hf://`` pools use each file's size and modification time (on S3
-the object's LastModified, which every PUT renews): one listing, no reads.
+still seen. Bigger local pools and ``hf://`` pools use each file's size and modification time: one
+listing, no reads. ``s3://`` pools use each object's size and ETag, from the same kind of listing
+(ListObjectsV2 returns them, 1,000 objects a request): LastModified has whole seconds, so two PUTs
+of the same size in one second would look alike, while the ETag changes with the content.
 
 The listing is deliberately wider than what ingest reads (hidden files and unknown extensions
 count too): a change there re-runs ingest for nothing, which is cheap; a change missed would
@@ -18,6 +20,7 @@ import fnmatch
 import glob as _glob
 import hashlib
 import json
+import posixpath
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -51,6 +54,24 @@ def _files(path: str, endpoint_url: str | None, region: str | None) -> tuple[paf
     return store.fs, []  # missing: ingest reports it; the fingerprint just says "nothing there"
 
 
+def _s3_etags(paths: list[str], endpoint_url: str | None, region: str | None) -> dict[str, str]:
+    """{bucket/key: ETag} of the objects ``paths`` (``bucket/key``, one bucket), from a listing of their
+    common prefix (credentials from the environment, like every other S3 access of edsft)."""
+    import boto3
+
+    from ..storage import s3_settings
+
+    bucket = paths[0].split("/", 1)[0]
+    prefix = posixpath.commonprefix([p.split("/", 1)[1] for p in paths])
+    endpoint_url, region = s3_settings(endpoint_url, region)
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[f"{bucket}/{o['Key']}"] = o["ETag"]
+    return out
+
+
 def _digest(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(path, compression=None) as f:  # the bytes on disk, not a decompression of them
@@ -72,8 +93,12 @@ def fingerprint(pool, endpoint_url: str | None = None, region: str | None = None
     for path in paths:
         fs, infos = _files(str(path), endpoint_url, region)
         by_content = not scheme_of(str(path)) and sum(i.size or 0 for i in infos) <= CONTENT_HASH_LIMIT
+        etags = _s3_etags([i.path for i in infos], endpoint_url, region) if scheme_of(str(path)) == "s3://" and infos else {}
         for i in infos:
-            entries.append([i.path, i.size, _digest(fs, i.path) if by_content else i.mtime_ns])
+            if by_content:
+                entries.append([i.path, i.size, _digest(fs, i.path)])
+            else:
+                entries.append([i.path, i.size, etags.get(i.path, i.mtime_ns)])
         if not infos:
             entries.append([path, None])
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]

@@ -105,6 +105,41 @@ def test_failed_ingest_leaves_no_pool_and_keeps_its_quarantine(ray_cluster, tmp_
     assert f"needs {out / 'pool.parquet'}, which does not exist: run `edsft ingest`" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_a_sigkilled_ingest_of_many_files_is_never_scored(ray_cluster, tmp_path, capsys):
+    """The issue's case: `edsft ingest` of 300 one-row files (one Ray task per file, each writing its
+    part) killed while the parts arrive; what it wrote is not a pool any later stage reads."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(300):
+        _jsonl(pool / f"f{i:03d}.jsonl", [{"instruction": f"question {i}", "output": f"a{i}"}])
+    out = tmp_path / "run"
+    args = ["--config", SMOKE, f"output.dir={out}", f"pool.path={pool}", "pool.eval_size=0", "output.progress=false"]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "edsft", "ingest", *args], cwd=root, stderr=subprocess.PIPE, text=True)
+    parts, deadline = out / STAGING / "ingest" / "pool.parquet", time.monotonic() + 300
+    while len(list(parts.glob("*.parquet"))) < 20:  # some tasks have written their parts, not all
+        assert proc.poll() is None, f"ingest ended before the kill: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no part written in 5 minutes"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    written = len(list(parts.glob("*.parquet")))
+    assert 20 <= written < 300 and not (out / "pool.parquet").exists()
+    cfg = load_config(SMOKE, args[2:])
+    assert why_not_done(Run.open(cfg), "ingest") == "never ran"
+    assert main(["score", *args]) == 2 and not (out / "scores.parquet").exists()
+    assert "needs" in capsys.readouterr().err
+    assert main(["ingest", *args]) == 0  # the re-run starts over: every file, each row once
+    ids = pq.read_table(out / "pool.parquet", columns=["row_id"])["row_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 300 and why_not_done(Run.open(cfg), "ingest") is None
+
+
 def test_editing_a_pool_file_in_place_invalidates_ingest(tmp_path):
     pool = tmp_path / "pool.jsonl"
     _jsonl(pool, [{"instruction": f"q{i}", "output": "a"} for i in range(5)])
@@ -188,5 +223,45 @@ def test_commit_on_s3_has_no_staging_left_and_checks_row_counts(monkeypatch):
             assert "holds 7 rows, the commit recorded 60" in why_not_done(Run.open(cfg), "ingest")
             assert not run_pipeline(cfg, stages=["ingest"])["ingest"].get("skipped")
             assert why_not_done(Run.open(cfg), "ingest") is None
+        finally:
+            set_default_storage(None, None)
+
+
+def test_overwriting_an_s3_pool_object_within_its_second_invalidates_ingest(monkeypatch):
+    """S3's LastModified has whole seconds: two PUTs of the same size in one second differ only in
+    their ETag, which the fingerprint lists."""
+    from _s3 import moto_s3
+
+    from edsft.storage import set_default_storage
+
+    env = {"AWS_ACCESS_KEY_ID": "AKIAEDSFTETAG0001", "AWS_SECRET_ACCESS_KEY": "etag-test-secret"}
+
+    def body(answer):
+        return "".join(json.dumps({"instruction": f"q{i}", "output": answer}) + "\n" for i in range(5)).encode()
+
+    with moto_s3(env) as s3:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint_url"])
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        c = s3["client"]
+        c.create_bucket(Bucket="pools")
+        cfg = _cfg(
+            "/unused",
+            "pool.path=s3://pools/p/pool.jsonl",
+            "pool.prompt_field=instruction",
+            "pool.response_field=output",
+            f"storage.endpoint_url={s3['endpoint_url']}",
+            "storage.region=us-east-1",
+        )
+        try:
+            for _ in range(5):  # until both PUTs fall in one second
+                c.put_object(Bucket="pools", Key="p/pool.jsonl", Body=body("a"))
+                before, first = Run.open(cfg).hash("ingest"), c.head_object(Bucket="pools", Key="p/pool.jsonl")
+                c.put_object(Bucket="pools", Key="p/pool.jsonl", Body=body("b"))  # same size, other content
+                second = c.head_object(Bucket="pools", Key="p/pool.jsonl")
+                if first["LastModified"] == second["LastModified"]:
+                    break
+            assert (first["LastModified"], first["ContentLength"]) == (second["LastModified"], second["ContentLength"])
+            assert Run.open(cfg).hash("ingest") != before
+            assert Run.open(cfg).hash("ingest") == Run.open(cfg).hash("ingest")  # stable while nothing changes
         finally:
             set_default_storage(None, None)

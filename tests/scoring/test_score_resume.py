@@ -1,13 +1,20 @@
 """The score stage resumes inside itself: after a crash, rows of finished blocks are not scored again.
 
 A real 2-CPU Ray cluster and the tiny Llama (float32, so scores do not depend on how rows are
-batched); the crash is an exception from ``scoring.block_callbacks`` after the first committed block,
-where a preempted node would have died.
+batched). Two crashes: an exception from ``scoring.block_callbacks`` after the first committed block,
+where a preempted node would have died; and a real ``edsft score`` process SIGKILLed while its
+actors are writing blocks, at a moment picked by watching the blocks folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +23,7 @@ import pytest
 
 from edsft.config import load_config
 from edsft.distributed import scoring
-from edsft.pipeline import STAGING, run_stage
+from edsft.pipeline import STAGING, Run, run_stage, why_not_done
 from edsft.scoring.uncertainty import SCORE_COLUMNS
 from edsft.storage import get_store
 
@@ -27,19 +34,30 @@ class Preempted(RuntimeError):
     pass
 
 
-def _cfg(out):
-    return load_config(
-        "jobs/configs/smoke.yaml",
-        [
-            f"output.dir={out}",
-            "output.progress=false",
-            f"pool.size={N}",
-            "pool.eval_size=10",
-            "scoring.dtype=float32",
-            "scoring.max_new_tokens=4",
-            "scoring.batch_size=8",  # Ray batches of 32 rows: four blocks
-        ],
-    )
+def _overrides(out, n=N):
+    return [
+        f"output.dir={out}",
+        "output.progress=false",
+        f"pool.size={n}",
+        "pool.eval_size=10",
+        "scoring.dtype=float32",
+        "scoring.max_new_tokens=4",
+        "scoring.batch_size=8",  # Ray batches of 32 rows: four blocks for N rows
+    ]
+
+
+def _cfg(out, n=N, *more):
+    return load_config("jobs/configs/smoke.yaml", [*_overrides(out, n), *more])
+
+
+def _assert_same_scores(got: pa.Table, ref: pa.Table) -> None:
+    assert got.schema == ref.schema
+    assert got["row_id"].to_pylist() == ref["row_id"].to_pylist()
+    for c in ("generated", "prompt_tokens", "response_tokens", "task"):
+        assert got[c].to_pylist() == ref[c].to_pylist(), c
+    for c in [*SCORE_COLUMNS, "embedding"]:
+        a = np.array(got[c].to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(a, np.array(ref[c].to_pylist(), dtype=np.float32), atol=1e-4, err_msg=c)
 
 
 @pytest.mark.slow
@@ -92,15 +110,84 @@ def test_a_crashed_score_stage_resumes_without_rescoring_finished_blocks(ray_clu
     assert not (tmp_path / STAGING).exists()
 
     # ... equals the uninterrupted run's: same row ids, same scores
-    got = pq.read_table(out).sort_by("row_id")
-    assert got.schema == ref.schema
-    assert got["row_id"].to_pylist() == ref["row_id"].to_pylist()
-    for c in ("generated", "prompt_tokens", "response_tokens", "task"):
-        assert got[c].to_pylist() == ref[c].to_pylist(), c
-    for c in [*SCORE_COLUMNS, "embedding"]:
-        a = np.array(got[c].to_pylist(), dtype=np.float32)
-        np.testing.assert_allclose(a, np.array(ref[c].to_pylist(), dtype=np.float32), atol=1e-4, err_msg=c)
+    _assert_same_scores(pq.read_table(out).sort_by("row_id"), ref)
     assert (tmp_path / "score_quarantine.jsonl").read_text() == ""  # builtin:tasks has no bad prompt
+
+
+ROOT = Path(__file__).resolve().parents[2]
+N_KILL = 256  # two actors, Ray batches of 32 rows: eight blocks
+
+
+def _edsft_score(out: Path) -> subprocess.Popen:
+    """A real `edsft score` process on the session's Ray cluster (RAY_ADDRESS, pinned by the fixture)."""
+    cmd = [sys.executable, "-m", "edsft", "score", "--config", "jobs/configs/smoke.yaml", *_overrides(out, N_KILL)]
+    cmd.append("scoring.num_actors=2")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def _files(folder: Path, pattern: str = "*") -> list[str]:
+    try:
+        return sorted(p.name for p in folder.glob(pattern))
+    except FileNotFoundError:  # the folder is being renamed or removed
+        return []
+
+
+@pytest.mark.slow
+def test_a_sigkilled_edsft_score_resumes_from_its_committed_blocks(ray_cluster, tmp_path):
+    assert os.environ.get("RAY_ADDRESS"), "the ray_cluster fixture pins RAY_ADDRESS for the child processes"
+    ref_dir, out = tmp_path / "reference", tmp_path / "killed"
+    run_stage(_cfg(ref_dir, N_KILL, "scoring.num_actors=2"), "ingest")
+    run_stage(_cfg(ref_dir, N_KILL, "scoring.num_actors=2"), "score")  # uninterrupted: the reference
+    ref = pq.read_table(ref_dir / "scores.parquet").sort_by("row_id")
+    cfg = _cfg(out, N_KILL, "scoring.num_actors=2")
+    run_stage(cfg, "ingest")
+    pool_ids = sorted(pq.read_table(out / "pool.parquet", columns=["row_id"])["row_id"].to_pylist())
+    assert pool_ids == ref["row_id"].to_pylist()
+
+    # Watch the blocks folder; SIGKILL the driver once two blocks are committed while an actor's block
+    # is written but not committed yet (in incoming/, or in the out folder without its marker), or
+    # failing that moment, once more than half of the blocks are committed.
+    staging = out / STAGING / "score"
+    blocks, parts = staging / "_scores.parquet.blocks", staging / "scores.parquet"
+    proc = _edsft_score(out)
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, f"edsft score ended before the kill (rc {proc.returncode}): {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no block was committed in 10 minutes"
+        markers = _files(blocks, "part-*.json")
+        in_flight = _files(blocks / "incoming") or set(_files(parts)) - {m[: -len(".json")] + ".parquet" for m in markers}
+        if (len(markers) >= 2 and in_flight) or len(markers) > 4:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(2)  # the killed job's actors may still finish a write: they may add to incoming/, never a marker
+
+    # What the kill left: committed blocks (part + marker) and blocks no marker names
+    marked = [json.loads((blocks / m).read_text()) for m in _files(blocks, "part-*.json")]
+    committed_rows = sum(b["rows"] for b in marked)
+    named = {b["part"] for b in marked if b["part"]}
+    unmarked = _files(blocks / "incoming") + [n for n in _files(parts) if n not in named]
+    assert 2 <= len(marked) and 0 < committed_rows < N_KILL
+    assert why_not_done(Run.open(cfg), "score") is not None and not (out / "scores.parquet").exists()
+
+    # The re-run: the same command
+    again = _edsft_score(out)
+    assert again.wait(timeout=900) == 0, again.stderr.read()[-3000:]
+    s = json.loads((out / "manifest.json").read_text())["stages"]["score"]["summary"]
+    # exactly the marked blocks were taken over (a block without its marker never counts) ...
+    assert (s["rows_resumed"], s["blocks_resumed"]) == (committed_rows, len(marked))
+    # ... and their rows were not scored again
+    assert 0 < s["rows_this_attempt"] == N_KILL - committed_rows < N_KILL
+    assert s["rows_in"] == N_KILL == s["rows_scored"] + s["rows_quarantined"]
+
+    # Every row exactly once, and the scores are the uninterrupted run's
+    got = pq.read_table(out / "scores.parquet")
+    ids = got["row_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == N_KILL and sorted(ids) == pool_ids
+    _assert_same_scores(got.sort_by("row_id"), ref)
+    assert not (out / STAGING).exists()
+    print(f"\nkilled with {len(marked)} blocks committed ({committed_rows} rows), {len(unmarked)} written but not committed")
 
 
 def _block(ids: list[str], bad: set[str]) -> pa.Table:
@@ -119,8 +206,8 @@ def _block(ids: list[str], bad: set[str]) -> pa.Table:
 def test_blocks_of_another_config_or_pool_are_discarded(tmp_path):
     out = get_store(tmp_path / "scores")
     blocks = scoring._Blocks(out, "config-a")
-    blocks.commit(_block(["a", "b", "c"], bad={"b"}), 0)
-    blocks.commit(_block(["d"], bad={"d"}), 1)  # only quarantined rows: a marker, no part
+    blocks.commit(scoring.write_block(blocks.incoming, _block(["a", "b", "c"], bad={"b"})), 0)
+    blocks.commit(scoring.write_block(blocks.incoming, _block(["d"], bad={"d"})), 1)  # only quarantined rows: a marker, no part
     again = scoring._Blocks(out, "config-a")
     assert sorted(again.row_ids().to_pylist()) == ["a", "b", "c", "d"]
     assert [p.name for p in (tmp_path / "scores").iterdir()] == [again.done[0]["part"]]
