@@ -20,8 +20,8 @@ Round r of R picks ``selection.batch_sizes[r - 1]`` rows among those no earlier 
    annotate / train / evaluate stages make the final model from the union (``union_selection``).
 
 Each round is one pipeline stage (``round<r>``, committed into ``rounds/<r>/``) with a resumable
-staging folder: a killed round keeps its finished re-scoring (a marker records it; the scoring's own
-blocks resume a half-finished one) and its training checkpoints; only selection, which is cheap and
+staging folder: a killed round keeps its finished re-scoring (``rescoring.json``, its summary, says so;
+the scoring's own blocks resume a half-finished one) and its training checkpoints; only selection, which is cheap and
 seeded, runs again. The summary's ``compute_s`` splits the round's wall seconds into scoring,
 selection and training (``gpu_s`` the same times the GPUs requested, when any were); a resumed round
 counts the attempt that finished each part.
@@ -41,7 +41,7 @@ from ..config import Config
 from ..errors import UserError
 from ..selection import get_selector
 from ..storage import Store
-from .coresets import SELECTION_SCHEMA, select_subset
+from .coresets import SELECTION_SCHEMA, _split_params, select_subset
 from .scoring import score_pool
 from .train import train_sft
 
@@ -50,7 +50,8 @@ __all__ = ["run_round", "union_selection", "last_batch", "ROUND_SCHEMA", "round_
 # rounds/<r>/selection.parquet and the final selection.parquet of a multi-round run: the one-shot
 # schema plus the round that picked each row (rank: pick order within the round / over all rounds)
 ROUND_SCHEMA = SELECTION_SCHEMA.append(pa.field("round", pa.int64()))
-_SCORED = "_scored.json"  # in the round's staging folder: its re-scoring finished (the summary)
+# the round's re-scoring summary; written when the re-scoring finished, so a resumed attempt keeps it
+RESCORING = "rescoring.json"
 
 
 def round_config(cfg: Config, r: int) -> Config:
@@ -92,7 +93,7 @@ def run_round(
     chosen_ids = _ids(earlier)
     if len(set(chosen_ids)) != len(chosen_ids):
         raise RuntimeError(f"rounds 1..{r - 1} picked {len(chosen_ids) - len(set(chosen_ids))} rows twice")
-    selector = get_selector(sel.name, **{k: v for k, v in (sel.params or {}).items() if k != "kappa"})
+    selector = get_selector(sel.name, **_split_params(sel.name, sel.params or {})[0])
     compute: dict[str, float] = {}
     gpus: dict[str, float | None] = {}
     summary: dict = {"round": r, "rounds": R, "batch": batch, "chosen_before": len(chosen_ids), "selector": sel.name}
@@ -107,7 +108,7 @@ def run_round(
             raise ValueError(f"round {r} re-scores with round {r - 1}'s adapter: pass it (rounds/{r - 1}/train/adapter)")
         round_scores = out.child("scores.parquet")
         embed = out.child("chosen.parquet") if selector.uses_chosen else None
-        marker = out.child(_SCORED)
+        marker = out.child(RESCORING)
         if marker.exists():  # an earlier attempt of this round finished re-scoring: keep it
             scored = marker.read_json()
         else:

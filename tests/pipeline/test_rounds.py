@@ -181,3 +181,32 @@ def test_one_round_gives_exactly_the_one_shot_selection(two_rounds, tmp_path):
     assert got.column("row_id").to_pylist() == ref.column("row_id").to_pylist()  # same rows, same order
     assert got.equals(ref)
     assert not (out / "rounds").exists()
+
+
+def test_continue_trains_the_last_adapter_on_the_new_batch(ray_cluster, tmp_path):
+    """round_training: continue, with a selector that does not start from the chosen rows (uncertainty):
+    round 2 re-scores the rest without embedding the chosen rows, and the final training continues
+    round 1's adapter on round 2's batch only."""
+    cfg = _cfg(
+        tmp_path,
+        "selection.rounds=2",
+        "selection.round_budgets=[20, 12]",
+        "selection.round_training=continue",
+        "selection.name=uncertainty",
+        "selection.mode=local",
+    )
+    results = run_pipeline(cfg, stages=stage_plan(cfg)[:-1], summary=False)  # up to train
+    b1, b2 = _ids(tmp_path / "rounds" / "1" / "selection.parquet"), _ids(tmp_path / "rounds" / "2" / "selection.parquet")
+    assert (len(b1), len(b2)) == (20, 12) and not set(b1) & set(b2)
+    r2 = results["round2"]["summary"]
+    assert r2["rescored"]["rows_embedded"] == 0 and not (tmp_path / "rounds" / "2" / "chosen.parquet").exists()
+    assert set(_ids(tmp_path / "rounds" / "2" / "scores.parquet")).isdisjoint(b1)
+    # uncertainty per round: round 2's batch is the top of the re-scored rest
+    again = pq.read_table(tmp_path / "rounds" / "2" / "scores.parquet").to_pandas()
+    top = again.sort_values("mean_entropy", ascending=False, kind="stable").row_id.tolist()[:12]
+    assert sorted(top) == sorted(b2)
+    train = results["train"]["summary"]
+    assert train["init_adapter"] == str(tmp_path / "rounds" / "1" / "train" / "adapter")
+    assert train["examples"]["examples"] == 12  # the last batch only
+    assert set(results["train"]["inputs"]) == {"annotate", "round1"}
+    assert results["round1"]["summary"]["train"]["examples"] == 20
