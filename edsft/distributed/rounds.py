@@ -132,6 +132,12 @@ def run_round(
             for k in ("rows_in", "rows_scored", "rows_quarantined", "rows_embedded", "rows_resumed", "rows_per_s")
         }
         summary["scores"] = round_scores.uri
+        if scored["rows_scored"] < batch and not sel.allow_budget_over_pool:
+            raise UserError(
+                f"round {r} of selection.rounds={R} has {scored['rows_scored']} rows left to pick from, fewer than its "
+                f"batch of {batch}: lower selection.budget (or selection.round_budgets), or set "
+                "selection.allow_budget_over_pool=true to take what is left"
+            )
         if embed is not None:
             chosen_emb = _embeddings(embed, sel.embedding)
 
