@@ -472,6 +472,9 @@ def get_stage(name: str) -> Stage:
         _round(r),
         needs=("scores.parquet", "pool.parquet"),
         resumable=True,  # re-scoring blocks and training checkpoints survive a crash of the round
+        # no kind of its own: its summary splits its compute (scoring, selection, training); what is
+        # left is the batch's annotation and bookkeeping, not compute (as for the annotate stage)
+        kind=None,
     )
 
 
