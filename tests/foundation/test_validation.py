@@ -68,6 +68,14 @@ CASES = {
         ["sweep.metric=exact"],
         "sweep.metric='exact' is not a metric of the report: did you mean 'exact_match'?",
     ),
+    "rounds_with_export": (
+        ["selection.rounds=2", "annotation.mode=export"],
+        "selection.rounds=2 with annotation.mode='export': every round but the last trains on its annotated batch",
+    ),
+    "rounds_continue_without_lora": (
+        ["selection.rounds=2", "selection.round_training=continue", "training.lora=false"],
+        "selection.round_training='continue' continues the last round's LoRA adapter: set training.lora=true",
+    ),
 }
 
 

@@ -6,6 +6,7 @@ the sweep reuses its scores.parquet like a real run does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -206,3 +207,35 @@ def test_two_seed_sweep_report_draws_intervals_and_the_headline_they_allow(score
     else:
         assert head["selector"] is None and "not significant (interval includes 1): typiclust at B=8" in head["text"]
         assert "MORE" not in head["text"]
+
+
+def test_a_trial_runs_its_rounds_inside_tune(scored_run, tmp_path):
+    """sweep.rounds = [2]: the uncertainty trial (a Tune function trainable holding a sliver of a CPU)
+    runs round 1, re-scores the rest of the pool on Ray Data from inside the trial with round 1's
+    adapter, picks round 2, then trains and evaluates on the union; random runs one-shot beside it."""
+    import shutil
+
+    from edsft.distributed.sweep import run_sweep
+
+    run_dir = tmp_path / "run"  # a run folder of its own: this sweep's results must not mix with the others'
+    run_dir.mkdir()
+    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
+        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    cfg = _cfg(run_dir, selectors=["uncertainty"], budgets=[8], seeds=[0], rounds=[2])
+    out = run_sweep(cfg, get_store(run_dir), progress=False, trial_runner=run_trial)
+    assert out["trials"] == 2 and out["finished"] == 2 and out["errored"] == 0, out
+    trial = run_dir / "sweep" / "trials" / "uncertainty-r2-b8-s0"
+    manifest = json.loads((trial / "manifest.json").read_text())["stages"]
+    assert list(manifest) == ["round1", "round2", "select", "annotate", "train", "evaluate"]
+    b1 = pq.read_table(trial / "rounds" / "1" / "selection.parquet").column("row_id").to_pylist()
+    b2 = pq.read_table(trial / "rounds" / "2" / "selection.parquet").column("row_id").to_pylist()
+    assert len(b1) == len(b2) == 4 and not set(b1) & set(b2)
+    assert pq.read_table(trial / "selection.parquet").column("row_id").to_pylist() == b1 + b2
+    rescored = manifest["round2"]["summary"]["rescored"]
+    assert rescored["rows_scored"] == 120 - 4 - rescored["rows_quarantined"]
+    assert manifest["round2"]["summary"]["compute_s"]["scoring"] > 0
+    # the results row counts the re-scoring and round 1's training on top of what one-shot random spent
+    t = pq.read_table(run_dir / "sweep" / "results.parquet").to_pandas().set_index("trial_id")
+    two, one = t.loc["uncertainty-r2-b8-s0"], t.loc["random-b8-s0"]
+    assert (two["rounds"], one["rounds"]) == (2, 1)
+    assert two["compute_scoring_s"] > one["compute_scoring_s"] and two["compute_training_s"] > one["compute_training_s"]
