@@ -787,10 +787,10 @@ def _pyplot():
 
 
 def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random", base: float | None = None):
-    """Metric vs budget per selector (and round count): mean over seeds with a 95% t-band and error bars (none
-    for one seed). ``random`` is drawn black dashed with markers; a selector's multi-round curves share its
-    colour with other line styles; log-scale x when budgets span more than 10x; ``base`` (the base
-    model's value, no finetuning) is a grey dotted horizontal line."""
+    """Metric vs budget per selector (and round count): mean over seeds with a 95% t-band and error
+    bars (none for one seed). ``random`` is drawn black dashed with markers; a selector's multi-round
+    curves share its colour with other line styles; log-scale x when budgets span more than 10x;
+    ``base`` (the base model's value, no finetuning) is a grey dotted horizontal line."""
     plt = _pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)

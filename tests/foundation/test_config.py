@@ -247,3 +247,4 @@ def test_fields_added_later_leave_the_hash_alone_at_their_default():
     assert config_hash(cfg, ("selection",)) == config_hash({"selection": old["selection"]})
     assert config_hash(cfg.replace(**{"selection.rounds": 2})) != config_hash(cfg)
     assert config_hash(cfg.replace(**{"sweep.rounds": [1, 2]})) != config_hash(cfg)
+    assert config_hash(cfg.replace(**{"sweep.random_budgets": [400]})) != config_hash(cfg)
