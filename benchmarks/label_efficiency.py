@@ -263,7 +263,7 @@ def run_plan(
 
     from edsft import report as R
     from edsft.distributed.sweep import run_sweep
-    from edsft.pipeline import Run, run_stage
+    from edsft.pipeline import Run, run_stage, run_trial
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
     cfg = build_config(mode, plan.pool, str(out), embedding)
@@ -275,7 +275,7 @@ def run_plan(
     run = Run.open(cfg).store
     parts = []
     for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
-        s = run_sweep(c, run, progress=cfg.output.progress)
+        s = run_sweep(c, run, progress=cfg.output.progress, trial_runner=run_trial)
         b = c.sweep.budgets[0]
         part = run.child("sweep", f"results_b{b}.parquet")
         part.write_table(run.child("sweep", "results.parquet").read_table())
@@ -294,6 +294,30 @@ def run_plan(
     if publish_dir is not None:
         publish(run, results, tables, mode, plan, cfg, wall, publish_dir)
     return {"headline": rep["headline"], "label_free_headline": tables["headline"], "wall_s": wall, "trials": len(results)}
+
+
+def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, embedding: str = "embedding") -> dict:
+    """Publish the trials that have finished so far (read from the trial folders; nothing in the run is
+    written, so it is safe while the experiment runs). The table says how many of the planned trials it holds."""
+    import pandas as pd
+
+    from edsft.distributed.sweep import trial_results
+    from edsft.pipeline import Run
+
+    out = out_root / f"label_efficiency_{mode}_{plan.pool}"
+    cfg = build_config(mode, plan.pool, str(out), embedding)
+    t0 = time.time()
+    run = Run.open(cfg).store
+    frames = [trial_results(c, run).to_pandas() for c in sweeps(cfg, plan)]
+    results = pd.concat(frames, ignore_index=True)
+    results = results[results["status"] == "TERMINATED"].reset_index(drop=True)
+    if results.empty:
+        print(f"[benchmark] {plan.pool}: no trial has finished yet", flush=True)
+        return {"trials": 0}
+    tables = ablation(run, results, plan)
+    print(f"[benchmark] {plan.pool} (partial, {len(results)} trials): {tables['headline']['text']}", flush=True)
+    publish(run, results, tables, mode, plan, cfg, time.time() - t0, publish_dir, partial=True)
+    return {"trials": len(results), "label_free_headline": tables["headline"]}
 
 
 def ablation(run, results, plan: Plan) -> dict:
@@ -320,7 +344,9 @@ def ablation(run, results, plan: Plan) -> dict:
     return out
 
 
-def publish(run, results, tables, mode: str, plan: Plan, cfg: Config, wall: float, dest: Path) -> list[Path]:
+def publish(
+    run, results, tables, mode: str, plan: Plan, cfg: Config, wall: float, dest: Path, partial: bool = False
+) -> list[Path]:
     """benchmarks/results/label_efficiency_<mode>_<pool>{.md, _results.parquet, _intervals.csv}."""
     import os
     import platform
@@ -335,10 +361,20 @@ def publish(run, results, tables, mode: str, plan: Plan, cfg: Config, wall: floa
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     n, steps = trial_count(cfg, plan)
     lines = [
-        f"# Label efficiency: {cfg.pool.path} ({mode})",
+        f"# Label efficiency: {cfg.pool.path} ({mode}{', PARTIAL' if partial else ''})",
         "",
+        *(
+            [
+                f"**Partial: {len(results)} of {n} planned trials have finished**; the experiment is still running "
+                "(resumable). Budgets whose random-equivalent lies beyond random's finished curve have no ratio yet.",
+                "",
+            ]
+            if partial
+            else []
+        ),
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores; "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; wall {wall / 60:.1f} min.",
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        + (f"trial wall time so far {results['wall_s'].sum() / 3600:.1f} h." if partial else f"wall {wall / 60:.1f} min."),
         "",
         f"**Headline (label-free selectors, {plan.metric}).** {tables['headline']['text']}",
         "",
@@ -539,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         help="what the diversity selectors read: the scoring model's mean-pooled hidden state or the MiniLM encoder's",
     )
     ap.add_argument("--score-only", action="store_true", help="ingest and score only (the sweeps can start later)")
+    ap.add_argument(
+        "--publish-partial",
+        action="store_true",
+        help="publish the trials finished so far (safe while the experiment runs in another process)",
+    )
     ap.add_argument("--no-publish", action="store_true", help="do not write benchmarks/results")
     ap.add_argument("--publish-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -565,10 +606,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             continue
+        if args.publish_partial:
+            summary[plan.pool] = publish_partial(mode, plan, out_root, Path(args.publish_dir), args.embedding)
+            continue
         res = run_plan(mode, plan, out_root, None if args.no_publish else Path(args.publish_dir), args.embedding, args.score_only)
         if not args.score_only:
             summary[plan.pool] = res
-    if summary:
+    if summary and not args.publish_partial:
         print(
             json.dumps(
                 {

@@ -371,6 +371,10 @@ class SweepConfig(_Section):
         nonempty="name at least one selector, e.g. [random, facility_location]",
     )
     budgets: tuple[int, ...] = rule((50, 200), ge=1, unique=True, nonempty="give at least one budget, e.g. [50, 200]")
+    # Budgets for random alone, on top of sweep.budgets: B / B_random inverts random's curve, so a
+    # selector that beats random at its largest budget needs random measured beyond it (e.g. [128]
+    # next to budgets [16, 64]); without them the ratio there is only a bound.
+    random_budgets: tuple[int, ...] = rule((), ge=1, unique=True)
     seeds: tuple[int, ...] = rule((0,), ge=0, unique=True, nonempty="give at least one seed, e.g. [0]")
     params: Mapping[str, Any] = field(default_factory=dict)  # selector -> {param: value or [grid]}
     metric: str = "exact_match"
@@ -381,6 +385,15 @@ class SweepConfig(_Section):
     rounds: tuple[int, ...] = rule(
         (1,), ge=1, unique=True, nonempty="give at least one round count, e.g. [1]"
     )  # selection.rounds axis
+
+    def _check(self) -> list[str]:
+        both = sorted(set(self.random_budgets) & set(self.budgets))
+        if both:
+            return [
+                f"sweep.random_budgets={list(self.random_budgets)} repeats {both} from sweep.budgets={list(self.budgets)}: "
+                "random runs at every sweep.budgets entry already; list only its extra budgets"
+            ]
+        return []
 
     # A sweep.params entry for a selector the sweep leaves out is ignored (with a note): the default
     # config's params must not make a user's shorter sweep.selectors fail. edsft.validate still
@@ -695,13 +708,34 @@ def config_to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+# Fields added after runs existed: at their default they stay out of the hash, so a run folder made
+# before the field existed is still "up to date" (its stages and sweep trials are not recomputed).
+# A new field whose default changes no result belongs here.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("selection", "rounds"): 1,
+    ("selection", "round_budgets"): None,
+    ("selection", "round_training"): "restart",
+    ("sweep", "rounds"): [1],
+    ("sweep", "random_budgets"): [],
+}
+
+
 def config_hash(cfg: Config | Mapping, sections: tuple[str, ...] | None = None, extra: Any = None) -> str:
     """A short stable hash of (parts of) the config; stages use it to skip recomputation."""
     data = config_to_dict(cfg) if not isinstance(cfg, Mapping) else dict(cfg)
     if sections is not None:
         data = {s: data[s] for s in sections}
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for (section, name), default in HASH_NEUTRAL_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and name in part and _plain(part[name]) == _plain(default):
+            del part[name]
     blob = json.dumps({"cfg": data, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def to_yaml(cfg: Config) -> str:

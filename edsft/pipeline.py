@@ -2,8 +2,12 @@
 
     ingest -> pool.parquet/, eval.parquet, quarantine.jsonl
     score  -> scores.parquet/, score_quarantine.jsonl
+    round<r> -> rounds/<r>/ (only with selection.rounds = R > 1, r = 1..R: scores.parquet of the rows
+              not chosen yet re-scored with round r-1's adapter, selection.parquet of the round's batch,
+              annotated.parquet and train/adapter/ for r < R; see edsft.distributed.rounds)
     select -> selection.parquet (the largest budget), selection/b<size>.parquet (a list of budgets),
-              subset/ (each size as alpaca, messages and the pool's layout JSONL + dataset_info.json)
+              subset/ (each size as alpaca, messages and the pool's layout JSONL + dataset_info.json);
+              with R > 1 rounds the union of their batches in pick order, with a `round` column
     annotate -> annotated.parquet   (first stage that reads the pool's response column), annotated/
               (the same layouts with responses; export mode: to_annotate.jsonl/.csv, to_annotate/)
     train  -> train/ (adapter/, train_summary.json)
@@ -22,7 +26,8 @@ are the current ones and the inventory still matches what is on disk, so a kille
 never skipped with a partial artifact: ``run`` simply runs it again. A failed stage removes its
 staging folder; the resumable stages keep it, so the next attempt continues: train from its last
 checkpoint, score from its last committed block. ``manifest.json`` also records the resolved
-config and library versions.
+config and library versions, each stage's compute (:mod:`edsft.compute`: seconds and GPU-seconds
+per kind) and, for a child run, its parent and the stages it inherits from it.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import console
+from . import compute, console
 from .config import Config, config_hash, config_to_dict
 from .errors import UserError
 from .pools.sources import open_source
@@ -55,6 +61,10 @@ __all__ = [
     "ManifestError",
     "read_manifest",
     "stage_plan",
+    "get_stage",
+    "round_stage",
+    "round_stages",
+    "trial_stages",
 ]
 
 STAGING = "_staging"
@@ -115,8 +125,8 @@ class Run:
     def hash(self, name: str) -> str:
         """The stage's config hash (memoised: the ingest hash lists the pool's files)."""
         if name not in self._hashes:
-            st = STAGES[name]
-            extra: dict[str, Any] = {u: self.hash(u) for u in st.upstream}
+            st = get_stage(name)
+            extra: dict[str, Any] = {u: self.hash(u) for u in st.upstream_for(self.cfg)}
             if name == "ingest":
                 fp = _pool_fingerprint(self.cfg)
                 if fp is not None:
@@ -139,6 +149,8 @@ class Run:
         m["versions"] = library_versions()
         m["config"] = config_to_dict(self.cfg)
         m["config_hash"] = config_hash(self.cfg)
+        if self.parent is not None:  # where the inherited stages' artifacts (and compute) are
+            m["parent"] = {"run": self.parent.store.uri, "inherited": list(self.inherited)}
         m.setdefault("stages", {})[stage] = entry
         self.path("manifest.json").write_json(m)
 
@@ -223,10 +235,40 @@ def _score(run: Run, out: Store, progress: bool) -> dict:
 
 def _select(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
-    fn = _impl("edsft.distributed.coresets", "select_subset", "select")
-    summary = fn(run.cfg, run.input("scores.parquet"), out.child("selection.parquet"), progress=progress)
+    R = run.cfg.selection.rounds
+    if R > 1:  # the rounds picked the batches: selection.parquet is their union, in pick order
+        fn = _impl("edsft.distributed.rounds", "union_selection", "select")
+        summary = fn(
+            run.cfg, [run.input("rounds", str(r), "selection.parquet") for r in range(1, R + 1)], out.child("selection.parquet")
+        )
+        last = run.entry(round_stage(R)).get("summary", {})
+        summary.update(objective=last.get("objective"), rows=run.entry(round_stage(1)).get("summary", {}).get("pool_rows"))
+    else:
+        fn = _impl("edsft.distributed.coresets", "select_subset", "select")
+        summary = fn(run.cfg, run.input("scores.parquet"), out.child("selection.parquet"), progress=progress)
     summary["subset"] = _export_selection(run.cfg, out, run.input("pool.parquet"))
     return summary
+
+
+def _round(r: int) -> Callable[[Run, Store, bool], dict]:
+    """Stage function of round ``r`` of a multi-round selection (edsft.distributed.rounds)."""
+
+    def fn(run: Run, out: Store, progress: bool) -> dict:
+        _ray(run.cfg)
+        impl = _impl("edsft.distributed.rounds", "run_round", round_stage(r))
+        return impl(
+            run.cfg,
+            r,
+            pool=run.input("pool.parquet"),
+            scores=run.input("scores.parquet"),
+            earlier=[run.input("rounds", str(k), "selection.parquet") for k in range(1, r)],
+            annotated=[run.input("rounds", str(k), "annotated.parquet") for k in range(1, r)],
+            adapter=run.input("rounds", str(r - 1), "train", "adapter") if r > 1 else None,
+            out=out.child("rounds", str(r)),  # the stage's output folder, inside its staging folder
+            progress=progress,
+        )
+
+    return fn
 
 
 def _export_selection(cfg: Config, out: Store, pool: Store) -> dict:
@@ -251,7 +293,13 @@ def _annotate(run: Run, out: Store, progress: bool) -> dict:
 def _train(run: Run, out: Store, progress: bool) -> dict:
     _ray(run.cfg)
     fn = _impl("edsft.distributed.train", "train_sft", "train")
-    return fn(run.cfg, run.input("annotated.parquet"), out.child("train"), progress=progress)
+    data, init = run.input("annotated.parquet"), None
+    sel = run.cfg.selection
+    if sel.rounds > 1 and sel.round_training == "continue":  # the last round's adapter, on the last batch
+        last_batch = _impl("edsft.distributed.rounds", "last_batch", "train")
+        data = last_batch(data, run.input("rounds", str(sel.rounds), "selection.parquet"), out.child("_last_batch.parquet"))
+        init = run.input("rounds", str(sel.rounds - 1), "train", "adapter")
+    return fn(run.cfg, data, out.child("train"), progress=progress, init_adapter=init)
 
 
 def _evaluate(run: Run, out: Store, progress: bool) -> dict:
@@ -288,6 +336,32 @@ class Stage:
     needs: tuple[str, ...] = ()  # upstream artifacts it reads, checked before it starts
     resumable: bool = False  # keep the staging folder across attempts with the same hash
     keep_on_failure: tuple[str, ...] = ()  # diagnostics moved into the run folder even when the stage fails
+    # where its wall time goes in the compute accounting (edsft.compute.KINDS), None: not compute
+    kind: str | None = None
+    # upstream stages that depend on the config (multi-round selection's rounds), after `upstream`
+    more_upstream: Callable[[Config], tuple[str, ...]] | None = None
+
+    def __post_init__(self):
+        if self.kind is not None and self.kind not in compute.KINDS:
+            raise ValueError(
+                f"Stage {self.name!r}: kind={self.kind!r} is not one of {list(compute.KINDS)} (or None: not compute)"
+            )
+
+    def upstream_for(self, cfg: Config) -> tuple[str, ...]:
+        """The stages whose hash and commit feed this one, for this config."""
+        return self.upstream + (self.more_upstream(cfg) if self.more_upstream is not None else ())
+
+
+def _select_upstream(cfg: Config) -> tuple[str, ...]:
+    # with R > 1 rounds the last round's commit (and through its hash, every earlier one's) feeds select
+    R = cfg.selection.rounds
+    return (round_stage(R),) if R > 1 else ()
+
+
+def _train_upstream(cfg: Config) -> tuple[str, ...]:
+    # round_training: continue trains the last batch from round R-1's adapter
+    R, how = cfg.selection.rounds, cfg.selection.round_training
+    return (round_stage(R - 1),) if R > 1 and how == "continue" else ()
 
 
 STAGES: dict[str, Stage] = {
@@ -311,6 +385,7 @@ STAGES: dict[str, Stage] = {
             _score,
             needs=("pool.parquet",),
             resumable=True,
+            kind="scoring",
         ),
         # selection.parquet is the largest budget (what annotate, train and evaluate read); with a list
         # of budgets selection/b<size>.parquet holds each; subset/ the trainer-ready files of each
@@ -322,6 +397,8 @@ STAGES: dict[str, Stage] = {
             ("selection.parquet", "selection", "subset"),
             _select,
             needs=("scores.parquet", "pool.parquet"),
+            kind="selection",
+            more_upstream=_select_upstream,
         ),
         Stage(
             "annotate",
@@ -333,7 +410,17 @@ STAGES: dict[str, Stage] = {
         ),
         # training.model defaults to scoring.model, so scoring is part of train's identity; Ray
         # Train's checkpoints live in the staging folder until the run finishes
-        Stage("train", ("training", "scoring"), ("annotate",), ("train",), _train, needs=("annotated.parquet",), resumable=True),
+        Stage(
+            "train",
+            ("training", "scoring"),
+            ("annotate",),
+            ("train",),
+            _train,
+            needs=("annotated.parquet",),
+            resumable=True,
+            kind="training",
+            more_upstream=_train_upstream,
+        ),
         Stage(
             "evaluate",
             ("evaluation",),
@@ -341,6 +428,7 @@ STAGES: dict[str, Stage] = {
             ("metrics.json", "predictions.jsonl"),
             _evaluate,
             needs=("eval.parquet",),
+            kind="evaluation",
         ),
         # the trials are child runs with their own manifests (committed stage by stage), and Tune
         # keeps its own experiment state: only the results table is staged
@@ -357,8 +445,45 @@ STAGES: dict[str, Stage] = {
 }
 
 
+_ROUND = re.compile(r"round([1-9][0-9]*)")
+
+
+def round_stage(r: int) -> str:
+    """The name of round ``r``'s stage (``round1``, ``round2``, ...; multi-round selection)."""
+    return f"round{r}"
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name``: one of STAGES, or round r of a multi-round selection (``round<r>``).
+
+    Round r re-scores the rows not chosen yet with round r-1's adapter, picks its batch among them and,
+    unless it is the last, annotates and finetunes (edsft.distributed.rounds); it depends on the
+    selection, annotation and training config, the scores and every earlier round."""
+    if name in STAGES:
+        return STAGES[name]
+    m = _ROUND.fullmatch(name)
+    if m is None:
+        raise KeyError(name)
+    r = int(m.group(1))
+    return Stage(
+        name,
+        ("selection", "annotation", "training"),
+        ("score", *(round_stage(k) for k in range(1, r))),
+        (f"rounds/{r}",),
+        _round(r),
+        needs=("scores.parquet", "pool.parquet"),
+        resumable=True,  # re-scoring blocks and training checkpoints survive a crash of the round
+        # no kind of its own: its summary splits its compute (scoring, selection, training); what is
+        # left is the batch's annotation and bookkeeping, not compute (as for the annotate stage)
+        kind=None,
+    )
+
+
 def producer(artifact: str) -> str:
     """The stage whose outputs hold ``artifact`` (a path in the run folder)."""
+    m = re.match(r"rounds/([1-9][0-9]*)(/|$)", artifact)
+    if m:
+        return round_stage(int(m.group(1)))
     for st in STAGES.values():
         if any(artifact == o or artifact.startswith(o + "/") for o in st.outputs):
             return st.name
@@ -372,7 +497,13 @@ def stage_plan(cfg: Config) -> list[str]:
         return head + ["sweep", "report"]
     if cfg.annotation.mode == "export":
         return head + ["select", "annotate"]
-    return head + ["select", "annotate", "train", "evaluate"]
+    return head + round_stages(cfg) + ["select", "annotate", "train", "evaluate"]
+
+
+def round_stages(cfg: Config) -> list[str]:
+    """The stages of a multi-round selection, in order (none for the one-shot design, rounds = 1)."""
+    R = cfg.selection.rounds
+    return [round_stage(r) for r in range(1, R + 1)] if R > 1 else []
 
 
 def stage_hash(cfg: Config, name: str) -> str:
@@ -387,13 +518,13 @@ def stage_hash(cfg: Config, name: str) -> str:
 def _inputs(run: Run, st: Stage) -> dict[str, str | None]:
     """Which commit of each upstream stage this one read: an upstream stage that re-ran since
     (e.g. with --force) makes this stage stale too."""
-    return {u: run.entry(u).get("finished_at") for u in st.upstream}
+    return {u: run.entry(u).get("finished_at") for u in st.upstream_for(run.cfg)}
 
 
 def why_not_done(run: Run, name: str) -> str | None:
     """None when ``name`` is committed for the current config and its outputs are intact on
     disk; else the reason it must run."""
-    st = STAGES[name]
+    st = get_stage(name)
     owner = run.owner(name)
     e = run.entry(name)
     if not e:
@@ -431,7 +562,7 @@ def _check_upstream(run: Run, st: Stage) -> None:
                 f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
                 f"first (or `edsft run`, which runs every stage that is missing)"
             )
-    for u in st.upstream:
+    for u in st.upstream_for(run.cfg):
         if not run.entry(u):
             continue
         why = why_not_done(run, u)
@@ -484,6 +615,8 @@ def _execute(run: Run, st: Stage, progress: bool, force: bool) -> dict:
         "finished_at": _now(),
         "artifact": run.path(produced[0] if produced else st.outputs[0]).uri,
         "summary": _rebase(summary, staging.uri, run.store.uri),
+        # seconds (and GPU-seconds) per kind: the summary's own split, else the wall time under st.kind
+        "compute": compute.stage_compute(st.kind, wall, summary, run.cfg),
     }
     # The commit: say so first, move, then record what is on disk. A kill anywhere in between
     # leaves "committing", which is never taken for done.
@@ -504,13 +637,20 @@ def _remove_staging(run: Run, staging: Store) -> None:
 def run_stage(cfg: Config, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
     """Run one stage (always, unless ``skip_done`` and it is committed for this config)."""
     check_config(cfg)  # selector names and params, sweep grid, metric: a typo fails here, not after scoring
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}: valid stages are {list(STAGES)}")
-    return _run(Run.open(cfg), name, force=force, progress=progress, skip_done=skip_done)
+    try:
+        get_stage(name)
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}: valid stages are {list(STAGES)}") from None
+    run = Run.open(cfg)
+    if name == "select":  # a multi-round selection: the rounds that did not commit run first
+        for r in round_stages(cfg):
+            if why_not_done(run, r) is not None:  # `edsft run` ran them already: no line for them here
+                _run(run, r, progress=progress)
+    return _run(run, name, force=force, progress=progress, skip_done=skip_done)
 
 
 def _run(run: Run, name: str, *, force: bool = False, progress: bool | None = None, skip_done: bool = False) -> dict:
-    st = STAGES[name]
+    st = get_stage(name)
     progress = run.cfg.output.progress if progress is None else progress
     con = console.active()
     if con is not None and not con.verbose:
@@ -561,6 +701,12 @@ def _headline(name: str, s: dict) -> str:
     if name == "select":
         extra = f" of {s['rows']}" if "rows" in s else ""
         extra += f", objective {s['objective']:.4g}" if isinstance(s.get("objective"), (int, float)) else ""
+    if _ROUND.fullmatch(name):
+        extra = f" of {s['pool_rows']}" if "pool_rows" in s else ""
+        if isinstance(s.get("rescored"), dict):
+            extra += f", {s['rescored'].get('rows_scored')} rows re-scored"
+        if isinstance(s.get("train"), dict):
+            extra += f", trained {s['train'].get('steps')} steps on {s['train'].get('examples')} rows"
     if name == "evaluate" and isinstance(s.get("delta"), dict):
         extra = "".join(f", {m} {s['delta'][m]:+.3g}" for m in ("rouge_l", "loss") if isinstance(s["delta"].get(m), (int, float)))
         extra = extra and f" (finetuned - base{extra})"
@@ -579,8 +725,8 @@ def _count(name: str, s: dict) -> str:
         "sweep": ("trials", "trials"),
         "report": ("plots", "plots"),
     }
-    # a stage added by a user reports its summary's "rows" (or nothing) until it says more
-    key, unit = keys.get(name, ("rows", "rows"))
+    # a round reports the rows it picked; a stage added by a user its summary's "rows" (or nothing)
+    key, unit = keys.get(name, ("picked", "rows") if _ROUND.fullmatch(name) else ("rows", "rows"))
     val = s.get(key)
     if isinstance(val, list):
         val = len(val)
@@ -609,6 +755,7 @@ def summarize(cfg: Config, results: dict[str, dict]) -> None:
         lines.append(f"report:  edsft report {run.store.uri}")
     if "evaluate" in results:
         lines.append(f"metrics: {run.path('metrics.json').uri}")
+    lines.append(console.compute_line(compute.run_compute(run.store)))
     con = console.active()
     if con is not None:
         lines.append(f"log:     {con.log_path}")
@@ -630,11 +777,18 @@ def trial_run(cfg: Config, parent_uri: str) -> Run:
     return Run(cfg, child.store, parent=parent, inherited=("ingest", "score"))
 
 
+def trial_stages(cfg: Config) -> tuple[str, ...]:
+    """What a trial with this config runs: its rounds (selection.rounds > 1), then TRIAL_STAGES."""
+    return (*round_stages(cfg), *TRIAL_STAGES)
+
+
 def run_trial(cfg: Config, parent_uri: str) -> dict[str, dict]:
     """One sweep trial: the pipeline's own select -> annotate -> train -> evaluate on the child run
-    ``cfg.output.dir``, whose pool, scores and eval split are the parent run's (``parent_uri``).
+    ``cfg.output.dir``, whose pool, scores and eval split are the parent run's (``parent_uri``);
+    with ``selection.rounds`` > 1 its rounds first (``trial_stages``), each re-scoring on Ray Data
+    from inside the trial.
 
     Stages the child already committed for this config are skipped, so a trial that finished
     under another grid (or was killed half-way) is reused or continued. Returns {stage: entry}."""
     child = trial_run(cfg, parent_uri)
-    return {name: _run(child, name, skip_done=True, progress=False) for name in TRIAL_STAGES}
+    return {name: _run(child, name, skip_done=True, progress=False) for name in trial_stages(cfg)}

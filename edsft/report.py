@@ -1,9 +1,12 @@
 """The label-efficiency report: learning curves over budgets and the random-equivalent budget.
 
-Reads a sweep's ``results.parquet`` (one row per trial: selector, params, budget, seed, metrics)
-and answers the paper's question: how many labels does random selection need to match what a
-selector reaches with B labels? The ratio ``B / B_random`` is the headline (0.5: the same
-generalisation as random at half the annotation cost).
+Reads a sweep's ``results.parquet`` (one row per trial: selector, params, rounds, budget, seed,
+metrics, compute) and answers the paper's question: how many labels does random selection need to
+match what a selector reaches with B labels? The ratio ``B / B_random`` is the headline (0.5: the same
+generalisation as random at half the annotation cost). A curve is a (selector, rounds) pair: with
+``sweep.rounds`` the multi-round variants ("uncertainty, 2 rounds") are compared with random like any
+selector, and with their own one-shot design on compute (:func:`compute_summary`,
+:func:`design_table`, :func:`plot_metric_vs_compute`).
 
 Everything here is pandas/numpy/matplotlib (no torch, no ray) and the math is in small pure
 functions (:func:`t_critical`, :func:`summarize`, :func:`random_equivalent_budget`,
@@ -40,6 +43,10 @@ __all__ = [
     "interval_table",
     "plot_learning_curves",
     "plot_label_efficiency",
+    "plot_metric_vs_compute",
+    "compute_summary",
+    "compute_table",
+    "design_table",
     "markdown_table",
     "build_report",
 ]
@@ -50,7 +57,8 @@ _LABELS = {
     "rouge_l": "ROUGE-L F1 (0-1)",
     "loss": "eval loss (nats / response token)",
 }
-_GROUP_COLS = ["selector", "params", "budget"]
+_GROUP_COLS = ["selector", "params", "rounds", "budget"]
+_COMPUTE_KINDS = ("scoring", "selection", "training", "evaluation")  # edsft.compute.KINDS (the result columns)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -189,29 +197,37 @@ def load_results(source: Any) -> pd.DataFrame:
         df["params"] = "{}"
     df["params"] = df["params"].fillna("{}").astype(str)
     df["budget"] = df["budget"].astype(int)
-    return df.reset_index(drop=True)
+    return _with_rounds(df).reset_index(drop=True)
 
 
-def _label(selector: str, params: str) -> str:
-    """Display name: the selector, plus its hyperparameters when any were swept."""
+def _with_rounds(df: pd.DataFrame) -> pd.DataFrame:
+    """Results from before ``sweep.rounds`` (or made by hand) are one-shot: rounds = 1."""
+    if "rounds" in df.columns and df["rounds"].notna().all():
+        return df.assign(rounds=df["rounds"].astype(int))
+    rounds = df["rounds"].fillna(1) if "rounds" in df.columns else 1
+    return df.assign(rounds=pd.Series(rounds, index=df.index).astype(int))
+
+
+def _label(selector: str, params: str, rounds: int = 1) -> str:
+    """Display name: the selector, plus its hyperparameters when any were swept, plus its round count
+    when it is not the one-shot design ("uncertainty, 2 rounds")."""
     p = json.loads(params) if params else {}
-    if not p:
-        return selector
-    return f"{selector}(" + ", ".join(f"{k}={v}" for k, v in sorted(p.items())) + ")"
+    name = selector if not p else f"{selector}(" + ", ".join(f"{k}={v}" for k, v in sorted(p.items())) + ")"
+    return name if int(rounds) == 1 else f"{name}, {int(rounds)} rounds"
 
 
 def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> pd.DataFrame:
-    """Mean and t-interval over seeds of ``metric`` per (selector, params, budget).
+    """Mean and t-interval over seeds of ``metric`` per (selector, params, rounds, budget).
 
-    Columns: selector, params, label, budget, n, mean, std, lo, hi. With one seed std/lo/hi are
+    Columns: selector, params, rounds, label, budget, n, mean, std, lo, hi. With one seed std/lo/hi are
     NaN (no interval can be drawn from one sample) - the plots then draw no band and say so."""
     if metric not in results.columns:
         raise ValueError(
             f"metric={metric!r} is not a column of the results: pick one of {sorted(c for c in results.columns if c in METRICS or c.startswith('base_'))}"
         )
     rows = []
-    data = results.dropna(subset=[metric])
-    for (selector, params, budget), g in data.groupby(_GROUP_COLS, sort=True):
+    data = _with_rounds(results.dropna(subset=[metric]))
+    for (selector, params, rounds, budget), g in data.groupby(_GROUP_COLS, sort=True):
         x = g[metric].to_numpy(dtype=float)
         n = len(x)
         mean = float(x.mean())
@@ -225,7 +241,8 @@ def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> p
             dict(
                 selector=selector,
                 params=params,
-                label=_label(selector, params),
+                rounds=int(rounds),
+                label=_label(selector, params, rounds),
                 budget=int(budget),
                 n=n,
                 mean=mean,
@@ -234,7 +251,7 @@ def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95) -> p
                 hi=hi,
             )
         )
-    cols = ["selector", "params", "label", "budget", "n", "mean", "std", "lo", "hi"]
+    cols = ["selector", "params", "rounds", "label", "budget", "n", "mean", "std", "lo", "hi"]
     return pd.DataFrame(rows, columns=cols).sort_values(["label", "budget"]).reset_index(drop=True)
 
 
@@ -310,9 +327,10 @@ def label_efficiency(summary: pd.DataFrame, metric: str, reference: str = "rando
     ``bound`` qualifies random_budget (">": random needs more than its largest budget, so the
     ratio is an upper bound, ratio_bound "<"; "<": random needs less than its smallest budget,
     ratio_bound ">"; "flat": random's curve does not change with the budget, ratio NaN)."""
-    ref = summary[(summary["selector"] == reference) & (summary["params"].isin(["{}", ""]))]
+    one_shot = summary["rounds"] == 1 if "rounds" in summary.columns else True
+    ref = summary[(summary["selector"] == reference) & (summary["params"].isin(["{}", ""])) & one_shot]
     if ref.empty:
-        ref = summary[summary["selector"] == reference]
+        ref = summary[(summary["selector"] == reference) & one_shot]
     if ref.empty:
         raise ValueError(
             f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)"
@@ -470,9 +488,9 @@ def bootstrap_label_efficiency(
     geometric mean over budgets - , "resampled": "seeds and eval prompts" | "seeds", "n_boot",
     "confidence", "min_seeds"}.
     """
-    res = results.dropna(subset=[metric]).copy()
-    res["label"] = [_label(a, b) for a, b in zip(res["selector"], res["params"])]
-    ref = res[(res["selector"] == reference) & res["params"].isin(["{}", ""])]
+    res = _with_rounds(results.dropna(subset=[metric]).copy())
+    res["label"] = [_label(a, b, r) for a, b, r in zip(res["selector"], res["params"], res["rounds"])]
+    ref = res[(res["selector"] == reference) & res["params"].isin(["{}", ""]) & (res["rounds"] == 1)]
     if ref.empty:
         raise ValueError(
             f"no {reference!r} rows in the results: the sweep must include the {reference!r} selector (run_sweep adds it)"
@@ -534,7 +552,13 @@ def bootstrap_label_efficiency(
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
+        # A censored resample lies strictly beyond its bound (random needs more than its largest budget,
+        # or fewer than its smallest): one ulp off the bound, so that a bound of exactly 1 - the selector
+        # beyond random's value at random's own largest or smallest budget - excludes 1 as it should.
         ratio_boot = budget / rb
+        ratio_boot = np.where(
+            code == 1, np.nextafter(ratio_boot, 0.0), np.where(code == -1, np.nextafter(ratio_boot, np.inf), ratio_boot)
+        )
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
         per_budget.append(
@@ -596,8 +620,13 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
       has no spread to learn an interval from);
     - some selector's interval lies below 1 at one budget or more: the selector with the most such
       budgets (ties: the smaller geometric-mean ratio) and, at each of them, its ratio and interval;
-    - otherwise: no selector differs significantly from random, with the closest one's geometric mean.
-    ``ratio`` is the geometric mean of B / B_random over the interpolated budgets (as :func:`headline`).
+      its other budgets are named as not significant (interval includes 1) or as significantly worse
+      (interval above 1);
+    - otherwise: no selector needs significantly fewer labels; the cells whose interval lies above 1
+      are named as significantly worse, those whose interval includes 1 as not significant (with
+      ratio and interval when there are at most 6 cells), and the closest selector's geometric mean.
+    ``ratio`` is the geometric mean of B / B_random over the interpolated budgets (as :func:`headline`);
+    ``worse_budgets`` maps each selector to the budgets where it needs significantly more labels.
     """
     pb, ps = boot["per_budget"], boot["per_selector"]
     conf = f"{boot['confidence'] * 100:.0f}%"
@@ -639,33 +668,82 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
                 return float(np.exp(np.log(exact["ratio"].to_numpy(dtype=float)).mean()))
         return float(ps.set_index("label").loc[label, "ratio"])
 
-    wins = pb[pb["hi"] < 1.0]
+    wins, worse = pb[pb["hi"] < 1.0], pb[pb["lo"] > 1.0]
+    unclear = pb[(pb["lo"] <= 1.0) & (pb["hi"] >= 1.0)]
+    worse_budgets = {label: [int(b) for b in g["budget"]] for label, g in worse.groupby("label", sort=True)}
+    detail = len(pb) <= 6  # a small sweep (the demo) gets every cell's ratio and interval in the headline
+
+    def cells(g: pd.DataFrame, values: bool, sep: str = ", ") -> str:
+        """One selector's budgets: "B=16: 0.80x [0.50, 1.30], B=64: ..." with values, else "B=16, 64"."""
+        g = g.sort_values("budget")
+        if values:
+            return sep.join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in g.itertuples())
+        return "B=" + ", ".join(str(int(b)) for b in g["budget"])
+
+    def by_label(sub: pd.DataFrame, values: bool) -> str:
+        return "; ".join(f"{label} at {cells(g, values)}" for label, g in sub.groupby("label", sort=True))
+
+    def bound_note(shown: pd.DataFrame) -> str:
+        if not (shown["ratio_bound"] != "").any():
+            return ""
+        return " ('<' / '>': a bound, the selector's value lies beyond random's measured curve)"
+
+    # With two seeds a cell's seed resampling has three distinct draws and its spread is half the
+    # seeds' sample variance: the intervals are narrower than the seed-to-seed spread warrants.
+    few_seeds = (
+        " Two seeds per cell: the bootstrap understates seed-to-seed spread, so read this as indicative and "
+        "confirm with >= 3 seeds (sweep.seeds=[0, 1, 2])."
+        if boot["min_seeds"] == 2
+        else ""
+    )
+
     if len(wins):
         counts = wins.groupby("label").size()
         label = min(counts.index, key=lambda l: (-counts[l], point_ratio(l)))
-        w = wins[wins["label"] == label].sort_values("budget")
-        parts = "; ".join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in w.itertuples())
-        rest = sorted(set(pb[pb["label"] == label]["budget"]) - set(w["budget"]))
-        tail = f"; at B={', '.join(map(str, rest))} the difference from random is not significant" if rest else ""
+        w = wins[wins["label"] == label]
+        tail = ""
+        rest_ns, rest_worse = unclear[unclear["label"] == label], worse[worse["label"] == label]
+        if len(rest_ns):
+            tail += f"; at {cells(rest_ns, detail)} the difference from random is not significant"
+        if len(rest_worse):
+            tail += f"; at {cells(rest_worse, True)} it needs significantly more labels than random (interval above 1)"
         text = (
             f"{label} reaches random's {metric} with fewer labels at {len(w)} of {len(pb[pb['label'] == label])} budgets "
-            f"(B / B_random, {how}, each excluding 1): {parts}{tail}."
+            f"(B / B_random, {how}, each excluding 1): {cells(w, True, '; ')}{tail}"
+            f"{bound_note(pd.concat([w, rest_worse, rest_ns if detail else rest_ns.iloc[:0]]))}.{few_seeds}"
         )
         return {
             **base,
             "selector": label,
             "ratio": point_ratio(label),
-            "significant_budgets": w["budget"].tolist(),
+            "significant_budgets": sorted(int(b) for b in w["budget"]),
+            "worse_budgets": worse_budgets,
             "interval": [float(w["lo"].min()), float(w["hi"].max())],
             "text": text,
         }
     best = ps.sort_values("ratio").iloc[0]
+    parts = []
+    if len(worse):
+        parts.append(f"significantly MORE labels than random (interval above 1): {by_label(worse, True)}")
+    if len(unclear):
+        parts.append(f"not significant (interval includes 1): {by_label(unclear, detail)}")
+    n_gm = int(best["n_budgets"])
+    gm = f"{best['ratio']:.2f}x [{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean of B / B_random over {n_gm} budgets)"
     text = (
-        f"no selector needs significantly fewer labels than random on {metric} ({how}: every interval of "
-        f"B / B_random includes 1 or lies above it); the closest is {best['label']} at {best['ratio']:.2f}x "
-        f"[{best['lo']:.2f}, {best['hi']:.2f}] (geometric mean over {int(best['n_budgets'])} budgets): not significant."
+        f"no selector needs significantly fewer labels than random on {metric} at these budgets ({how}); "
+        + "; ".join(parts)
+        + bound_note(pd.concat([worse, unclear]) if detail else worse)
+        + (
+            ""
+            if len(ps) == 1 and n_gm < 2  # one selector at one budget: the mean is the cell above
+            else f". Overall {best['label']} is at {gm}"
+            if len(ps) == 1
+            else f". Closest to random: {best['label']} at {gm}"
+        )
+        + "."
+        + few_seeds
     )
-    return {**base, "selector": None, "ratio": None, "closest": best["label"], "text": text}
+    return {**base, "selector": None, "ratio": None, "closest": best["label"], "worse_budgets": worse_budgets, "text": text}
 
 
 def interval_table(boot: dict) -> str:
@@ -709,8 +787,9 @@ def _pyplot():
 
 
 def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference: str = "random", base: float | None = None):
-    """Metric vs budget per selector: mean over seeds with a 95% t-band (none for one seed).
-    ``random`` is drawn black dashed with markers; log-scale x when budgets span more than 10x;
+    """Metric vs budget per selector (and round count): mean over seeds with a 95% t-band and error
+    bars (none for one seed). ``random`` is drawn black dashed with markers; a selector's multi-round
+    curves share its colour with other line styles; log-scale x when budgets span more than 10x;
     ``base`` (the base model's value, no finetuning) is a grey dotted horizontal line."""
     plt = _pyplot()
     if ax is None:
@@ -719,22 +798,26 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
         fig = ax.figure
     if summary.empty:
         raise ValueError(f"no finished trials with {metric!r}: nothing to plot")
-    colors = plt.get_cmap("tab10").colors
-    labels = sorted(summary["label"].unique(), key=lambda s: (not s.startswith(reference), s))
     single_seed = int(summary["n"].max()) < 2
-    k = 0
-    for label in labels:
+    for label, (style, is_ref) in _curve_styles(summary, reference).items():
         g = summary[summary["label"] == label].sort_values("budget")
-        is_ref = g["selector"].iloc[0] == reference
-        style = (
-            dict(color="black", linestyle="--", marker="o", linewidth=2.0, zorder=3)
-            if is_ref
-            else dict(color=colors[k % 10], linestyle="-", marker="s", linewidth=1.6)
-        )
-        k += 0 if is_ref else 1
         ax.plot(g["budget"], g["mean"], label=label, markersize=5, **style)
         if g["n"].min() >= 2:
             ax.fill_between(g["budget"], g["lo"], g["hi"], color=style["color"], alpha=0.12 if is_ref else 0.18, linewidth=0)
+        # error bars too: a band has no width at a budget only this selector ran (e.g. random's extra budgets)
+        ok = g[g["n"] >= 2]
+        if len(ok):
+            ax.errorbar(
+                ok["budget"],
+                ok["mean"],
+                yerr=[ok["mean"] - ok["lo"], ok["hi"] - ok["mean"]],
+                fmt="none",
+                ecolor=style["color"],
+                elinewidth=1.0,
+                capsize=3,
+                alpha=0.8,
+                label="_nolegend_",
+            )
     if base is not None and math.isfinite(base):
         ax.axhline(base, color="0.45", linestyle=":", linewidth=1.4, label="base model (no finetuning)")
     _budget_axis(ax, summary["budget"])
@@ -743,6 +826,76 @@ def plot_learning_curves(summary: pd.DataFrame, metric: str, ax=None, reference:
     band = "one seed: no interval" if single_seed else f"mean over {seeds} seeds, 95% t-interval"
     arrow = "higher is better" if higher_is_better(metric) else "lower is better"
     ax.set_title(f"{metric} vs annotation budget ({band}; {arrow})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+# Line styles of the multi-round curves (one round: a solid line; random's dashes are its own).
+_ROUND_STYLES = [("-.", "^"), ((0, (1, 1.5)), "D"), ((0, (5, 1, 1, 1, 1, 1)), "v"), ((0, (3, 3)), "P")]
+
+
+def _curve_styles(table: pd.DataFrame, reference: str = "random") -> dict[str, tuple[dict, bool]]:
+    """{label: (matplotlib style, is_reference)} in drawing order (random first): random black dashed,
+    every other selector (with its params) a tab10 colour, its multi-round variants the same colour
+    with their own line style and marker."""
+    colors = _pyplot().get_cmap("tab10").colors
+    t = _with_rounds(table)
+    info = t.drop_duplicates("label").set_index("label")
+    labels = sorted(info.index, key=lambda s: (not s.startswith(reference), s))
+    shade: dict[str, int] = {}
+    out = {}
+    for label in labels:
+        r = info.loc[label]
+        rounds = int(r["rounds"])
+        is_ref = r["selector"] == reference and rounds == 1
+        if is_ref:
+            out[label] = (dict(color="black", linestyle="--", marker="o", linewidth=2.0, zorder=3), True)
+            continue
+        k = shade.setdefault(_label(r["selector"], r["params"]), len(shade))
+        if rounds == 1:
+            out[label] = (dict(color=colors[k % 10], linestyle="-", marker="s", linewidth=1.6), False)
+        else:
+            ls, mk = _ROUND_STYLES[sorted(set(t["rounds"]) - {1}).index(rounds) % len(_ROUND_STYLES)]
+            out[label] = (dict(color=colors[k % 10], linestyle=ls, marker=mk, linewidth=1.6), False)
+    return out
+
+
+def plot_metric_vs_compute(results: pd.DataFrame, metric: str, ax=None, reference: str = "random"):
+    """The metric against the compute it cost: per (selector, rounds), the mean over seeds of the metric
+    and of ``compute_total_s`` (scoring, the parent's included, + selection + training + evaluation) at
+    each budget, joined in budget order and labelled B=...; log-scale x (a multi-round design can cost
+    several times its one-shot counterpart)."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    else:
+        fig = ax.figure
+    data = _with_rounds(results.dropna(subset=[metric, "compute_total_s"]))
+    data = data[data["compute_total_s"] > 0]
+    if data.empty:
+        raise ValueError(f"no finished trials with {metric!r} and compute_total_s: nothing to plot")
+    data = data.assign(label=[_label(a, b, r) for a, b, r in zip(data["selector"], data["params"], data["rounds"])])
+    means = data.groupby(["label", "selector", "params", "rounds", "budget"], sort=True)[[metric, "compute_total_s"]].mean()
+    means = means.reset_index()
+    for label, (style, _) in _curve_styles(means, reference).items():
+        g = means[means["label"] == label].sort_values("budget")
+        ax.plot(g["compute_total_s"], g[metric], label=label, markersize=5, **style)
+        for r in g.itertuples():
+            ax.annotate(
+                f"B={r.budget}", (r.compute_total_s, getattr(r, metric)), textcoords="offset points", xytext=(4, 3), fontsize=6
+            )
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # seconds in plain numbers: 50, 100, 200
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("compute per trial (s, log scale: scoring + selection + training + evaluation)")
+    ax.set_ylabel(metric_label(metric))
+    arrow = "higher is better" if higher_is_better(metric) else "lower is better"
+    ax.set_title(f"{metric} vs compute (mean over seeds at each budget; {arrow})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -856,6 +1009,93 @@ def _efficiency_table(eff: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------
+# Compute: what each design spent, and against its one-shot counterpart
+# --------------------------------------------------------------------------------------------
+
+
+def compute_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean compute over seeds per (selector, params, rounds, budget), from the results' compute
+    columns (edsft.compute: seconds per kind, the parent's scoring included in every trial).
+
+    Columns: label, selector, params, rounds, budget, n, compute_<kind>_s..., compute_total_s,
+    gpu_total_s (NaN when the results have no GPU columns), vs_one_shot (compute_total_s / the same
+    selector's and params' one-round compute_total_s at that budget; NaN without a one-round trial).
+    Empty when no trial has a compute_total_s."""
+    cols = [f"compute_{k}_s" for k in _COMPUTE_KINDS] + ["compute_total_s"]
+    out_cols = ["label", "selector", "params", "rounds", "budget", "n", *cols, "gpu_total_s", "vs_one_shot"]
+    if "compute_total_s" not in results.columns:
+        return pd.DataFrame(columns=out_cols)
+    data = _with_rounds(results.dropna(subset=["compute_total_s"]))
+    if data.empty:
+        return pd.DataFrame(columns=out_cols)
+    data = data.assign(gpu_total_s=data["gpu_total_s"] if "gpu_total_s" in data.columns else np.nan)
+    present = [c for c in cols if c in data.columns]
+    g = data.groupby(["selector", "params", "rounds", "budget"], sort=True)
+    out = g[present + ["gpu_total_s"]].mean().reset_index()
+    out["n"] = g.size().to_numpy()
+    out["label"] = [_label(a, b, r) for a, b, r in zip(out["selector"], out["params"], out["rounds"])]
+    one = out[out["rounds"] == 1].set_index(["selector", "params", "budget"])["compute_total_s"]
+    keys = list(zip(out["selector"], out["params"], out["budget"]))
+    out["vs_one_shot"] = [t / one[k] if k in one.index and one[k] > 0 else np.nan for t, k in zip(out["compute_total_s"], keys)]
+    for c in cols:
+        if c not in out.columns:
+            out[c] = np.nan
+    return out[out_cols].sort_values(["budget", "label"], key=_random_first).reset_index(drop=True)
+
+
+def _random_first(col: pd.Series) -> pd.Series:
+    return col.map(lambda s: (not s.startswith("random"), s)) if col.name == "label" else col
+
+
+def _seconds(x: float) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.1f}"
+
+
+def compute_table(csum: pd.DataFrame) -> str:
+    """Markdown: mean seconds per kind and in all, per selector (and rounds) and budget."""
+    gpu = csum["gpu_total_s"].notna().any() and (csum["gpu_total_s"] > 0).any()
+    head = ["selector", "B", "n", *_COMPUTE_KINDS, "total"] + (["GPU-seconds"] if gpu else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in csum.itertuples():
+        cells = [r.label, str(r.budget), str(r.n), *(_seconds(getattr(r, f"compute_{k}_s")) for k in _COMPUTE_KINDS)]
+        cells.append(_seconds(r.compute_total_s))
+        if gpu:
+            cells.append(_seconds(r.gpu_total_s))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def design_table(csum: pd.DataFrame, boot: dict | None, reference: str = "random") -> str:
+    """Markdown, for each budget and each (selector, rounds): the labels saved against random
+    (B / B_random with its bootstrap interval, from :func:`bootstrap_label_efficiency`) and the compute
+    spent against one-shot (compute_total_s / the same selector's one-round compute_total_s)."""
+    pb = boot["per_budget"].set_index(["label", "budget"]) if boot is not None and len(boot["per_budget"]) else None
+    lines = [
+        "| B | selector | rounds | B / B_random (labels vs random) | compute (s) | compute vs one-shot |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in csum.itertuples():
+        if r.selector == reference and r.rounds == 1:
+            labels = "1 (the reference)"
+        elif pb is not None and (r.label, r.budget) in pb.index:
+            b = pb.loc[(r.label, r.budget)]
+            mark = " **<1**" if b["hi"] < 1 else " **>1**" if b["lo"] > 1 else ""
+            labels = (
+                f"{b['ratio_bound']}{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]{mark}" if np.isfinite(b["ratio"]) else "n/a"
+            )
+        else:
+            labels = "-"
+        vs = (
+            "1 (one-shot)"
+            if r.rounds == 1
+            else (f"{r.vs_one_shot:.2f}x" if np.isfinite(r.vs_one_shot) else "- (no one-round trial)")
+        )
+        name = _label(r.selector, r.params)  # the rounds have a column of their own
+        lines.append(f"| {r.budget} | {name} | {r.rounds} | {labels} | {_seconds(r.compute_total_s)} | {vs} |")
+    return "\n".join(lines)
+
+
 def lm_eval_table(run, results: pd.DataFrame) -> str | None:
     """Markdown: lm-evaluation-harness scores (``evaluation.lm_eval_tasks``) per selector and budget,
     the mean over seeds of each task's metrics (stderr left out), with the base model's row first;
@@ -871,7 +1111,8 @@ def lm_eval_table(run, results: pd.DataFrame) -> str | None:
             metrics_file.read_json().get("lm_eval", {}).get("finetuned") if "trial_id" in r and metrics_file.exists() else None
         )
         if scores:
-            rows.append({"label": _label(r["selector"], r["params"]), "budget": int(r["budget"]), **_lm_eval_flat(scores)})
+            label = _label(r["selector"], r["params"], r.get("rounds", 1))
+            rows.append({"label": label, "budget": int(r["budget"]), **_lm_eval_flat(scores)})
     if not rows:
         return None
     df = pd.DataFrame(rows)
@@ -932,7 +1173,10 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
     plots = []
     sections = []
     head = None
+    csum = compute_summary(results)
+    multi_round = bool((results["rounds"] > 1).any())
     for m in metrics:
+        boot = None
         summ = summarize(results, m)
         has_random = (summ["selector"] == "random").any()
         eff = label_efficiency(summ, m) if has_random else None
@@ -967,6 +1211,20 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
                 interval_table(boot),
                 "",
             ]
+        if multi_round and not csum.empty:
+            vs_name = f"metric_vs_compute_{m}.png"
+            out.child(vs_name).write_bytes(_png_bytes(plot_metric_vs_compute(results, m)))
+            plots.append(out.child(vs_name).uri)
+            block += [
+                f"One-shot design against multi-round active learning on {m}: labels saved against random "
+                f"(B / B_random, bootstrap interval as above) and compute spent against the same selector's one-round "
+                f"design at that budget (mean compute_total_s over seeds, the shared scoring included):",
+                "",
+                design_table(csum, boot),
+                "",
+                f"![{m} vs compute]({vs_name})",
+                "",
+            ]
         if m == metric:
             if eff is None:
                 head = {"selector": None, "ratio": None, "text": "random is not in the sweep: no ratio"}
@@ -979,7 +1237,7 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
 
     seeds = sorted(results["seed"].unique().tolist())
     budgets = sorted(results["budget"].unique().tolist())
-    selectors = sorted({_label(s, p) for s, p in zip(results["selector"], results["params"])})
+    selectors = sorted({_label(s, p, r) for s, p, r in zip(results["selector"], results["params"], results["rounds"])})
     pool = config.get("pool", {})
     model = (config.get("training", {}) or {}).get("model") or (config.get("scoring", {}) or {}).get("model")
     statuses = raw["status"].value_counts().to_dict() if "status" in raw.columns else {}
@@ -999,9 +1257,13 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
         f"| run | `{run.uri}` |",
         f"| pool | `{pool.get('path', '?')}` (size {pool.get('size', '?')}) |",
         f"| model | `{model or '?'}` (LoRA: {config.get('training', {}).get('lora', '?')}) |",
-        f"| selectors | {', '.join(selectors)} |",
+        f"| selectors | {('; ' if multi_round else ', ').join(selectors)} |",  # labels of rounds hold a comma
         f"| budgets | {', '.join(str(b) for b in budgets)} |",
         f"| seeds | {', '.join(str(s) for s in seeds)} |",
+        *(
+            [f"| rounds | {', '.join(str(r) for r in sorted(results['rounds'].unique()))} (1: the one-shot design) |"]
+            * multi_round
+        ),
         f"| metric | {metric} ({metric_label(metric)}; {'higher' if higher_is_better(metric) else 'lower'} is better) |",
         f"| intervals | {interval} |",
         f"| trials | {len(results)} finished of {len(raw)} ({', '.join(f'{k}: {v}' for k, v in statuses.items())}) |",
@@ -1010,6 +1272,18 @@ def build_report(run, metric: str | None = None, metrics: Iterable[str] | None =
         "## Results",
         "",
     ] + sections
+    if not csum.empty:
+        out.child("compute.csv").write_text(csum.to_csv(index=False))
+        lines += [
+            "## Compute",
+            "",
+            "Mean seconds per trial over seeds (n trials) spent scoring (the sweep's shared scoring of the pool, "
+            "counted in every trial, plus any re-scoring between rounds), selecting, training and evaluating "
+            "(edsft.compute; wall time of each committed stage):",
+            "",
+            compute_table(csum),
+            "",
+        ]
     lm_eval = lm_eval_table(run, results)
     if lm_eval is not None:
         lines += [

@@ -95,6 +95,26 @@ def config_problems(cfg: Config) -> list[str]:
     for name in sweep.params:
         if name not in SELECTORS:
             problems.append(f"sweep.params names {name!r}, which is not a selector: {did_you_mean(name, SELECTORS, 'selector')}")
+    # Each round picks at least one row: R rounds need a budget of R or more. Random runs one round
+    # only (edsft.distributed.sweep.expand_grid), so a sweep of random alone has nothing to check.
+    if any(name != "random" for name in sweep.selectors):
+        small = [b for b in sweep.budgets if b < max(sweep.rounds)]
+        too_many = [r for r in sweep.rounds if r > min(sweep.budgets)]
+        if too_many:
+            problems.append(
+                f"sweep.rounds={list(sweep.rounds)} has {too_many} rounds but sweep.budgets has {small}: each round picks "
+                f">= 1 row, so every budget must be >= the largest round count; drop those round counts or raise the budgets"
+            )
+    if sel.rounds > 1 and cfg.annotation.mode == "export":
+        problems.append(
+            f"selection.rounds={sel.rounds} with annotation.mode='export': every round but the last trains on its "
+            "annotated batch, so it needs the labels at once; use annotation.mode=oracle or import, or selection.rounds=1"
+        )
+    if sel.rounds > 1 and sel.round_training == "continue" and not cfg.training.lora:
+        problems.append(
+            "selection.round_training='continue' continues the last round's LoRA adapter: set training.lora=true, "
+            "or selection.round_training=restart"
+        )
     if sweep.metric not in sweep_metrics():
         problems.append(
             f"sweep.metric={sweep.metric!r} is not a metric of the report: "

@@ -122,13 +122,24 @@ def resolve_mode(mode: str, rows: int, local_max_rows: int) -> str:
     return mode
 
 
-def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True, *, callbacks: Sequence[Callback] = ()) -> dict:
+def select_subset(
+    cfg: Config,
+    scores: Store,
+    out: Store,
+    progress: bool = True,
+    *,
+    callbacks: Sequence[Callback] = (),
+    chosen: np.ndarray | None = None,
+) -> dict:
     """Pick `cfg.selection.budget` rows of the scored pool and write selection.parquet.
 
     `scores`: the folder (or file) of Parquet parts written by scoring. `out`: the selection.parquet file
     (a Store whose path ends in .parquet) or a folder to write ``selection.parquet`` into.
     `callbacks` (distributed mode): called at the start of every Ray task as ``cb(stage=, shard=)``
     (see STAGES), inside the task's worker, so they must be picklable.
+    `chosen`: embeddings (m, d) of rows chosen before, which are not in `scores` (multi-round selection):
+    selectors with ``uses_chosen`` start from them (``Selector.with_chosen``), in-process and in every
+    shard task alike.
     Returns the summary the pipeline puts in the manifest: selector, mode, shards, rows, budget,
     objective (also under the selector's ``objective_name``, e.g. ``covering_radius``), wall_s, ...
 
@@ -148,10 +159,10 @@ def select_subset(cfg: Config, scores: Store, out: Store, progress: bool = True,
     mode = resolve_mode(sel_cfg.mode, scan.rows, sel_cfg.local_max_rows)
 
     if mode == "local":
-        results = _select_local(scan, sel_cfg.name, params, budgets, sel_cfg.seed)
+        results = _select_local(scan, sel_cfg.name, params, budgets, sel_cfg.seed, chosen)
     else:
         init_ray(cfg)
-        results = {b: _Distributed(scan, cfg, b, kappa, params, progress, callbacks).run() for b in budgets}
+        results = {b: _Distributed(scan, cfg, b, kappa, params, progress, callbacks, chosen).run() for b in budgets}
 
     target = out if out.uri.endswith(".parquet") else out.child("selection.parquet")
     table, summary = results[budgets[-1]]
@@ -306,7 +317,7 @@ def _arrays(table: pa.Table, emb_col: str, dim: int, score_cols) -> tuple:
     return ids, tasks, S, X
 
 
-def _select_local(scan: _Scan, name: str, params: dict, budgets: list[int], seed: int) -> dict:
+def _select_local(scan: _Scan, name: str, params: dict, budgets: list[int], seed: int, chosen=None) -> dict:
     """The whole pool in this process: exactly ``edsft.selection.select``, per budget {b: (table, summary)}.
     A nested selector runs once at the largest budget and every smaller size is its prefix."""
     table = pa.concat_tables([_read_unit(scan, u, scan.columns) for u in scan.units])
@@ -314,7 +325,7 @@ def _select_local(scan: _Scan, name: str, params: dict, budgets: list[int], seed
     del table
     if "row_keys" in _fields(name) and "row_keys" not in params:
         params = {**params, "row_keys": ids}  # partition by row_id, like the distributed path (greedi)
-    sel = get_selector(name, **params)
+    sel = get_selector(name, **params).with_chosen(chosen)
     out = {}
     if sel.nested:
         res = sel.select(budgets[-1], X, S, tasks, seed)
@@ -575,11 +586,18 @@ class _Distributed:
         params: dict,
         progress: bool,
         callbacks: Sequence[Callback],
+        chosen: np.ndarray | None = None,
     ):
         s = cfg.selection
         self.scan, self.budget, self.seed, self.name = scan, budget, s.seed, s.name
         self.progress, self.callbacks = progress, tuple(callbacks)
-        selector = get_selector(s.name, **params)  # validates the parameters before any task runs
+        # validates the parameters before any task runs; the rows chosen before travel with the selector
+        selector = get_selector(s.name, **params).with_chosen(chosen)
+        if selector.chosen is not None and selector.uses_chosen and selector.chosen.shape[1] != scan.dim:
+            raise UserError(
+                f"the chosen rows' embeddings have {selector.chosen.shape[1]} dimensions, {scan.emb_col!r} of "
+                f"{scan.store.uri!r} has {scan.dim}: embed both with the same model and column"
+            )
         self.plan = selector.distribution()
         if isinstance(self.plan, NotDistributable):
             raise UserError(self.plan.reason)

@@ -187,7 +187,10 @@ def _evaluate_distributed(cfg: Config, rows: list[dict], model_spec: str, adapte
     ev = cfg.evaluation
     use_gpu = ev.num_gpus_per_actor > 0
     n_blocks = max(ev.num_actors * 2, min(len(rows) // max(ev.batch_size, 1), 64), 1)
-    ds = ray.data.from_items(rows).repartition(n_blocks)  # one block per batch-ish: the pool stays busy
+    # One block per batch-ish so the actor pool stays busy. The blocks are cut here, not by
+    # repartition(): its tasks ask for a whole CPU, and inside a sweep on a 2-CPU node (two trials
+    # holding 0.001 CPU each, two 0.5-CPU eval actors) a whole CPU never frees up: the eval hangs.
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     worker_settings = dict(settings, generate=ev.generate)
     results = ds.map_batches(
         EvalWorker,

@@ -41,17 +41,26 @@ over all scores, on the driver or in another Ray Data job, before the stage coul
 backend also keeps or deletes data files by name prefixes of its own, so the stage could not name
 the exact files of the committed artifact, and it is a process-wide setting of the DataContext that
 evaluation's and ingest's datasets would see too.
+
+Multi-round selection re-scores with a finetuned model: ``adapter`` (the train stage's ``adapter/``
+folder, local or s3://) is applied by every actor, and ``chosen`` names the rows earlier rounds chose.
+They are not scored; with ``chosen_out`` they get their prompt embedding under the same model (one
+forward pass, no generation: what diversity selectors start from), written as Parquet parts of
+(row_id, task, embedding[, embedding_encoder]) into ``chosen_out``, in the same blocks (the actor writes both files, the driver commits both) and with the
+same resume. Inside a Ray Tune trial (a placement group) the read tasks and actors are scheduled
+outside the trial's tiny placement group, on the cluster's free CPUs/GPUs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import posixpath
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +76,10 @@ from ..storage import Store, get_store
 from .runtime import model_actor_plan
 from .session import init_ray
 
-__all__ = ["score_pool", "scores_schema", "block_callbacks", "write_block"]
+__all__ = ["score_pool", "scores_schema", "block_callbacks", "write_block", "CHOSEN_COLUMNS"]
+
+# chosen_out's columns: what diversity selectors read of the rows chosen in earlier rounds
+CHOSEN_COLUMNS = ("row_id", "task", "embedding", "embedding_encoder")
 
 # Called on the driver as ``cb(block=, rows=, part=)`` after each block is committed (part moved
 # into out, marker on disk); an exception raised here stops scoring like a preempted node would.
@@ -100,9 +112,17 @@ class _ScoringActor:
     """A Scorer that writes each scored batch itself and returns only its tally (module docstring).
 
     ``incoming`` (a URI, with the storage endpoint and region: the actor builds its own filesystem,
-    credentials from its environment) is where its block files go."""
+    credentials from its environment) is where its block files go; ``adapter_uri`` (multi-round
+    re-scoring) is a LoRA adapter applied on top of the model."""
 
-    def __init__(self, incoming: str, endpoint_url: str | None = None, region: str | None = None, **kwargs):
+    def __init__(
+        self, incoming: str, endpoint_url: str | None = None, region: str | None = None, adapter_uri: str | None = None, **kwargs
+    ):
+        if adapter_uri is not None:  # a local copy of the adapter (a no-op for a local folder)
+            import tempfile
+
+            store = get_store(adapter_uri, endpoint_url, region)
+            kwargs["adapter"] = str(store.download_to(tempfile.mkdtemp(prefix="edsft-adapter-")))
         self.scorer = Scorer(**kwargs)
         self.incoming = get_store(incoming, endpoint_url, region)
 
@@ -121,9 +141,10 @@ class _ScoringActor:
             else:
                 cols[f.name] = pa.array(v, type=f.type)
         # the dtype the model ran in ('auto' resolved on this actor's hardware): tallied, not written
-        return pa.table(cols, schema=schema).append_column(
-            "dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string())
-        )
+        t = pa.table(cols, schema=schema).append_column("dtype", pa.array([self.scorer.dtype] * len(out["row_id"]), pa.string()))
+        if "embed_only" in out:  # rows chosen before: routed to chosen_out when the block is committed
+            t = t.append_column("embed_only", pa.array(out["embed_only"], pa.bool_()))
+        return t
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tally = write_block(self.incoming, self.table(batch))
@@ -135,7 +156,14 @@ def write_block(incoming: Store, t: pa.Table) -> dict:
     (written whole) and return its tally, whose ``part`` names that file (None: no good row)."""
     tally = _tally(t)
     good = t.filter(pc.is_null(t["error"])).drop_columns(["error", "dtype"])
-    tally["part"] = None
+    tally["part"] = tally["chosen_part"] = None
+    if "embed_only" in good.column_names:  # rows chosen before: their embedding goes to chosen_out
+        flags = good["embed_only"]
+        emb = good.filter(flags).select([c for c in good.column_names if c in CHOSEN_COLUMNS])
+        good = good.filter(pc.invert(flags)).drop_columns(["embed_only"])
+        if emb.num_rows:
+            tally["chosen_part"] = f"{uuid.uuid4().hex}.parquet"
+            incoming.child(tally["chosen_part"]).write_table(emb)
     if good.num_rows:
         tally["part"] = f"{uuid.uuid4().hex}.parquet"
         incoming.child(tally["part"]).write_table(good)
@@ -145,8 +173,12 @@ def write_block(incoming: Store, t: pa.Table) -> dict:
 def _tally(t: pa.Table) -> dict:
     """A block's marker: its row count, tokens, dtypes and quarantined rows (JSON-friendly)."""
     bad = t.filter(pc.is_valid(t["error"]))
+    embedded = 0
+    if "embed_only" in t.column_names:
+        embedded = pc.sum(pc.and_(t["embed_only"], pc.is_null(t["error"]))).as_py() or 0
     return {
         "rows": t.num_rows,
+        "embedded": embedded,
         "prompt_tokens": pc.sum(t["prompt_tokens"]).as_py() or 0,
         "response_tokens": pc.sum(t["response_tokens"]).as_py() or 0,
         "bad": [[r, why] for r, why in zip(bad["row_id"].to_pylist(), bad["error"].to_pylist())],
@@ -159,8 +191,8 @@ class _Blocks:
     ``_<out>.blocks/``, whose ``part`` (if it had good rows) is a committed Parquet file in ``out``;
     ``incoming/`` in that folder is where the actors write blocks that are not committed yet."""
 
-    def __init__(self, out: Store, fingerprint: str):
-        self.out = out
+    def __init__(self, out: Store, fingerprint: str, chosen_out: Store | None = None):
+        self.out, self.chosen_out = out, chosen_out
         self.dir = _sibling(out, "_{}.blocks")
         self.incoming = self.dir.child("incoming")
         state = self.dir.child("_state.json")
@@ -168,21 +200,25 @@ class _Blocks:
             # no earlier attempt, or one with another config or pool: start from nothing
             self.dir.remove()
             out.remove()
+            if chosen_out is not None:
+                chosen_out.remove()
             state.write_json({"fingerprint": fingerprint})
         self.done = [self.dir.child(n).read_json() for n in self.dir.list() if n.endswith(".json") and n != "_state.json"]
-        # parts no marker names were cut off by the kill (moved into out before the marker was written),
+        # parts no marker names were cut off by the kill (moved in before the marker was written),
         # and nothing in incoming/ was ever committed
-        keep = {b["part"] for b in self.done if b["part"]}
-        for n in out.list():
-            if n not in keep:
-                out.child(n).remove()
+        for folder, key in ((out, "part"), (chosen_out, "chosen_part")):
+            keep = {b.get(key) for b in self.done if b.get(key)}
+            for n in folder.list() if folder is not None else ():
+                if n not in keep:
+                    folder.child(n).remove()
         self.incoming.remove()
         self.attempt = uuid.uuid4().hex[:8]
 
     def row_ids(self) -> pa.Array:
-        """Every row a finished block holds: scored (from its part) or quarantined."""
+        """Every row a finished block holds: scored (from its part), embedded (chosen part) or quarantined."""
         ids = [r for b in self.done for r, _ in b["bad"]]
         parts = [self.out.child(b["part"]) for b in self.done if b["part"]]
+        parts += [self.chosen_out.child(b["chosen_part"]) for b in self.done if b.get("chosen_part")]
         scored = [p.read_table(columns=["row_id"])["row_id"].to_pylist() for p in parts]
         return pa.array(ids + [r for s in scored for r in s], pa.string())
 
@@ -193,6 +229,9 @@ class _Blocks:
         if tally["part"]:
             self.incoming.child(tally["part"]).move_to(self.out.child(f"{name}.parquet"))
             tally["part"] = f"{name}.parquet"
+        if tally.get("chosen_part"):
+            self.incoming.child(tally["chosen_part"]).move_to(self.chosen_out.child(f"{name}.parquet"))
+            tally["chosen_part"] = f"{name}.parquet"
         self.dir.child(f"{name}.json").write_json(tally)
         self.done.append(tally)
         return tally
@@ -213,7 +252,17 @@ def _count_rows(pool: Store, files: list[str]) -> int:
     return sum(pq.read_metadata(f, filesystem=pool.fs).num_rows for f in files)
 
 
-def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = None, progress: bool = True) -> dict:
+def score_pool(
+    cfg: Config,
+    pool: Store,
+    out: Store,
+    quarantine: Store | None = None,
+    progress: bool = True,
+    *,
+    adapter: Store | None = None,
+    chosen: Sequence[str] | None = None,
+    chosen_out: Store | None = None,
+) -> dict:
     """Score every prompt of ``pool`` with ``cfg.scoring``; write Parquet shards to ``out``.
 
     ``quarantine`` (a JSONL file; default ``<out>.quarantine.jsonl`` next to ``out``) receives
@@ -222,6 +271,10 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     rows_scored, rows_quarantined (of the whole pool), rows_resumed and blocks_resumed (taken from
     an interrupted attempt), rows_this_attempt (sent to the model now), wall_s, rows_per_s,
     tokens_per_s (prompt + generated tokens), generated_tokens_per_s (this attempt's), out.
+
+    ``adapter``: a LoRA adapter folder applied to ``scoring.model``. ``chosen``: row_ids that are not
+    scored (chosen in earlier rounds); with ``chosen_out`` (a folder) they are embedded there instead
+    (module docstring), and the summary adds rows_chosen and rows_embedded.
     """
     sc = cfg.scoring
     files = pool.parquet_files()
@@ -240,7 +293,25 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
     resolve_model(sc.model)  # build/convert a builtin once on the driver, so actors only load it
     plan = model_actor_plan(sc)
     rows_in = _count_rows(pool, files)
-    blocks_done = _Blocks(out, config_hash(cfg, ("scoring",), extra={"pool": pool.uri, "files": files}))
+    identity: dict = {"pool": pool.uri, "files": files}
+    chosen_ids = None
+    if chosen is not None:
+        chosen_ids = pa.array(sorted(set(map(str, chosen))), pa.string())
+        in_pool = sum(
+            pc.sum(pc.is_in(pq.read_table(f, columns=["row_id"], filesystem=pool.fs)["row_id"], value_set=chosen_ids)).as_py()
+            or 0
+            for f in files
+        )
+        if chosen_out is None:
+            rows_in -= in_pool  # not sent to the model at all
+        identity["chosen"] = hashlib.sha256("\n".join(chosen_ids.to_pylist()).encode()).hexdigest()[:16]
+        identity["embed_chosen"] = chosen_out is not None
+    if adapter is not None:
+        if not adapter.child("adapter_config.json").exists():
+            raise ValueError(f"adapter {adapter.uri!r} has no adapter_config.json: pass the train stage's out/adapter folder")
+        weights = adapter.child("adapter_model.safetensors")
+        identity["adapter"] = hashlib.sha256(weights.read_bytes() if weights.exists() else b"").hexdigest()[:16]
+    blocks_done = _Blocks(out, config_hash(cfg, ("scoring",), extra=identity), chosen_out)
     resumed = blocks_done.row_ids()
     rows_resumed, blocks_resumed = len(resumed), len(blocks_done.done)
     todo = rows_in - rows_resumed
@@ -256,9 +327,27 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         ray_batch = max(1, min(sc.batch_size * 4, math.ceil(todo / plan.max_actors)))
         blocks = max(plan.max_actors * 2, math.ceil(todo / ray_batch))
 
-        ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
+        # in a Tune trial (a placement group of a sliver of a CPU): schedule outside it, on the cluster
+        remote = {}
+        if ray.util.get_current_placement_group() is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            remote["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
+        ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns, ray_remote_args=dict(remote))
         if rows_resumed:  # only the rows no finished block holds go to the model
-            ds = ds.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow")
+            ds = ds.map_batches(
+                lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow", **remote
+            )
+        if chosen_ids is not None and chosen_out is None:  # rows chosen before: not scored
+            ds = ds.map_batches(
+                lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids))), batch_format="pyarrow", **remote
+            )
+        elif chosen_ids is not None:  # rows chosen before: embedded only
+            ds = ds.map_batches(
+                lambda t: t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids)),
+                batch_format="pyarrow",
+                **remote,
+            )
         ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
         ds = ds.map_batches(
             _ScoringActor,
@@ -266,6 +355,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
                 incoming=blocks_done.incoming.uri,
                 endpoint_url=cfg.storage.endpoint_url,
                 region=cfg.storage.region,
+                adapter_uri=adapter.uri if adapter is not None else None,
                 model=sc.model,
                 max_new_tokens=sc.max_new_tokens,
                 max_prompt_tokens=sc.max_prompt_tokens,
@@ -283,6 +373,7 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
+            **remote,
         )
         # Streamed: each block is committed as its tally arrives, so a kill loses only the blocks in
         # flight. Ray Data may bundle several tallies into one batch.
@@ -296,18 +387,23 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
 
     everything = blocks_done.done
     bad = [(rid, why) for b in everything for rid, why in b["bad"]]
-    rows_scored = sum(b["rows"] for b in everything) - len(bad)
+    rows_embedded = sum(b.get("embedded", 0) for b in everything)
+    rows_scored = sum(b["rows"] for b in everything) - len(bad) - rows_embedded
     rows_now = sum(b["rows"] for b in new)
     prompt_tokens = sum(b["prompt_tokens"] for b in new)
     response_tokens = sum(b["response_tokens"] for b in new)
     dtypes = sorted({d for b in everything for d in b["dtypes"]})
-    if rows_in != rows_scored + len(bad):
-        raise RuntimeError(f"scoring lost rows: {rows_in} in, {rows_scored} scored, {len(bad)} quarantined")
+    if rows_in != rows_scored + rows_embedded + len(bad):
+        raise RuntimeError(
+            f"scoring lost rows: {rows_in} in, {rows_scored} scored, {rows_embedded} embedded, {len(bad)} quarantined"
+        )
     distinct = pc.count_distinct(blocks_done.row_ids()).as_py()  # the row_id columns of the parts, not the scores
     if distinct != rows_in:
         raise RuntimeError(f"scoring holds {rows_in - distinct} row(s) twice: {rows_in} rows in {len(everything)} blocks")
     if not out.exists():
         out.mkdir()  # a pool whose every row was quarantined still gives a (empty) scores folder
+    if chosen_out is not None and not chosen_out.exists():
+        chosen_out.mkdir()
     quarantine.write_jsonl({"row_id": rid, "reason": why} for rid, why in bad)
     blocks_done.finish()  # last: a kill before this resumes from the blocks, after it nothing is left to do
 
@@ -324,11 +420,17 @@ def score_pool(cfg: Config, pool: Store, out: Store, quarantine: Store | None = 
         "tokens_per_s": round((prompt_tokens + response_tokens) / wall, 1),
         "generated_tokens_per_s": round(response_tokens / wall, 1),
         "actors": plan.max_actors,
+        "gpus_per_actor": plan.num_gpus,
         "device": plan.device,
         "dtype": "/".join(dtypes) or None,
         "out": out.uri,
         "quarantine": quarantine.uri,
     }
+    if chosen is not None:
+        summary["rows_chosen"] = len(chosen_ids)
+        summary["rows_embedded"] = rows_embedded
+    if adapter is not None:
+        summary["adapter"] = adapter.uri
     if progress:
         print(
             f"scoring: {rows_scored}/{rows_in} rows scored ({rows_resumed} resumed), {len(bad)} quarantined in {wall:.1f}s "

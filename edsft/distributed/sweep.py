@@ -1,12 +1,12 @@
-"""Ray Tune sweep over selector x budget x seed (x selector hyperparameters).
+"""Ray Tune sweep over selector x budget x seed (x selector hyperparameters x round counts).
 
 The pool is scored once (``run/scores.parquet``); every trial then runs the pipeline's own
 
     select -> annotate -> train (Ray Train, launched from inside the trial) -> evaluate
 
 stages (``trial_runner``, :func:`edsft.pipeline.run_trial`) on a child run in
-``run/sweep/trials/<selector>[-params]-b<budget>-s<seed>/`` whose pool, scores and eval split
-are the run's, and reports the eval metrics (:class:`edsft.results.EvalResult`) to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
+``run/sweep/trials/<selector>[-params][-r<rounds>]-b<budget>-s<seed>/`` whose pool, scores and eval
+split are the run's, and reports the eval metrics (:class:`edsft.results.EvalResult`) to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
 *function* trainable that only drives its TorchTrainer, so it asks for a sliver of a CPU
 (``sweep.cpus_per_trial``) and the trainer's workers hold the real resources. Concurrency is
 capped by ``max_concurrent_trials`` (from the cluster when null) so that trials do not start
@@ -17,7 +17,8 @@ hash); re-running the same sweep restores it and runs only the trials that did n
 A trial's child run commits stage by stage like any run, so a trial that finished under a
 different grid (one more budget, say) is not recomputed, and a killed one continues. Its
 ``result.json`` (its results row, keyed by the trial's config hash) is written last.
-Results: ``run/sweep/results.parquet``, one row per trial.
+Results: ``run/sweep/results.parquet``, one row per trial, with its compute (:mod:`edsft.compute`:
+seconds per kind, the parent's scoring included, and GPU-seconds when there are any).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import console
+from .. import compute, console
 from ..config import Config, config_from_dict, config_hash, config_to_dict
 from ..errors import UserError
 from ..results import METRICS, EvalResult
@@ -50,11 +51,17 @@ __all__ = [
 ]
 
 RESULT_COLUMNS = (
-    ["trial_id", "selector", "params", "budget", "seed"]
+    ["trial_id", "selector", "params", "budget", "seed", "rounds"]
     + list(METRICS)
     + [f"base_{m}" for m in METRICS]
-    + ["objective", "train_steps", "wall_s", "status", "error", "metrics"]
+    + ["objective", "train_steps", "wall_s"]
+    + list(compute.COLUMNS)
+    + list(compute.GPU_COLUMNS)  # left out of a table where no trial used a GPU
+    + ["status", "error", "metrics"]
 )
+# The stages a trial inherits from the sweep's run (edsft.pipeline.run_trial); a trial's manifest
+# records them itself, this is for trials committed before it did.
+_INHERITED = ("ingest", "score")
 # Config sections that decide a trial's result (sweep itself only decides which trials exist).
 _TRIAL_SECTIONS = ("pool", "scoring", "selection", "annotation", "training", "evaluation")
 
@@ -85,11 +92,14 @@ def _trial_progress(total: int):
 # --------------------------------------------------------------------------------------------
 
 
-def trial_name(selector: str, params: dict, budget: int, seed: int) -> str:
-    """``<selector>[-k=v,...]-b<budget>-s<seed>``, safe as a folder name locally and on S3."""
+def trial_name(selector: str, params: dict, budget: int, seed: int, rounds: int = 1) -> str:
+    """``<selector>[-k=v,...][-r<rounds>]-b<budget>-s<seed>``, safe as a folder name locally and on S3.
+    One round (the one-shot design) adds nothing: sweeps from before ``sweep.rounds`` keep their names."""
     name = selector
     if params:
         name += "-" + ",".join(f"{k}={params[k]}" for k in sorted(params))
+    if rounds != 1:
+        name += f"-r{rounds}"
     name += f"-b{budget}-s{seed}"
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
 
@@ -97,7 +107,9 @@ def trial_name(selector: str, params: dict, budget: int, seed: int) -> str:
 def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     """Every trial of the sweep, in a stable order, and notes for the log.
 
-    ``random`` is always part of the grid: the label-efficiency ratio is measured against it."""
+    ``random`` is always part of the grid: the label-efficiency ratio is measured against it. Each
+    variant runs at every round count of ``sweep.rounds`` except random, which never reads the model:
+    with R > 1 rounds it would be the same design as one round, so it runs one-shot only (noted)."""
     notes = []
     selectors = list(dict.fromkeys(cfg.sweep.selectors))  # drop duplicates, keep order
     if not selectors:
@@ -116,34 +128,60 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     unused = [s for s in cfg.sweep.params if s not in selectors]
     if unused:
         notes.append(f"sweep.params for {unused} ignored: not in sweep.selectors={selectors}")
-    variants = []  # (selector, params) pairs
+    rounds = [int(r) for r in dict.fromkeys(cfg.sweep.rounds)]
+    multi = [r for r in rounds if r != 1]
+    if multi:
+        notes.append(
+            f"sweep.rounds={rounds}: random runs with one round only (it never reads the model, so {multi} rounds "
+            "would repeat the same design)"
+        )
+    if cfg.selection.rounds != 1 and cfg.selection.rounds not in rounds:
+        notes.append(
+            f"selection.rounds={cfg.selection.rounds} is not used by the sweep: trials take their round count from "
+            f"sweep.rounds={rounds}"
+        )
+    if cfg.selection.round_budgets is not None:
+        notes.append(
+            f"selection.round_budgets={list(cfg.selection.round_budgets)} is not used by the sweep: each trial splits "
+            "its budget evenly over its rounds"
+        )
+    variants = []  # (selector, params, rounds)
     for selector in selectors:
         base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
-        variants += [(selector, {**base, **params}) for params in param_grid(selector, cfg.sweep.params.get(selector))]
+        for params in param_grid(selector, cfg.sweep.params.get(selector)):
+            variants += [(selector, {**base, **params}, r) for r in rounds if r == 1 or selector != "random"]
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
+    # Random's extra budgets (sweep.random_budgets, usually beyond the others: the longest trials)
+    # start each seed: longest first packs the concurrent trials better, and the shared budgets still
+    # follow one another, so a sweep stopped early still has every selector at the same budgets.
+    cells = [(b, [v for v in variants if v[0] == "random"]) for b in cfg.sweep.random_budgets]
+    cells += [(b, variants) for b in cfg.sweep.budgets]
     specs = []
     for seed in cfg.sweep.seeds:
-        for budget in cfg.sweep.budgets:
-            for selector, params in variants:
+        for budget, cell in cells:
+            for selector, params, r in cell:
                 specs.append(
                     {
-                        "name": trial_name(selector, params, int(budget), int(seed)),
+                        "name": trial_name(selector, params, int(budget), int(seed), r),
                         "selector": selector,
                         "params": params,
                         "budget": int(budget),
                         "seed": int(seed),
+                        "rounds": r,
                     }
                 )
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise UserError(f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.seeds")
+        raise UserError(
+            f"sweep trials {dup} appear twice: remove duplicate budgets/seeds from sweep.budgets / sweep.random_budgets / sweep.seeds"
+        )
     return specs, notes
 
 
 def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
-    """The config one trial runs with: its selector/params/budget/seed, its own output folder
+    """The config one trial runs with: its selector/params/budget/seed/rounds, its own output folder
     (Ray Train checkpoints go to the trial's train/ unless training.storage_path is set; run names
     hash the data, so concurrent trials never collide) and the seed also for training (LoRA init
     and data order are part of what a seed replicates)."""
@@ -153,6 +191,9 @@ def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
             "selection.params": dict(spec["params"]),
             "selection.budget": spec["budget"],
             "selection.seed": spec["seed"],
+            # a Tune experiment from before sweep.rounds restores specs without "rounds": one round
+            "selection.rounds": int(spec.get("rounds", 1)),
+            "selection.round_budgets": None,  # the trial's budget, split evenly
             "training.seed": spec["seed"],
             "evaluation.base_model": False,  # the base model is evaluated once for the whole sweep
             "output.dir": trial.uri,
@@ -259,9 +300,17 @@ def _run_trial(
         "train_steps": int(steps) if isinstance(steps, (int, float)) else -1,
         "annotated": int(entries["annotate"]["summary"].get("rows", spec["budget"])),
         "trial_wall_s": time.time() - t0,
+        # what the trial cost, the parent's scoring included (also logged to MLflow / TensorBoard)
+        **_present(compute.result_columns(compute.run_compute(trial, parent=run, inherited=_INHERITED))),
     }
     trial.child("result.json").write_json({"trial_hash": _trial_hash(tcfg), "spec": spec, "report": report, "metrics": metrics})
     tune.report(report)
+
+
+def _present(columns: dict) -> dict:
+    """The compute columns worth reporting: GPU-seconds only where some were spent."""
+    gpu = columns.get("gpu_total_s") or 0.0
+    return {k: v for k, v in columns.items() if v is not None and (gpu > 0 or not k.startswith("gpu_"))}
 
 
 def _append(store: Store, record: dict) -> None:
@@ -289,10 +338,12 @@ def _base_metrics(cfg: Config, run: Store, progress: bool) -> dict | None:
     from .evaluate import evaluate_models
 
     scratch = run.child("sweep", "base_eval.json")
+    t0 = time.time()
     evaluate_models(cfg, run.child("eval.parquet"), None, scratch, progress=progress)
     metrics = scratch.read_json()
     block = metrics.get("base", metrics)
-    rec = {"config_hash": key, "base": block}
+    # the base model's evaluation is part of what the sweep spent (not of any trial's design)
+    rec = {"config_hash": key, "base": block, "compute": compute.stage_compute("evaluation", time.time() - t0, {}, cfg)}
     if "lm_eval" in metrics:  # evaluation.lm_eval_tasks: the base model's benchmark scores, for the report
         rec["lm_eval"] = metrics["lm_eval"]
     out.write_json(rec)
@@ -340,9 +391,12 @@ def run_sweep(
     check_trial_fits(cfg, ray.cluster_resources())
     limit = default_max_concurrent_trials(cfg, ray.cluster_resources(), len(specs))
     name = _experiment_name(cfg, specs)
+    rounds = f" x {len(set(s['rounds'] for s in specs))} round counts" if len(cfg.sweep.rounds) > 1 else ""
     _log(
         f"{len(specs)} trials ({len(set(s['selector'] for s in specs))} selectors x {len(cfg.sweep.budgets)} budgets x "
-        f"{len(cfg.sweep.seeds)} seeds), up to {limit} at once; experiment {name}"
+        f"{len(cfg.sweep.seeds)} seeds{rounds}"
+        + (f", random also at {list(cfg.sweep.random_budgets)}" if cfg.sweep.random_budgets else "")
+        + f"), up to {limit} at once; experiment {name}"
     )
 
     base = _base_metrics(cfg, run, progress)
@@ -399,7 +453,7 @@ def run_sweep(
         spec = (r.config or {}).get("trial", {})
         if r.error is not None and spec:
             errors[spec["name"]] = f"{type(r.error).__name__}: {r.error}"[:2000]
-    table = _collect(run, cfg, specs, errors, base)
+    table, spent = _collect(run, cfg, specs, errors, base)
     out = results if results is not None else run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
@@ -416,6 +470,10 @@ def run_sweep(
         "max_concurrent_trials": limit,
         "wall_s": round(wall, 3),
         "notes": notes,
+        # the sweep's compute (edsft.compute): its finished trials' own stages and the base model's
+        # evaluation; the scoring they share is the run's score stage
+        "compute_s": spent["compute_s"],
+        "gpu_s": spent["gpu_s"],
     }
     for n, e in errors.items():
         _log(f"trial {n} failed: {e.splitlines()[0] if e else e} (re-run the sweep to retry only the failed trials)")
@@ -430,8 +488,7 @@ def collect_results(cfg: Config, run: Store) -> dict:
     """Rewrite ``run/sweep/results.parquet`` from the trial folders alone (no Tune): for a look at
     a sweep that is still running (unfinished trials are PENDING) or was stopped."""
     specs, _ = expand_grid(cfg)
-    base_file = run.child("sweep", "base_metrics.json")
-    table = _collect(run, cfg, specs, {}, base_file.read_json() if base_file.exists() else None)
+    table = trial_results(cfg, run)
     out = run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
@@ -443,6 +500,14 @@ def collect_results(cfg: Config, run: Store) -> dict:
     }
 
 
+def trial_results(cfg: Config, run: Store) -> pa.Table:
+    """The results table of ``cfg``'s grid from the trial folders alone, without writing anything:
+    finished trials are TERMINATED, the others PENDING (safe to call while the sweep runs)."""
+    specs, _ = expand_grid(cfg)
+    base_file = run.child("sweep", "base_metrics.json")
+    return _collect(run, cfg, specs, {}, base_file.read_json() if base_file.exists() else None)[0]
+
+
 def _count_events(run: Store, specs: list[dict], event: str) -> int:
     n = 0
     for s in specs:
@@ -450,11 +515,15 @@ def _count_events(run: Store, specs: list[dict], event: str) -> int:
     return n
 
 
-def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str], base: dict | None) -> pa.Table:
+def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str], base: dict | None) -> tuple[pa.Table, dict]:
     """One row per trial from the trials' result.json (the source of truth, also across
-    restores); trials without a result are ERROR (with Tune's error) or PENDING."""
+    restores); trials without a result are ERROR (with Tune's error) or PENDING. A finished trial's
+    compute comes from its manifests (and the parent's, for the scoring it inherits), so trials that
+    finished before compute accounting get it too. Also returns the sweep's own compute: the finished
+    trials' own stages plus the base model's evaluation (``{"compute_s", "gpu_s"}``)."""
     base_flat = EvalResult.from_metrics({"base": base.get("base")}).flat() if base else {}
     rows = []
+    spent = [base["compute"]] if base and isinstance(base.get("compute"), dict) else []
     for s in specs:
         trial = run.child("sweep", "trials", s["name"])
         row: dict[str, Any] = {c: None for c in RESULT_COLUMNS}
@@ -464,6 +533,7 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
             params=json.dumps(s["params"], sort_keys=True),
             budget=s["budget"],
             seed=s["seed"],
+            rounds=int(s.get("rounds", 1)),
         )
         done = trial.child("result.json")
         rec = done.read_json() if done.exists() else None
@@ -481,9 +551,18 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
                 status="TERMINATED",
                 metrics=json.dumps(rec.get("metrics", {}), default=str),
             )
+            spend = compute.run_compute(trial, parent=run, inherited=_INHERITED)
+            row.update(compute.result_columns(spend))
+            spent += list(spend["stages"].values())
         else:
             row.update(status="ERROR" if s["name"] in errors else "PENDING", error=errors.get(s["name"]))
         rows.append(row)
+    # GPU-seconds only where some trial spent any: a CPU sweep's table has no columns of zeros
+    gpu_columns = compute.GPU_COLUMNS if any((r.get("gpu_total_s") or 0) > 0 for r in rows) else ()
+    for r in rows:
+        for c in compute.GPU_COLUMNS:
+            if c not in gpu_columns:
+                r.pop(c, None)
     schema = pa.schema(
         [
             ("trial_id", pa.string()),
@@ -491,6 +570,7 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
             ("params", pa.string()),
             ("budget", pa.int64()),
             ("seed", pa.int64()),
+            ("rounds", pa.int64()),
         ]
         + [(m, pa.float64()) for m in METRICS]
         + [(f"base_{m}", pa.float64()) for m in METRICS]
@@ -498,9 +578,13 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
             ("objective", pa.float64()),
             ("train_steps", pa.int64()),
             ("wall_s", pa.float64()),
+        ]
+        + [(c, pa.float64()) for c in compute.COLUMNS + gpu_columns]
+        + [
             ("status", pa.string()),
             ("error", pa.string()),
             ("metrics", pa.string()),
         ]
     )
-    return pa.Table.from_pylist(rows, schema=schema)
+    total = compute.add(spent)
+    return pa.Table.from_pylist(rows, schema=schema), {"compute_s": total["compute_s"], "gpu_s": total["gpu_s"]}

@@ -64,12 +64,14 @@ def _data_fingerprint(rows: Sequence[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_name_for(cfg: Config, rows: Sequence[dict]) -> str:
-    """``training.run_name`` or ``sft-<hash of training config, model and data>``."""
+def run_name_for(cfg: Config, rows: Sequence[dict], init: str | None = None) -> str:
+    """``training.run_name`` or ``sft-<hash of training config, model and data>`` (and of the adapter
+    training continues from, ``init``: its fingerprint)."""
     if cfg.training.run_name:
         return cfg.training.run_name
     training = {k: v for k, v in config_to_dict(cfg.training).items() if k not in _NOT_IDENTITY}
-    return "sft-" + config_hash({"training": training, "model": cfg.training_model}, extra=_data_fingerprint(rows))
+    data = _data_fingerprint(rows) if init is None else [_data_fingerprint(rows), init]
+    return "sft-" + config_hash({"training": training, "model": cfg.training_model}, extra=data)
 
 
 def _train_worker(config: dict) -> dict:
@@ -124,6 +126,9 @@ def _train_worker(config: dict) -> dict:
         phases=phases,
     )
     try:
+        if config.get("init_adapter_uri"):  # continue from an earlier adapter (round_training: continue)
+            init = get_store(config["init_adapter_uri"], cfg.storage.endpoint_url, cfg.storage.region)
+            kwargs["init_adapter"] = str(init.download_to(scratch / "init_adapter"))
         found = _latest_checkpoint(get_store(config["run_uri"], cfg.storage.endpoint_url, cfg.storage.region))
         checkpoint = ray.train.get_checkpoint()
         if found is not None:
@@ -205,13 +210,15 @@ def train_sft(
     out: Store | str,
     progress: bool = True,
     callbacks: Sequence[Callable[..., None]] = (),
+    init_adapter: Store | str | None = None,
 ) -> dict:
     """Finetune ``cfg.training_model`` on the annotated Parquet ``train_data``; write to ``out``.
 
     Returns the training summary (also ``out/train_summary.json``): steps, final loss, loss curve,
     tokens/s, examples truncated/dropped, wall time, run name and whether it resumed or skipped.
     ``callbacks`` run on every worker after each report (``cb(step=, rank=, metrics=,
-    checkpoint_dir=)``); they must be picklable.
+    checkpoint_dir=)``); they must be picklable. ``init_adapter``: a LoRA adapter folder (an earlier
+    run's ``adapter/``) that training continues from instead of fresh adapters.
     """
     from edsft.training.data import load_examples
 
@@ -223,7 +230,17 @@ def train_sft(
     rows = load_examples(data)
     if not rows:
         raise ValueError(f"training data {data.uri!r} has no rows: select and annotate a budget > 0 first")
-    name = run_name_for(cfg, rows)
+    init = None
+    if init_adapter is not None:
+        init_adapter = _as_store(init_adapter, cfg)
+        weights = init_adapter.child("adapter_model.safetensors")
+        if not (tc.lora and weights.exists() and init_adapter.child("adapter_config.json").exists()):
+            raise ValueError(
+                f"init_adapter {init_adapter.uri!r} is not a LoRA adapter folder (adapter_config.json + adapter_model.safetensors), "
+                "or training.lora is false: continue from the train stage's out/adapter with LoRA on"
+            )
+        init = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    name = run_name_for(cfg, rows, init)
 
     summary_store = out.child("train_summary.json")
     if summary_store.exists() and out.child("adapter" if tc.lora else "model").exists():
@@ -251,6 +268,7 @@ def train_sft(
             "run_name": name,
             "callbacks": list(callbacks),
             "progress": progress,
+            "init_adapter_uri": init_adapter.uri if init_adapter is not None else None,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -287,5 +305,7 @@ def train_sft(
         skipped=False,
         num_workers=tc.num_workers,
     )
+    if init_adapter is not None:
+        summary["init_adapter"] = init_adapter.uri
     summary_store.write_json(summary)
     return summary

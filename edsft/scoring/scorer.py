@@ -9,6 +9,12 @@ hidden states of the prefill step (captured with a forward hook, so decoding ste
 
 The pool's ``response`` column is the annotation label: the scorer refuses batches that carry it.
 Its own generated answer is returned as ``generated``.
+
+Multi-round selection scores the remaining pool with a finetuned model: ``adapter`` is a LoRA adapter
+folder (the train stage's ``adapter/``, safetensors) applied on top of the base model. Rows of a batch
+whose ``embed_only`` column is true (the rows chosen in earlier rounds, whose embeddings diversity
+selectors start from) get only their prompt embedding, from one forward pass over the prompt (the
+same hidden states generation's prefill gives), and no generation: NaN scores, no tokens generated.
 """
 
 from __future__ import annotations
@@ -66,6 +72,18 @@ class _PrefillCapture:
         self._handle.remove()
 
 
+def _with_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """``model`` with the LoRA adapter folder ``adapter`` applied (merged in float32, see Scorer)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ValueError(f"adapter={adapter!r} has no adapter_config.json: pass the train stage's adapter/ folder")
+    peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if model.dtype == torch.float32:
+        return peft_model.merge_and_unload().eval()
+    return peft_model
+
+
 class Scorer:
     """Callable ``batch -> scores`` (numpy dict in, numpy dict out); usable with or without Ray.
 
@@ -74,6 +92,10 @@ class Scorer:
     included), generated (the model's own answer), embedding (float32 [n, d], L2-normalised) [,
     embedding_encoder], and error: None for scored rows, the reason for quarantined ones (whose
     scores are NaN and embeddings zero).
+
+    ``adapter``: a local LoRA adapter folder applied to ``model``. In float32 it is merged into the
+    weights (scoring then costs what the base model's does); in bf16/fp16 it stays a separate fp32
+    branch, as in training, because merging would round its small updates away in the base weights.
     """
 
     def __init__(
@@ -91,6 +113,7 @@ class Scorer:
         cache_dir: str | None = None,
         generation: str = "auto",
         width_bucket: int = 64,
+        adapter: str | None = None,
     ):
         for name, value, low in (
             ("max_new_tokens", max_new_tokens, 1),
@@ -112,6 +135,9 @@ class Scorer:
         # embedding are computed in fp32 from the model's logits / hidden states whatever it runs in
         self.model = load_model(model, dtype=dtype, device=self.device, cache_dir=cache_dir)
         self.dtype = dtype_name(self.model.dtype)
+        self.adapter = adapter
+        if adapter is not None:
+            self.model = _with_adapter(self.model, adapter)
         self.model_spec = model
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
@@ -245,7 +271,35 @@ class Scorer:
         result["generated"] = generated
         return result
 
-    def _score_rows(self, prompts: list, retries: int, contexts: list | None = None) -> list[dict | str]:
+    @torch.inference_mode()
+    def _embed_ids(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        """Prompt embeddings only (embed_only rows): one forward pass over the left-padded prompts, with
+        the position ids generation derives from the mask, so the hidden states are the prefill's."""
+        b = len(id_lists)
+        width = max(len(x) for x in id_lists)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((b, width), dtype=torch.long)
+        for i, ids in enumerate(id_lists):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, position_ids = input_ids.to(self.device), attention.to(self.device), position_ids.to(self.device)
+        capture = _PrefillCapture(self._embed_module)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+        finally:
+            capture.remove()
+        m = attention.unsqueeze(-1).float()
+        pooled = (capture.value.float() * m).sum(1) / m.sum(1)
+        result: dict[str, Any] = {c: np.full(b, np.nan, dtype=np.float32) for c in SCORE_COLUMNS}
+        result["response_tokens"] = np.zeros(b, dtype=np.int64)
+        result["embedding"] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
+        result["generated"] = [None] * b
+        return result
+
+    def _score_rows(
+        self, prompts: list, retries: int, contexts: list | None = None, embed_only: bool = False
+    ) -> list[dict | str]:
         """Per row: a dict of its outputs, or the reason it failed (the row is then quarantined)."""
         rows: list[dict | str] = []
         ids: list[list[int] | None] = []
@@ -258,16 +312,16 @@ class Scorer:
                 rows.append(f"{type(e).__name__}: {e}")
         ok = [i for i, x in enumerate(ids) if x is not None]
         if ok:
-            for i, r in zip(ok, self._generate_rows([prompts[i] for i in ok], [ids[i] for i in ok], retries)):
+            for i, r in zip(ok, self._generate_rows([prompts[i] for i in ok], [ids[i] for i in ok], retries, embed_only)):
                 rows[i] = r
         return rows
 
-    def _generate_rows(self, prompts: list, ids: list[list[int]], retries: int) -> list[dict | str]:
+    def _generate_rows(self, prompts: list, ids: list[list[int]], retries: int, embed_only: bool = False) -> list[dict | str]:
         """Generate for valid prompts; a failing batch is retried, then bisected so a bad row is isolated."""
         reason = ""
         for attempt in range(retries + 1):
             try:
-                res = self._score_ids(ids)
+                res = self._embed_ids(ids) if embed_only else self._score_ids(ids)
                 if self.encoder is not None:
                     res["embedding_encoder"] = self.encoder.encode(
                         [str(p) for p in prompts],
@@ -284,7 +338,9 @@ class Scorer:
         if len(prompts) == 1:
             return [reason]
         half = len(prompts) // 2  # bisect: only the halves holding a bad row keep splitting
-        return self._generate_rows(prompts[:half], ids[:half], 0) + self._generate_rows(prompts[half:], ids[half:], 0)
+        return self._generate_rows(prompts[:half], ids[:half], 0, embed_only) + self._generate_rows(
+            prompts[half:], ids[half:], 0, embed_only
+        )
 
     # ---- the batch API -----------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -301,14 +357,21 @@ class Scorer:
         n = len(prompts)
         # a conversation row's earlier turns (pools without conversations have no such column)
         contexts = [c if isinstance(c, str) else None for c in batch["context"]] if "context" in batch else [None] * n
+        # rows chosen in earlier rounds: their embedding only (see the module docstring)
+        embed_only = [bool(x) for x in batch["embed_only"]] if "embed_only" in batch else [False] * n
         # Sort by length so that each micro-batch holds prompts of similar length (less padding);
         # the output goes back in input order.
-        order = sorted(range(n), key=lambda i: (len(prompts[i]) if isinstance(prompts[i], str) else 0) + len(contexts[i] or ""))
         rows: list[dict | str] = [None] * n  # type: ignore[list-item]
-        for s in range(0, n, self.batch_size):
-            chunk = order[s : s + self.batch_size]
-            for i, r in zip(chunk, self._score_rows([prompts[i] for i in chunk], self.max_retries, [contexts[i] for i in chunk])):
-                rows[i] = r
+        for flag in (False, True):
+            order = sorted(
+                (i for i in range(n) if embed_only[i] == flag),
+                key=lambda i: (len(prompts[i]) if isinstance(prompts[i], str) else 0) + len(contexts[i] or ""),
+            )
+            for s in range(0, len(order), self.batch_size):
+                chunk = order[s : s + self.batch_size]
+                got = self._score_rows([prompts[i] for i in chunk], self.max_retries, [contexts[i] for i in chunk], flag)
+                for i, r in zip(chunk, got):
+                    rows[i] = r
         out = self._assemble(batch, rows)
         good = out["error"] == None  # noqa: E711 - elementwise on an object array
         self.stats["rows"] += n
@@ -342,4 +405,6 @@ class Scorer:
                 else np.zeros((0, edim), np.float32)
             )
         out["error"] = np.array([None if isinstance(r, dict) else r for r in rows], dtype=object)
+        if "embed_only" in batch:
+            out["embed_only"] = np.asarray(batch["embed_only"], dtype=bool)
         return out

@@ -2,14 +2,17 @@
 
 Entry points
 ------------
-``select(name, budget, embeddings=X, scores=S, tasks=T, seed=0, allow_budget_over_pool=False, **params)``
+``select(name, budget, embeddings=X, scores=S, tasks=T, seed=0, allow_budget_over_pool=False, chosen=None, **params)``
     -> ``SelectionResult(indices, gains, objective)``: `indices` int64 pool positions in pick order
     (unique), `gains` float64 marginal gain of each pick (NaN where none), `objective` float (NaN if none).
     X: float32 (n, d) or None; S: mapping score name -> (n,) array, or None; T: (n,) task labels or None.
 ``SELECTORS[name]``: frozen dataclass of the selector's hyperparameters (what Tune sweeps), e.g.
     ``SELECTORS["facility_location"](metric="cosine", optimizer="lazy").select(budget, X, S, T, seed)``.
     ``SELECTORS[name].from_params(**params)`` raises a UserError (a ValueError) listing the valid parameters.
-``objective(name, indices, embeddings=X, scores=S, tasks=T, **params)``: the selector's objective on any set.
+``objective(name, indices, embeddings=X, scores=S, tasks=T, chosen=None, **params)``: the selector's objective on any set.
+``chosen``: embeddings (m, d) of rows chosen before, outside the pool (multi-round selection): facility
+    location and k-center (``Selector.uses_chosen``; composites pass them to their inner selector) start from
+    them, the others ignore them (see ``base``, "Rows chosen before").
 
 Registry
 --------
@@ -106,17 +109,18 @@ def select(
     seed: int = 0,
     *,
     allow_budget_over_pool: bool = False,
+    chosen=None,
     **params,
 ) -> SelectionResult:
     """Pick `budget` pool positions with selector `name` (see the module docstring)."""
     return get_selector(name, **params).select(
-        budget, embeddings, scores, tasks, seed, allow_budget_over_pool=allow_budget_over_pool
+        budget, embeddings, scores, tasks, seed, allow_budget_over_pool=allow_budget_over_pool, chosen=chosen
     )
 
 
-def objective(name: str, indices, embeddings=None, scores=None, tasks=None, **params) -> float:
-    """Selector `name`'s objective on an arbitrary set of pool positions."""
-    return get_selector(name, **params).objective(indices, embeddings, scores, tasks)
+def objective(name: str, indices, embeddings=None, scores=None, tasks=None, chosen=None, **params) -> float:
+    """Selector `name`'s objective on an arbitrary set of pool positions (given the rows `chosen` before)."""
+    return get_selector(name, **params).with_chosen(chosen).objective(indices, embeddings, scores, tasks)
 
 
 __all__ = [

@@ -19,6 +19,16 @@ asks the selector three things (defaults in brackets):
    ``objective(chosen) = combine_j shard_objective(rows_j, chosen) + chosen_objective(chosen)`` with
    ``combine`` = "sum" (facility location), "max" (k-center) or None (the objective reads only the
    chosen rows, e.g. uncertainty's sum). ``maximize`` says which run wins.
+
+Rows chosen before
+------------------
+Multi-round selection picks each batch among the rows not chosen yet. ``with_chosen(embeddings)`` binds
+a copy to the embeddings of the rows earlier rounds chose (not part of the pool it is given, in the same
+embedding space); selectors with ``uses_chosen`` start from them: facility location counts every pool
+row as already covered by its most similar chosen row, k-center as already at its distance to the
+nearest chosen row, and their objectives are those of the chosen rows plus the picks. The others select
+among the pool they are given and ignore them. Like the statistics, the chosen rows travel with the
+bound copy into every shard task, so the distributed stage needs nothing else.
 """
 
 from __future__ import annotations
@@ -210,6 +220,7 @@ class Selector:
     maximize: ClassVar[bool] = True  # direction of `objective` (k-center minimises its radius)
     objective_name: ClassVar[str] = "objective"  # what a run summary also calls it (k-center: covering_radius)
     combine: ClassVar[str | None] = None  # how shard_objective parts combine: "sum", "max", None (see above)
+    uses_chosen: ClassVar[bool] = False  # starts from the rows chosen before (see with_chosen)
 
     @property
     def randomized(self) -> bool:
@@ -249,13 +260,16 @@ class Selector:
         *,
         allow_budget_over_pool: bool = False,
         compute_objective: bool = True,
+        chosen=None,
     ) -> SelectionResult:
         """Pick `budget` pool positions. `compute_objective=False` leaves `objective` NaN where computing it
-        costs extra work: the distributed stage scores shard runs on the whole pool instead."""
+        costs extra work: the distributed stage scores shard runs on the whole pool instead. `chosen`: the
+        embeddings of rows chosen before, outside this pool (see ``with_chosen``)."""
         X, S, T, n = self.validate(embeddings, scores, tasks)
         budget = check_budget(budget, n, allow_budget_over_pool)
         seed = check_seed(seed)
-        sel = self.bound_to(X, S, T)
+        sel = (self if chosen is None else self.with_chosen(chosen)).bound_to(X, S, T)
+        sel._check_chosen(X)
         res = sel._select(budget, X, S, T, seed)
         if len(res.indices) != budget or len(np.unique(res.indices)) != budget:  # internal invariant
             raise RuntimeError(f"selector {self.name!r} returned {len(res.indices)} picks for budget={budget}")
@@ -269,6 +283,7 @@ class Selector:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
             raise UserError(f"indices must be a 1-d array of positions in [0, {n}), got shape {idx.shape}")
+        self._check_chosen(X)
         return float(self.bound_to(X, S, T)._objective(idx, X, S, T))
 
     # -- to implement -------------------------------------------------------------------------
@@ -296,6 +311,37 @@ class Selector:
         # equality and repr ignore them); a plain dict so the copy pickles into Ray tasks
         object.__setattr__(bound, "_globals", {**self.globals, **values})
         return bound
+
+    @property
+    def chosen(self) -> np.ndarray | None:
+        """The embeddings of the rows chosen before (float32 (m, d)) this copy is bound to, or None."""
+        return self.__dict__.get("_chosen")
+
+    def with_chosen(self, embeddings) -> Selector:
+        """A copy bound to the embeddings of rows chosen before, outside the pool it will be given (earlier
+        rounds' picks): selectors with ``uses_chosen`` start from them, the others ignore them. None or an
+        empty array unbinds. The hyperparameters are unchanged."""
+        bound = copy.copy(self)
+        X0 = None
+        if embeddings is not None:
+            X0 = np.asarray(embeddings)
+            if X0.ndim != 2 or not np.issubdtype(X0.dtype, np.number):
+                raise UserError(f"chosen must be a numeric 2-d (m, d) array of embeddings, got shape {X0.shape}")
+            X0 = np.ascontiguousarray(X0, dtype=np.float32)
+            if not np.isfinite(X0).all():
+                raise UserError("chosen embeddings contain NaN or inf: re-embed those rows")
+            if len(X0) == 0:
+                X0 = None
+        object.__setattr__(bound, "_chosen", X0)  # not a field, like _globals: a fact about the run
+        return bound
+
+    def _check_chosen(self, X) -> None:
+        X0 = self.chosen
+        if X0 is not None and self.uses_chosen and X is not None and X0.shape[1] != X.shape[1]:
+            raise UserError(
+                f"the chosen rows' embeddings have {X0.shape[1]} dimensions, the pool's {X.shape[1]}: "
+                "embed both with the same model and column"
+            )
 
     def unbound_statistics(self) -> dict[str, PoolStatistic]:
         return {k: s for k, s in self.pool_statistics().items() if k not in self.globals}

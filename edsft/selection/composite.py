@@ -138,20 +138,28 @@ class TaskBalanced(Selector):
             raise UserError(f"inner={self.inner!r} cannot be nested inside task_balanced")
         inner_selector(self.inner, self.inner_params)  # fail early on bad inner params
 
+    def _inner(self) -> Selector:
+        """The inner selector, bound to the rows chosen before (if any): they pass on to it."""
+        return inner_selector(self.inner, self.inner_params).with_chosen(self.chosen)
+
+    @property
+    def uses_chosen(self) -> bool:  # type: ignore[override]
+        return self._inner().uses_chosen
+
     @property
     def needs_tasks(self) -> bool:
         return True
 
     @property
     def needs_embeddings(self) -> bool:  # type: ignore[override]
-        return inner_selector(self.inner, self.inner_params).needs_embeddings
+        return self._inner().needs_embeddings
 
     @property
     def randomized(self) -> bool:
-        return inner_selector(self.inner, self.inner_params).randomized
+        return self._inner().randomized
 
     def score_names(self):
-        inner = inner_selector(self.inner, self.inner_params).score_names()
+        inner = self._inner().score_names()
         return tuple(dict.fromkeys((self.score, *inner)))
 
     def pool_statistics(self):
@@ -171,7 +179,7 @@ class TaskBalanced(Selector):
         return dict(zip(labels, alloc.tolist()))
 
     def _select(self, budget, X, S, T, seed):
-        inner = inner_selector(self.inner, self.inner_params)
+        inner = self._inner()
         quotas = self.quotas(budget)
         labels, inv = np.unique(T, return_inverse=True)
         picks, gains = [], []
@@ -189,10 +197,10 @@ class TaskBalanced(Selector):
         return SelectionResult(idx, np.concatenate(gains), self._objective(idx, X, S, T))
 
     def _objective(self, idx, X, S, T):
-        return inner_selector(self.inner, self.inner_params).objective(idx, X, S, T)
+        return self._inner().objective(idx, X, S, T)
 
     def distribution(self):
-        inner = inner_selector(self.inner, self.inner_params)
+        inner = self._inner()
         plan = inner.distribution()
         if isinstance(plan, Gather):  # an inner selector without a distributed form: all of it in one task
             return Gather(self)
@@ -264,27 +272,35 @@ class GreeDi(Selector):
             raise UserError(f"kappa={self.kappa!r} must be >= 1 or None (= budget)")
         inner_selector(self.inner, self.inner_params)
 
+    def _inner(self) -> Selector:
+        """The inner selector, bound to the rows chosen before (if any): they pass on to it."""
+        return inner_selector(self.inner, self.inner_params).with_chosen(self.chosen)
+
+    @property
+    def uses_chosen(self) -> bool:  # type: ignore[override]
+        return self._inner().uses_chosen
+
     @property
     def shards(self) -> int:
         return GREEDI_SHARDS if self.m is None else int(self.m)
 
     @property
     def randomized(self) -> bool:
-        return self.shards > 1 or inner_selector(self.inner, self.inner_params).randomized
+        return self.shards > 1 or self._inner().randomized
 
     @property
     def needs_embeddings(self) -> bool:  # type: ignore[override]
-        return inner_selector(self.inner, self.inner_params).needs_embeddings
+        return self._inner().needs_embeddings
 
     @property
     def needs_tasks(self) -> bool:
-        return inner_selector(self.inner, self.inner_params).needs_tasks
+        return self._inner().needs_tasks
 
     def score_names(self):
-        return inner_selector(self.inner, self.inner_params).score_names()
+        return self._inner().score_names()
 
     def _select(self, budget, X, S, T, seed):
-        inner = inner_selector(self.inner, self.inner_params)
+        inner = self._inner()
         n = len(X) if X is not None else len(next(iter(S.values())))
         keys = np.arange(n) if self.row_keys is None else np.asarray(self.row_keys)
         if len(keys) != n:
@@ -325,7 +341,7 @@ class GreeDi(Selector):
         return SelectionResult(best[0], best[1], best_val)
 
     def _objective(self, idx, X, S, T):
-        return inner_selector(self.inner, self.inner_params).objective(idx, X, S, T)
+        return self._inner().objective(idx, X, S, T)
 
     def distribution(self):
         # greedi IS the two-round scheme: distributed, its inner selector runs it on the real shards
@@ -333,7 +349,7 @@ class GreeDi(Selector):
             return NotDistributable(
                 self, "selection.params.row_keys cannot be used with mode=distributed: rows are keyed by row_id"
             )
-        plan = inner_selector(self.inner, self.inner_params).distribution()
+        plan = self._inner().distribution()
         return dataclasses.replace(
             plan, shards=self.m if self.m is not None else plan.shards, kappa=self.kappa if self.kappa is not None else plan.kappa
         )

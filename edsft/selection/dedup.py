@@ -90,7 +90,12 @@ class Dedup(Selector):
         inner_selector(self.inner, self.inner_params)  # fail early on bad inner params
 
     def _inner(self) -> Selector:
-        return inner_selector(self.inner, self.inner_params)
+        """The inner selector, bound to the rows chosen before (if any): they pass on to it."""
+        return inner_selector(self.inner, self.inner_params).with_chosen(self.chosen)
+
+    @property
+    def uses_chosen(self) -> bool:  # type: ignore[override]
+        return self._inner().uses_chosen
 
     @property
     def randomized(self) -> bool:

@@ -16,6 +16,11 @@ is an exact integer and the three optimisers agree on the numbers:
 - ``stochastic``: Mirzasoleiman et al. 2015: each step evaluates a seeded random sample of
   ceil(n / B * log(1 / epsilon)) remaining candidates; (1 - 1/e - epsilon) in expectation.
 
+Rows chosen before (``with_chosen``, multi-round selection): every pool row starts covered by its most
+similar chosen row (c_i = quantised max_j sim(i, chosen_j) instead of 0), so the greedy maximises
+f(chosen + picks) over the pool; the chosen rows themselves are not in the pool (each would add its own
+similarity, 1, whatever is picked).
+
 Hybrid: ``lambda_ > 0`` adds lambda_ * u_j to candidate j's gain, u = the `score` column oriented so
 uncertain = larger and min-maxed to [0, 1] over the pool. A modular term keeps f submodular; lambda_ = 0
 is exactly plain facility location.
@@ -55,6 +60,7 @@ from .similarity import (
     n_threads,
     parallel,
     prepare,
+    quantize,
     sim_block,
     split_range,
 )
@@ -106,6 +112,14 @@ class DenseGraph:
 
     def rows(self, cands: np.ndarray) -> np.ndarray:
         return cands if self.inv is None else self.inv[cands]
+
+    def coverage(self, c_pool: np.ndarray) -> np.ndarray:
+        """A per-row vector in pool order -> the greedy's `c`, which lives in K's row order."""
+        if self.inv is None:
+            return c_pool.copy()
+        c = np.empty_like(c_pool)
+        c[self.inv] = c_pool
+        return c
 
     def initial_gains(self) -> np.ndarray:
         sums = np.add.reduce(self.K, axis=1, dtype=np.int64)
@@ -196,6 +210,9 @@ class SparseGraph:
         self.C.sort_indices()
         self.n = G.shape[0]
 
+    def coverage(self, c_pool: np.ndarray) -> np.ndarray:
+        return c_pool.copy()
+
     def initial_gains(self) -> np.ndarray:
         # float64 bincount of integers < 2**53 is exact
         return np.bincount(self.G.indices, weights=self.G.data, minlength=self.n).astype(np.int64)
@@ -243,15 +260,18 @@ def facility_location_greedy(
     batch_size: int = 16,
     progress: bool = False,
     pool: int = 2048,
+    covered: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy picks over a DenseGraph/SparseGraph. `modular`: int64 per-candidate bonus (hybrid).
+    `covered`: every row's quantised similarity to the rows chosen before (pool order; None: zeros).
 
     Returns (indices, gains) with gains as float similarity units (quantised FL gain + bonus).
     """
     check_choice("optimizer", optimizer, OPTIMIZERS)
     n = graph.n
     mod = np.zeros(n, dtype=np.int64) if modular is None else np.asarray(modular, dtype=np.int64)
-    c = np.zeros(n, dtype=QDTYPE)  # current best quantised similarity of every row
+    # current best quantised similarity of every row (in the graph's row order)
+    c = np.zeros(n, dtype=QDTYPE) if covered is None else graph.coverage(np.asarray(covered, dtype=QDTYPE))
     picks = np.empty(budget, dtype=np.int64)
     gains_out = np.empty(budget, dtype=np.float64)
     steps = range(budget)
@@ -275,7 +295,8 @@ def facility_location_greedy(
             graph.absorb(j, c, None)
         return picks, gains_out / QUANT_SCALE
 
-    total = graph.initial_gains() + mod  # exact gains for the empty set
+    # exact gains for the empty set, or (rows chosen before) given their coverage: one pass over every candidate
+    total = (graph.initial_gains() if covered is None else graph.fresh_gains(np.arange(n), c)) + mod
     if optimizer == "naive":
         for t in steps:
             j = int(np.argmax(total))  # first maximum = lowest index among ties
@@ -389,6 +410,7 @@ class FacilityLocation(Selector):
 
     needs_embeddings = True
     combine = "sum"  # sum_i max_j sim(i, j) is a sum over pool rows; the hybrid's bonus is a sum over picks
+    uses_chosen = True
 
     def __post_init__(self):
         check_choice("metric", self.metric, SIM_METRICS)
@@ -448,6 +470,9 @@ class FacilityLocation(Selector):
         graph = build_graph(X, self.metric, self._gamma, self.dense_max_n, self.n_neighbors, seed, self.progress)
         b = self.bonus(S)
         mod = None if b is None else np.rint(b * QUANT_SCALE).astype(np.int64)
+        covered = None
+        if self.chosen is not None:  # quantised like the graph's entries: gains stay exact integers
+            covered = quantize(best_similarity(X, self.chosen, self._sim_metric, self._gamma).astype(np.float32))
         idx, gains = facility_location_greedy(
             graph,
             budget,
@@ -457,6 +482,7 @@ class FacilityLocation(Selector):
             seed,
             self.batch_size,
             self.progress,
+            covered=covered,
         )
         del graph
         return SelectionResult(idx, gains, float("nan"))  # select() adds the objective when asked
@@ -468,9 +494,14 @@ class FacilityLocation(Selector):
     def distribution(self):
         return TwoRound(self)
 
+    @property
+    def _sim_metric(self) -> str:
+        return "rbf" if self.metric == "euclidean" else self.metric  # euclidean FL is the rbf similarity
+
     def shard_objective(self, X_rows, S_rows, X_chosen, S_chosen) -> float:
-        metric = "rbf" if self.metric == "euclidean" else self.metric
-        return float(best_similarity(X_rows, X_chosen, metric, self._gamma).sum())
+        if self.chosen is not None:  # the rows chosen before cover the pool too
+            X_chosen = np.concatenate([np.asarray(X_chosen, dtype=np.float32).reshape(-1, self.chosen.shape[1]), self.chosen])
+        return float(best_similarity(X_rows, X_chosen, self._sim_metric, self._gamma).sum())
 
     def chosen_objective(self, X_chosen, S_chosen) -> float:
         b = self.bonus(S_chosen)

@@ -194,7 +194,8 @@ class _BlockedCover:
 class KCenter(Selector):
     """Farthest-first k-center. `top_q` (fraction in (0, 1] or a count > 1) restricts the candidates,
     and the rows to cover, to the top-q most uncertain rows by `score` (uncertainty-weighted core-set).
-    `initial`: pool positions already chosen (not returned)."""
+    `initial`: pool positions already chosen (not returned). Rows chosen before outside the pool
+    (``with_chosen``, multi-round selection) are centers from the start, like `initial`."""
 
     metric: str = "euclidean"
     initial: tuple[int, ...] | None = None
@@ -207,6 +208,7 @@ class KCenter(Selector):
     maximize = False
     objective_name = "covering_radius"
     combine = "max"  # the covering radius of the pool is the largest of its shards' radii
+    uses_chosen = True
 
     def __post_init__(self):
         check_choice("metric", self.metric, DIST_METRICS)
@@ -217,7 +219,7 @@ class KCenter(Selector):
 
     @property
     def randomized(self) -> bool:
-        return not self.initial
+        return not self.initial and self.chosen is None  # only the first center is drawn
 
     @property
     def nested(self) -> bool:
@@ -243,7 +245,14 @@ class KCenter(Selector):
             init = np.asarray(self.initial, dtype=np.int64)
             if init.min() < 0 or init.max() >= len(X):
                 raise UserError(f"initial contains positions outside [0, {len(X)})")
-        picks, gains, radius = k_center_greedy(X[cand], budget, self.metric, seed, init, self.progress)
+        Xc = X[cand]
+        if self.chosen is not None:
+            # the rows chosen before join as extra rows that are centers from the start: never picked,
+            # at distance 0, and the radius is that of the candidates (plus them, at 0) by all centers
+            extra = np.arange(len(cand), len(cand) + len(self.chosen))
+            Xc = np.concatenate([Xc, self.chosen])
+            init = extra if init is None else np.concatenate([init, extra])
+        picks, gains, radius = k_center_greedy(Xc, budget, self.metric, seed, init, self.progress)
         return SelectionResult(cand[picks], gains, radius)
 
     def _objective(self, idx, X, S, T):
@@ -261,6 +270,8 @@ class KCenter(Selector):
         return TwoRound(self)
 
     def shard_objective(self, X_rows, S_rows, X_chosen, S_chosen) -> float:
+        if self.chosen is not None:  # the rows chosen before are centers too
+            X_chosen = np.concatenate([np.asarray(X_chosen, dtype=np.float32).reshape(-1, self.chosen.shape[1]), self.chosen])
         return float(min_distance(X_rows, X_chosen, self.metric).max())
 
 

@@ -46,8 +46,13 @@ MERGED_DIR = "merged"  # base + adapter merged, when merge_weights
 Report = Callable[[dict, "str | None"], None]
 
 
-def build_model(cfg: Any, model_spec: str, device: torch.device) -> torch.nn.Module:
-    """The base model on ``device``, with fp32 LoRA adapters (or fully trainable when lora is off)."""
+def build_model(
+    cfg: Any, model_spec: str, device: torch.device, init_adapter: str | os.PathLike | None = None
+) -> torch.nn.Module:
+    """The base model on ``device``, with fp32 LoRA adapters (or fully trainable when lora is off).
+
+    ``init_adapter``: a saved LoRA adapter folder to continue training (multi-round selection's
+    ``round_training: continue``) instead of fresh adapters."""
     # LoRA in bf16 (GPU, or a CPU with native bf16): frozen base in bf16 (half the memory and traffic,
     # no per-step casts under autocast), trainable adapters and their optimizer state in fp32.
     base_dtype = "bfloat16" if (cfg.lora and use_bf16(cfg.precision, device)) else "float32"
@@ -56,8 +61,15 @@ def build_model(cfg: Any, model_spec: str, device: torch.device) -> torch.nn.Mod
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora:
+        if init_adapter is not None:
+            raise ValueError("continuing from an adapter needs training.lora=true (full finetuning has no adapter)")
         return model.train()
     from peft import LoraConfig, get_peft_model
+
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True).train()
 
     targets = cfg.lora_target_modules
     targets = targets if isinstance(targets, str) else list(targets)
@@ -116,8 +128,11 @@ def train_loop(
     device: torch.device | str | None = None,
     progress: bool = False,
     phases: Phases | None = None,
+    init_adapter: str | os.PathLike | None = None,
 ) -> dict:
     """Train on ``examples`` (dicts with prompt/response) and return the summary dict.
+
+    ``init_adapter``: a LoRA adapter folder to start from (trained further) instead of fresh adapters.
 
     ``cfg`` is a :class:`edsft.config.TrainingConfig`. ``callbacks`` are called on every rank
     after each report as ``cb(step=, rank=, metrics=, checkpoint_dir=)`` (fault injection in
@@ -161,7 +176,7 @@ def train_loop(
 
     # 3. model + backend (same seed on every rank: identical LoRA init) --------------------------
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, model_spec, device)
+    model = build_model(cfg, model_spec, device, init_adapter)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     phases.mark("model_load")

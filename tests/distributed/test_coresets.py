@@ -280,3 +280,28 @@ def test_runs_inside_a_full_placement_group(ray_cluster, pool, tmp_path):
         assert ray.get(ref, timeout=120) == len(pool["ids"])
     finally:
         remove_placement_group(pg)
+
+
+# Multi-round selection: rows chosen before travel with the bound selector into every shard task.
+@pytest.mark.parametrize("name", ["facility_location", "k_center", "task_balanced"])
+def test_chosen_rows_one_shard_equals_in_process_and_shards_match_greedi(ray_cluster, pool, tmp_path, name):
+    from _data import blobs
+
+    X, S, T, ids = pool["X"], pool["S"], pool["tasks"], pool["ids"]
+    X0 = blobs(30, X.shape[1], 12, seed=0)[:30] + 0.01  # near the pool's own clusters: they cover some of it
+    params = {"inner": "facility_location"} if name == "task_balanced" else {}
+    table, summary = run(pool, tmp_path, name, params, m=1, chosen=X0)
+    ref = ray.get(in_a_task.remote(name, BUDGET, X, S, T, {**params, "chosen": X0}))  # same BLAS threads
+    assert picked(table) == list(ids[ref.indices])
+    assert summary["objective"] == pytest.approx(ref.objective, rel=1e-6)
+    plain, _ = run(pool, tmp_path, name, params, m=1)
+    assert picked(table) != picked(plain)  # the chosen rows changed the picks
+    if name != "task_balanced":
+        table4, summary4 = run(pool, tmp_path, name, m=4, chosen=X0)
+        g = select("greedi", BUDGET, embeddings=X, seed=0, inner=name, m=4, row_keys=ids, chosen=X0)
+        assert picked(table4) == list(ids[g.indices])
+        # the recorded objective is the whole pool's, given the chosen rows
+        pos = np.searchsorted(ids, table4.column("row_id").to_numpy(zero_copy_only=False))
+        assert summary4["objective"] == pytest.approx(objective(name, pos, embeddings=X, chosen=X0), rel=1e-6)
+    with pytest.raises(UserError, match="dimensions"):
+        run(pool, tmp_path, name, params, m=2, chosen=X0[:, :3], fresh=True)

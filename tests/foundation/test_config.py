@@ -11,12 +11,61 @@ from edsft.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_from_d
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+# every YAML edsft ships: the job configs and the embedded default(s) inside the package
+SHIPPED_CONFIGS = sorted(
+    p for d in ("jobs/configs", "edsft/configs") for ext in ("yaml", "yml") for p in (ROOT / d).glob(f"*.{ext}")
+)
 
 
-@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_loads_and_validates(path):
+    from edsft.distributed.sweep import expand_grid
+    from edsft.validate import check_config
+
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+    check_config(cfg)  # selector names and params, sweep grid, metric: what `edsft run` checks before any stage
+    if cfg.sweep.enabled:
+        specs, _ = expand_grid(cfg)
+        assert specs and {s["selector"] for s in specs} >= {"random"}
+
+
+def test_shipped_configs_are_found():
+    names = {str(p.relative_to(ROOT)) for p in SHIPPED_CONFIGS}
+    assert {"jobs/configs/quickstart.yaml", "jobs/configs/smoke.yaml", "edsft/configs/quickstart.yaml"} <= names
+
+
+def test_quickstart_is_the_demo_the_readme_describes():
+    """Random vs TypiClust on the MiniLM embedding, >= 2 seeds (intervals), random also beyond the
+    selector's largest budget (each selector budget has a random-equivalent inside random's curve), loss."""
+    from edsft.distributed.sweep import expand_grid
+
+    cfg = load_config()
+    assert cfg.sweep.enabled and cfg.sweep.metric == "loss" and len(cfg.sweep.seeds) >= 2
+    assert set(cfg.sweep.selectors) == {"random", "typiclust"}
+    assert cfg.selection.name == "typiclust" and cfg.selection.embedding == "embedding_encoder"
+    assert cfg.scoring.encoder == "builtin:minilm"
+    assert min(cfg.sweep.random_budgets) > max(cfg.sweep.budgets)
+    specs, _ = expand_grid(cfg)
+    random_budgets = {s["budget"] for s in specs if s["selector"] == "random"}
+    typiclust_budgets = {s["budget"] for s in specs if s["selector"] == "typiclust"}
+    assert random_budgets == set(cfg.sweep.budgets) | set(cfg.sweep.random_budgets)
+    assert typiclust_budgets == set(cfg.sweep.budgets)
+    assert len(specs) == len(cfg.sweep.seeds) * (2 * len(cfg.sweep.budgets) + len(cfg.sweep.random_budgets))
+
+
+def test_sweep_random_budgets_are_validated():
+    cfg = load_config(None, ["sweep.budgets=[16, 64]", "sweep.random_budgets=[128, 256]"])
+    assert cfg.sweep.random_budgets == (128, 256) and load_config().sweep.random_budgets
+    assert config_from_dict({}).sweep.random_budgets == ()  # none unless asked for
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sweep.budgets=[16, 64]", "sweep.random_budgets=[64, 0, 0]"])
+    msg = str(e.value)
+    assert "sweep.random_budgets=[64, 0, 0] has entry 0, which must be >= 1" in msg
+    assert "sweep.random_budgets=[64, 0, 0] repeats [0]: list each value once" in msg
+    assert "repeats [64] from sweep.budgets=[16, 64]: random runs at every sweep.budgets entry already" in msg
+    with pytest.raises(ConfigError, match=r"sweep.random_budgets=\[64, 128\] repeats \[64\] from sweep.budgets=\[16, 64\]"):
+        load_config(None, ["sweep.budgets=[16, 64]", "sweep.random_budgets=[64, 128]"])
 
 
 def test_required_configs_are_shipped():
@@ -183,3 +232,19 @@ def test_lists_become_typed_tuples_and_round_trip():
 def test_exponents_without_a_dot_parse_as_floats():
     cfg = load_config(None, ["training.lr=3e-5", "training.weight_decay=1E-2"])
     assert cfg.training.lr == pytest.approx(3e-5) and cfg.training.weight_decay == pytest.approx(1e-2)
+
+
+def test_fields_added_later_leave_the_hash_alone_at_their_default():
+    """A run folder made before selection.rounds existed stays up to date: at its default a
+    hash-neutral field is not part of the hash, and any other value is."""
+    from edsft.config import HASH_NEUTRAL_DEFAULTS, config_hash, config_to_dict
+
+    cfg = Config()
+    old = config_to_dict(cfg)
+    for section, name in HASH_NEUTRAL_DEFAULTS:
+        del old[section][name]  # what config_to_dict gave before the field existed
+    assert config_hash(cfg) == config_hash(old)
+    assert config_hash(cfg, ("selection",)) == config_hash({"selection": old["selection"]})
+    assert config_hash(cfg.replace(**{"selection.rounds": 2})) != config_hash(cfg)
+    assert config_hash(cfg.replace(**{"sweep.rounds": [1, 2]})) != config_hash(cfg)
+    assert config_hash(cfg.replace(**{"sweep.random_budgets": [400]})) != config_hash(cfg)

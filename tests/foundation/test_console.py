@@ -175,6 +175,8 @@ def test_smoke_run_console_is_short_and_the_rest_is_in_the_log(smoke_console):
         assert re.search(rf"^  {stage} +\d+ [a-z ]+ +[0-9.ms]+( s)?  {re.escape(str(out))}/", console_text, re.M), stage
     assert re.search(r"^  stage +rows +wall +artifact$", console_text, re.M)
     assert f"metrics: {out}/metrics.json" in console_text and f"log:     {out}/logs/edsft.log" in console_text
+    # the run's compute, every kind of it (edsft.compute), on one line
+    assert re.search(r"^compute: scoring [0-9.ms]+( s)?, selection .*, training .*, evaluation .* = ", console_text, re.M)
     # none of Ray's internals or the libraries' chatter on the console
     for noise in ["PlacementGroupCleaner", "PreemptionWatcher", "Token authentication", "pid=", "WARNING", "Deprecat"]:
         assert noise not in console_text, noise

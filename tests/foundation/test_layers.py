@@ -23,6 +23,7 @@ RULES = {
     "annotation": (HEAVY, UPPER),
     "exports": (HEAVY, UPPER | {"annotation"}),
     "console": (HEAVY, UPPER | {"selection", "pools", "annotation", "report"}),
+    "compute": (HEAVY | {"pandas"}, UPPER | {"selection", "pools", "annotation", "report"}),
     "report": (HEAVY, UPPER),
     "validate": (HEAVY, UPPER),
     "results": (HEAVY | {"pandas", "pyarrow"}, UPPER | {"config", "storage", "selection", "pools", "annotation", "report"}),

@@ -60,9 +60,21 @@ CASES = {
     "sweep_seeds_negative": (["sweep.seeds=[-1]"], "sweep.seeds=[-1] has entry -1, which must be >= 0"),
     "sweep_seeds_empty": (["sweep.seeds=[]"], "sweep.seeds=[] is empty: give at least one seed"),
     "sweep_budgets_repeated": (["sweep.budgets=[8, 8]"], "sweep.budgets=[8, 8] repeats [8]: list each value once"),
+    "sweep_rounds_over_budget": (
+        ["sweep.rounds=[1, 8]", "sweep.budgets=[4, 16]"],
+        "sweep.rounds=[1, 8] has [8] rounds but sweep.budgets has [4]: each round picks >= 1 row",
+    ),
     "sweep_metric_unknown": (
         ["sweep.metric=exact"],
         "sweep.metric='exact' is not a metric of the report: did you mean 'exact_match'?",
+    ),
+    "rounds_with_export": (
+        ["selection.rounds=2", "annotation.mode=export"],
+        "selection.rounds=2 with annotation.mode='export': every round but the last trains on its annotated batch",
+    ),
+    "rounds_continue_without_lora": (
+        ["selection.rounds=2", "selection.round_training=continue", "training.lora=false"],
+        "selection.round_training='continue' continues the last round's LoRA adapter: set training.lora=true",
     ),
 }
 

@@ -48,6 +48,23 @@ def test_every_stage_writes_its_artifact(smoke_run):
     assert sel == set(run.child("annotated.parquet").read_table().column("row_id").to_pylist())
 
 
+def test_every_stage_records_its_compute_and_the_run_totals_them(smoke_run):
+    from edsft.compute import KINDS, run_compute
+
+    run = get_store(smoke_run)
+    stages = run.child("manifest.json").read_json()["stages"]
+    for name, kind in [("score", "scoring"), ("select", "selection"), ("train", "training"), ("evaluate", "evaluation")]:
+        c = stages[name]["compute"]
+        # one-shot stages do not split their time: all of the wall time is their kind's, no GPU on CPU
+        assert list(c["compute_s"]) == [kind] and c["gpu_s"] == {}, (name, c)
+        assert 0 < c["compute_s"][kind] == pytest.approx(stages[name]["wall_s"], abs=2e-3), name
+    for name in ("ingest", "annotate"):  # reading the pool and the oracle's labels are not compute
+        assert stages[name]["compute"] == {"compute_s": {}, "gpu_s": {}}
+    total = run_compute(run)
+    assert all(total["compute_s"][k] > 0 for k in KINDS) and total["gpu_total_s"] == 0
+    assert total["total_s"] == pytest.approx(sum(stages[n]["wall_s"] for n in ("score", "select", "train", "evaluate")), abs=1e-2)
+
+
 def test_rerun_skips_finished_stages_and_force_recomputes_downstream(smoke_run, capsys):
     cfg = load_config(SMOKE, [f"output.dir={smoke_run}"])
     results = run_pipeline(cfg)

@@ -124,3 +124,90 @@ def test_actor_plan_one_actor_per_gpu_or_fractional_cpus():
     assert model_actor_plan(ScoringConfig(num_actors=1), gpus=0, node_cpus=2).num_threads == 2
     assert model_actor_plan(ScoringConfig(num_actors=2), gpus=0, node_cpus=2).num_threads == 1
     assert model_actor_plan(ScoringConfig(num_actors=3), gpus=0, node_cpus=2).num_threads == 1
+
+
+def _adapter(folder):
+    """A LoRA adapter for the tiny Llama with random (not zero) B matrices: it changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.models import load_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model("builtin:tiny-llama", dtype="float32", device="cpu"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)
+    model.save_pretrained(folder)
+    return get_store(folder)
+
+
+@pytest.mark.slow
+def test_rescoring_with_an_adapter_embeds_the_chosen_rows_and_resumes(ray_cluster, tmp_path):
+    from edsft.distributed import scoring
+    from edsft.distributed.scoring import score_pool
+
+    cfg = Config().replace(
+        **{
+            "scoring.model": "builtin:tiny-llama",
+            "scoring.dtype": "float32",
+            "scoring.max_new_tokens": 6,
+            "scoring.batch_size": 4,
+            "scoring.max_prompt_tokens": 64,
+            "output.dir": str(tmp_path),
+        }
+    )
+    pq.write_table(_pool(N, [""] * N), tmp_path / "pool.parquet")
+    pool, adapter = get_store(tmp_path / "pool.parquet"), _adapter(tmp_path / "adapter")
+    chosen = [f"id{i:03d}" for i in (0, 3, 4, 20)]
+    out, emb_out = get_store(tmp_path / "scores"), get_store(tmp_path / "chosen")
+
+    class Preempted(RuntimeError):
+        pass
+
+    def preempt(block, rows, part):
+        raise Preempted(block)
+
+    scoring.block_callbacks.append(preempt)
+    try:
+        with pytest.raises(Preempted):
+            score_pool(cfg, pool, out, progress=False, adapter=adapter, chosen=chosen, chosen_out=emb_out)
+    finally:
+        scoring.block_callbacks.remove(preempt)
+    s = score_pool(cfg, pool, out, progress=False, adapter=adapter, chosen=chosen, chosen_out=emb_out)
+    assert s["rows_resumed"] > 0 and s["rows_in"] == N
+    assert (s["rows_scored"], s["rows_embedded"], s["rows_quarantined"], s["rows_chosen"]) == (N - 5, 4, 1, 4)
+    scores = pq.read_table(tmp_path / "scores").sort_by("row_id")
+    assert set(scores["row_id"].to_pylist()).isdisjoint(chosen) and scores.num_rows == N - 5
+    got = pq.read_table(tmp_path / "chosen").sort_by("row_id")
+    assert got.column_names == ["row_id", "task", "embedding"] and got["row_id"].to_pylist() == chosen
+
+    # the same numbers as the scorer with the adapter, directly: scores of the rest, embeddings of the chosen
+    rows = _pool(N, [""] * N).filter(pc.not_equal(pc.field("row_id"), f"id{BAD:03d}"))
+    tuned = Scorer(
+        "builtin:tiny-llama",
+        dtype="float32",
+        max_new_tokens=6,
+        max_prompt_tokens=64,
+        batch_size=16,
+        adapter=str(tmp_path / "adapter"),
+    )
+    direct = tuned({c: rows[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")})
+    pos = {r: i for i, r in enumerate(direct["row_id"])}
+    rest = [pos[r] for r in scores["row_id"].to_pylist()]
+    for c in SCORE_COLUMNS:
+        np.testing.assert_allclose(scores[c].to_numpy(), direct[c][rest], atol=1e-4, err_msg=c)
+    np.testing.assert_allclose(np.array(got["embedding"].to_pylist()), direct["embedding"][[pos[r] for r in chosen]], atol=1e-4)
+    # ... and not the base model's
+    base = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=6, max_prompt_tokens=64, batch_size=16)(
+        {c: rows[c].to_numpy(zero_copy_only=False) for c in ("row_id", "prompt", "task")}
+    )
+    assert not np.allclose(direct["embedding"], base["embedding"], atol=1e-3)
+
+    # without chosen_out the chosen rows are simply not scored
+    s2 = score_pool(cfg, pool, get_store(tmp_path / "scores2"), progress=False, adapter=adapter, chosen=chosen)
+    assert (s2["rows_in"], s2["rows_scored"], s2["rows_embedded"]) == (N - 4, N - 5, 0)

@@ -6,6 +6,8 @@ batch composition moves numbers by bf16 rounding; bf16 against fp32 is tested in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,89 @@ def test_generation_mode_is_checked():
         Scorer("builtin:tiny-llama", generation="fast")
     with pytest.raises(ValueError, match="width_bucket=0"):
         Scorer("builtin:tiny-llama", width_bucket=0)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A LoRA adapter for the tiny Llama with random (not zero) B matrices, so it changes the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("builtin:tiny-llama", dtype="float32", device="cpu")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)  # a visible change of the answers, not only of the last digits
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_adapter_scores_are_the_finetuned_models(scorer, adapter_dir):
+    from peft import PeftModel
+
+    from edsft.models import load_model
+
+    tuned = Scorer(
+        "builtin:tiny-llama",
+        dtype="float32",
+        max_new_tokens=6,
+        max_prompt_tokens=64,
+        batch_size=8,
+        max_retries=1,
+        adapter=adapter_dir,
+    )
+    out = tuned(_batch(PROMPTS[:1]))
+    # reference: base + the adapter left unmerged, one plain forward over prompt + generated answer
+    model = PeftModel.from_pretrained(load_model("builtin:tiny-llama", dtype="float32", device="cpu"), adapter_dir).eval()
+    prompt_ids = tuned._prompt_ids(PROMPTS[0])
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tuned.end_ids,
+            pad_token_id=tuned.pad_id,
+        )
+        resp = gen[0, len(prompt_ids) :]
+        full = model(input_ids=gen, output_hidden_states=True)
+    expected = response_scores(full.logits[:, len(prompt_ids) - 1 : -1], resp.unsqueeze(0), torch.ones(1, len(resp)))
+    for c in SCORE_COLUMNS:
+        assert out[c][0] == pytest.approx(expected[c].item(), abs=1e-4), c
+    h = full.hidden_states[-1][0, : len(prompt_ids)].mean(0)
+    np.testing.assert_allclose(out["embedding"][0], (h / h.norm()).numpy(), atol=1e-4)
+    base = scorer(_batch(PROMPTS[:1]))
+    assert not np.allclose(out["embedding"][0], base["embedding"][0], atol=1e-3)
+    # the tiny model is near uniform over its vocabulary: the adapter moves its scores a little, but surely
+    assert max(abs(float(out[c][0]) - float(base[c][0])) for c in SCORE_COLUMNS) > 1e-5
+
+
+def test_adapter_stays_unmerged_in_bf16(adapter_dir):
+    from peft import PeftModel
+
+    tuned = Scorer("builtin:tiny-llama", dtype="bfloat16", max_new_tokens=4, batch_size=8, adapter=adapter_dir)
+    assert isinstance(tuned.model, PeftModel)  # merging into bf16 weights would round the update away
+    base = Scorer("builtin:tiny-llama", dtype="bfloat16", max_new_tokens=4, batch_size=8)
+    a, b = tuned(_batch(PROMPTS)), base(_batch(PROMPTS))
+    assert not np.allclose(a["embedding"], b["embedding"], atol=1e-2)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        Scorer("builtin:tiny-llama", adapter=str(Path(adapter_dir).parent))
+
+
+def test_embed_only_rows_get_the_prefill_embedding_and_no_generation(scorer):
+    batch = _batch(PROMPTS)
+    full = scorer(batch)
+    flags = np.array([True, False, True, False, True])
+    mixed = scorer({**batch, "embed_only": flags})
+    # the embedding of an embed-only row is the one its scoring gives (same prefill hidden states)
+    np.testing.assert_allclose(mixed["embedding"][flags], full["embedding"][flags], atol=1e-5)
+    assert np.isnan(mixed["mean_entropy"][flags]).all() and (mixed["response_tokens"][flags] == 0).all()
+    assert all(g is None for g in mixed["generated"][flags]) and all(e is None for e in mixed["error"])
+    np.testing.assert_array_equal(mixed["prompt_tokens"], full["prompt_tokens"])
+    # the other rows are scored exactly as without the flags
+    for c in (*SCORE_COLUMNS, "response_tokens"):
+        np.testing.assert_allclose(mixed[c][~flags], full[c][~flags], atol=1e-6)
+    assert mixed["embed_only"].tolist() == flags.tolist()

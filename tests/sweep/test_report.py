@@ -180,7 +180,14 @@ def test_learning_curve_plot_axes_and_random_style():
     rnd = lines["random"]
     assert rnd.get_linestyle() == "--" and rnd.get_marker() == "o" and matplotlib.colors.to_hex(rnd.get_color()) == "#000000"
     assert lines["fl"].get_linestyle() == "-" and matplotlib.colors.to_hex(lines["fl"].get_color()) != "#000000"
-    assert len(ax.collections) == 2  # one band per selector (3 seeds)
+    bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert len(bands) == 2 and len(bars) == 2  # one band and one set of error bars per selector (3 seeds)
+    # each error bar spans the t-interval of its (selector, budget) cell
+    fl = s[s.label == "fl"].sort_values("budget")
+    segs = [c for c in bars if matplotlib.colors.to_hex(c.get_color()[0]) == matplotlib.colors.to_hex(lines["fl"].get_color())]
+    np.testing.assert_allclose([seg[:, 1].min() for seg in segs[0].get_segments()], fl["lo"], rtol=1e-9)
+    np.testing.assert_allclose([seg[:, 1].max() for seg in segs[0].get_segments()], fl["hi"], rtol=1e-9)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"random", "fl"}
     matplotlib.pyplot.close(fig)
 
@@ -358,6 +365,7 @@ def test_clearly_better_selector_gets_a_headline_and_a_copy_of_random_does_not()
     assert h["selector"] == "fl" and len(h["significant_budgets"]) >= 2 and h["interval"][1] < 1
     assert h["ratio"] == pytest.approx(0.25, abs=0.1)
     assert "fl reaches random's exact_match with fewer labels" in h["text"] and "excluding 1" in h["text"]
+    assert "Two seeds per cell" not in h["text"]  # three seeds
     pb = boot["per_budget"]
     copy = pb[pb["label"] == "random_copy"]
     assert (copy["hi"] >= 1).sum() >= 4  # indistinguishable from random nearly everywhere
@@ -368,6 +376,70 @@ def test_clearly_better_selector_gets_a_headline_and_a_copy_of_random_does_not()
         pytest.skip("a false positive at one budget in this draw")
     h2 = R.significance_headline(b2, "exact_match")
     assert h2["selector"] is None and "not significant" in h2["text"] and "random_copy" in h2["text"]
+
+
+def test_significantly_worse_selector_is_named_never_called_not_significant():
+    # efficiency 0.25: four times the labels; where the interval lies above 1 the headline says so
+    trials, ex = _per_example_experiment({"random": 1.0, "bad": 0.25}, rng=np.random.default_rng(7))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    h = R.significance_headline(boot, "exact_match")
+    pb = boot["per_budget"]
+    worse = sorted(int(b) for b in pb[pb["lo"] > 1]["budget"])
+    assert len(worse) >= 3 and h["selector"] is None and h["worse_budgets"] == {"bad": worse}
+    assert "significantly MORE labels than random (interval above 1): bad at B=" in h["text"]
+    unclear = pb[(pb["lo"] <= 1) & (pb["hi"] >= 1)]
+    assert ("not significant" in h["text"]) == (len(unclear) > 0)
+    for b in worse:
+        assert f"B={b}: " in h["text"]
+
+
+def _demo_shaped(sel_eff: dict[str, float], rng) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The quickstart's grid: selectors at B=16 and 64, random also at 128, two seeds."""
+    trials, ex = _per_example_experiment(sel_eff, budgets=(16, 64, 128), seeds=(0, 1), rng=rng)
+    drop = set(trials[(trials.selector != "random") & (trials.budget == 128)].trial_id)
+    return trials[~trials.trial_id.isin(drop)], ex[~ex.trial_id.isin(drop)]
+
+
+def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 1.0}, np.random.default_rng(3))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    pb = boot["per_budget"].set_index("budget")
+    assert sorted(pb.index) == [16, 64] and sorted(boot["random_curve"]) == [16, 64, 128]
+    assert ((pb["lo"] <= 1) & (pb["hi"] >= 1)).all()  # a copy of random: every interval includes 1
+    h = R.significance_headline(boot, "exact_match")
+    assert h["selector"] is None and h["worse_budgets"] == {}
+    cells = ", ".join(
+        f"B={b}: {pb.loc[b, 'ratio_bound']}{pb.loc[b, 'ratio']:.2f}x [{pb.loc[b, 'lo']:.2f}, {pb.loc[b, 'hi']:.2f}]"
+        for b in (16, 64)
+    )
+    assert "at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
+    assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
+    assert h["text"].endswith("confirm with >= 3 seeds (sweep.seeds=[0, 1, 2]).")  # two seeds: indicative only
+
+
+def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_significant():
+    # efficiency 0.25 at B=16, random's smallest budget: random needs fewer than 16 labels in every resample,
+    # so B / B_random > 1 throughout (a bound of exactly 1, strictly exceeded); at 64 random needs about 16
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 0.25}, np.random.default_rng(5))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    pb = boot["per_budget"].set_index("budget")
+    assert pb.loc[16, "ratio_bound"] == ">" and pb.loc[16, "censored"] == 1.0 and pb.loc[16, "lo"] > 1
+    h = R.significance_headline(boot, "exact_match")
+    assert h["worse_budgets"] == {"typiclust": [16, 64]} and "not significant" not in h["text"]
+    assert "significantly MORE labels than random (interval above 1): typiclust at B=16: >1.00x" in h["text"]
+    assert "a bound, the selector's value lies beyond random's measured curve" in h["text"]
+
+
+def test_demo_shaped_sweep_with_a_clear_winner_names_its_budgets():
+    # efficiency 4 at B=16 and 64 is inside random's curve because random also ran at 128 (64 x 4 = 256 is
+    # beyond it: a bound there, counted at B / 128 = 0.5, which still excludes 1)
+    trials, ex = _demo_shaped({"random": 1.0, "typiclust": 4.0}, np.random.default_rng(4))
+    boot = R.bootstrap_label_efficiency(trials, "exact_match", ex, n_boot=1000)
+    h = R.significance_headline(boot, "exact_match")
+    pb = boot["per_budget"].set_index("budget")
+    wins = sorted(int(b) for b in pb.index[pb["hi"] < 1])
+    assert h["selector"] == "typiclust" and h["significant_budgets"] == wins and len(wins) >= 1
+    assert "typiclust reaches random's exact_match with fewer labels at" in h["text"]
 
 
 def test_loss_bootstrap_is_token_weighted_and_lower_is_better():
@@ -438,3 +510,118 @@ def test_flat_random_curve_report_says_no_ratio(tmp_path):
     out = R.build_report(run)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     assert out["headline"]["selector"] is None and "random's curve is flat" in md and "2.00x" not in md
+
+
+# ---- one-shot vs multi-round: curves per (selector, rounds), compute ---------------------------
+
+
+def _design_results():
+    """random, uncertainty (one round) and uncertainty with 2 rounds, 2 seeds, no noise: uncertainty-2
+    matches random at twice its budget (B / B_random = 0.5) and costs 2.5x its one-round design."""
+    rows = []
+    for sel, rounds, eff, cost in [("random", 1, 1.0, 100.0), ("uncertainty", 1, 1.25, 100.0), ("uncertainty", 2, 2.0, 250.0)]:
+        for b in (25, 50, 100):
+            for s in (0, 1):
+                rows.append(
+                    dict(
+                        trial_id=f"{sel}-r{rounds}-b{b}-s{s}",
+                        selector=sel,
+                        params="{}",
+                        rounds=rounds,
+                        budget=b,
+                        seed=s,
+                        exact_match=0.1 * math.log2(eff * b / 25),
+                        status="TERMINATED",
+                        compute_scoring_s=10.0 * rounds,
+                        compute_selection_s=1.0,
+                        compute_training_s=cost * b / 25 - 10.0 * rounds - 1.0 - 4.0 * s,
+                        compute_evaluation_s=4.0 * s,
+                        compute_total_s=cost * b / 25,  # the sum of the four
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def test_curves_are_per_selector_and_round_count():
+    s = R.summarize(_design_results(), "exact_match")
+    assert sorted(s.label.unique()) == ["random", "uncertainty", "uncertainty, 2 rounds"]
+    assert s[s.label == "uncertainty, 2 rounds"]["rounds"].unique().tolist() == [2]
+    fig = R.plot_learning_curves(s, "exact_match")
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    one, two = lines["uncertainty"], lines["uncertainty, 2 rounds"]
+    assert one.get_color() == two.get_color() and one.get_linestyle() == "-" and two.get_linestyle() == "-."
+    assert matplotlib.colors.to_hex(lines["random"].get_color()) == "#000000"
+    matplotlib.pyplot.close(fig)
+    # random is the reference at one round only, and 2-round variants are compared with it like any selector
+    eff = R.label_efficiency(s, "exact_match").set_index(["label", "budget"])
+    assert eff.loc[("uncertainty, 2 rounds", 25), "ratio"] == pytest.approx(0.5)
+    assert eff.loc[("uncertainty", 50), "ratio"] == pytest.approx(0.8)
+
+
+def test_compute_against_one_shot_and_labels_against_random_by_hand():
+    res = _design_results()
+    csum = R.compute_summary(res).set_index(["label", "budget"])
+    # means over seeds 0 and 1: evaluation 4 s x (0 + 1) / 2
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_total_s"] == 500.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_scoring_s"] == 20.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "compute_evaluation_s"] == 2.0
+    assert csum.loc[("uncertainty, 2 rounds", 50), "vs_one_shot"] == pytest.approx(2.5)  # 500 / 200
+    assert csum.loc[("uncertainty", 50), "vs_one_shot"] == 1.0 and csum.loc[("uncertainty", 50), "n"] == 2
+    boot = R.bootstrap_label_efficiency(res, "exact_match", n_boot=200)
+    table = R.design_table(R.compute_summary(res), boot)
+    assert "| 25 | random | 1 | 1 (the reference) | 100.0 | 1 (one-shot) |" in table
+    assert "| 25 | uncertainty | 1 | 0.80 [0.80, 0.80] **<1** | 100.0 | 1 (one-shot) |" in table
+    assert "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |" in table
+    # at B=100 (random's largest budget) uncertainty-2 is beyond random's best in every resample: random
+    # needs more than 100 labels, so B / B_random < 1 strictly - a bound, and one that excludes 1
+    assert "| 100 | uncertainty | 2 | <1.00 [1.00, 1.00] **<1** | 1000.0 | 2.50x |" in table
+    # without a one-round trial of that selector there is nothing to compare with
+    alone = R.compute_summary(res[~((res.selector == "uncertainty") & (res.rounds == 1))])
+    assert "- (no one-round trial)" in R.design_table(alone, None) and np.isnan(alone["vs_one_shot"].iloc[-1])
+    md = R.compute_table(R.compute_summary(res))
+    assert "| uncertainty, 2 rounds | 50 | 2 | 20.0 | 1.0 | 477.0 | 2.0 | 500.0 |" in md and "GPU" not in md
+
+
+def test_metric_vs_compute_plot_is_log_x_at_the_mean_compute():
+    fig = R.plot_metric_vs_compute(_design_results(), "exact_match")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "compute" in ax.get_xlabel() and ax.get_ylabel()
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    x, y = lines["uncertainty, 2 rounds"].get_data()
+    assert list(x) == [250.0, 500.0, 1000.0]
+    np.testing.assert_allclose(y, [0.1 * math.log2(2 * b / 25) for b in (25, 50, 100)])
+    assert lines["uncertainty"].get_color() == lines["uncertainty, 2 rounds"].get_color()
+    matplotlib.pyplot.close(fig)
+
+
+def test_one_shot_report_is_todays_plus_the_compute_section(tmp_path):
+    df = _curves({"random": 1.0, "facility_location": 2.0}, budgets=(25, 50, 100), noise=0.005)
+    texts = {}
+    for name, frame in [("plain", df), ("compute", df.assign(compute_training_s=30.0, compute_total_s=40.0 + df.budget))]:
+        run = get_store(tmp_path / name)
+        run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(frame, preserve_index=False))
+        R.build_report(run)
+        texts[name] = (tmp_path / name / "report" / "report.md").read_text().replace(str(tmp_path / name), "RUN")
+    assert "## Compute" not in texts["plain"] and "rounds" not in texts["plain"] and "vs compute" not in texts["plain"]
+    head, _, section = texts["compute"].partition("## Compute\n")
+    assert head == texts["plain"]  # nothing else changed
+    assert "| facility_location | 50 | 3 | - | - | 30.0 | - | 90.0 |" in section
+    assert (tmp_path / "compute" / "report" / "compute.csv").exists()
+
+
+def test_report_of_a_sweep_with_rounds(tmp_path):
+    run = get_store(tmp_path / "run")
+    run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(_design_results(), preserve_index=False))
+    out = R.build_report(run, metrics=["exact_match"])
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    for needle in (
+        "| rounds | 1, 2 (1: the one-shot design) |",
+        "| selectors | random; uncertainty; uncertainty, 2 rounds |",
+        "compute spent against the same selector's one-round design",
+        "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |",
+        "![exact_match vs compute](metric_vs_compute_exact_match.png)",
+        "## Compute",
+    ):
+        assert needle in md, needle
+    assert any(p.endswith("metric_vs_compute_exact_match.png") for p in out["plots"])
+    assert out["headline"]["selector"] == "uncertainty, 2 rounds"

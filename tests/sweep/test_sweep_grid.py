@@ -162,10 +162,132 @@ def test_grid_order_is_seed_then_budget_then_selector():
     assert [s["name"] for s in specs][:4] == ["random-b4-s0", "k_center-b4-s0", "random-b8-s0", "k_center-b8-s0"]
 
 
+def test_random_budgets_add_random_only_trials_first_in_each_seed():
+    # random's extra budgets are usually the longest trials: started first, the concurrent trials pack better
+    cfg = _cfg(selectors=["k_center"], budgets=[16, 64], random_budgets=[128], seeds=[0, 1])
+    specs, _ = S.expand_grid(cfg)
+    assert [s["name"] for s in specs] == [
+        f"{sel}-b{b}-s{seed}"
+        for seed in (0, 1)
+        for sel, b in (("random", 128), ("random", 16), ("k_center", 16), ("random", 64), ("k_center", 64))
+    ]
+    # random's params grid applies at its extra budgets too; the other selectors never run there
+    cfg = _cfg(selectors=["random", "k_center"], budgets=[8], random_budgets=[32], seeds=[0])
+    assert {s["budget"] for s in S.expand_grid(cfg)[0] if s["selector"] == "k_center"} == {8}
+
+
 def test_default_config_sweeps_a_subset_of_its_selectors():
     from edsft.config import load_config
 
-    cfg = load_config(None, ["sweep.selectors=[random, k_center]"])  # the quickstart's sweep.params name others
+    # a config's sweep.params may name selectors that a shorter sweep.selectors leaves out
+    cfg = load_config(None, ["sweep.selectors=[random, k_center]", "sweep.params={uncertainty: {score: mean_entropy}}"])
     assert set(cfg.sweep.params) - {"random", "k_center"}
     specs, notes = S.expand_grid(cfg)
     assert {s["selector"] for s in specs} == {"random", "k_center"} and any("ignored" in n for n in notes)
+
+
+# ---- sweep.rounds -------------------------------------------------------------------------
+
+
+def test_rounds_axis_expands_every_selector_but_random_and_keeps_one_round_names():
+    cfg = _cfg(selectors=["random", "uncertainty", "k_center"], budgets=[8, 16], seeds=[0], rounds=[1, 2, 4])
+    specs, notes = S.expand_grid(cfg)
+    names = [s["name"] for s in specs]
+    # per budget: random once, the others at every round count
+    assert len(specs) == 2 * (1 + 2 * 3) and len(set(names)) == len(names)
+    assert names[:7] == [
+        "random-b8-s0",
+        "uncertainty-b8-s0",
+        "uncertainty-r2-b8-s0",
+        "uncertainty-r4-b8-s0",
+        "k_center-b8-s0",
+        "k_center-r2-b8-s0",
+        "k_center-r4-b8-s0",
+    ]
+    assert {s["rounds"] for s in specs if s["selector"] == "random"} == {1}
+    assert any("random runs with one round only" in n and "[2, 4]" in n for n in notes)
+    # one round: exactly the names of a sweep without sweep.rounds (existing sweeps resume)
+    plain = S.expand_grid(_cfg(selectors=["random", "uncertainty", "k_center"], budgets=[8, 16], seeds=[0]))
+    assert [s["name"] for s in plain[0]] == [s["name"] for s in specs if s["rounds"] == 1]
+    assert plain[1] == [n for n in notes if "random" not in n] == []
+
+
+def test_trial_config_takes_its_round_count_and_splits_its_own_budget(tmp_path):
+    from edsft.storage import get_store
+
+    cfg = config_from_dict(
+        {"selection": {"budget": 30, "rounds": 3, "round_budgets": [10, 10, 10]}, "sweep": {"budgets": [8], "rounds": [1, 2]}}
+    )
+    specs, notes = S.expand_grid(cfg)
+    assert any("selection.rounds=3 is not used by the sweep" in n for n in notes)
+    assert any("selection.round_budgets=[10, 10, 10] is not used by the sweep" in n for n in notes)
+    two = next(s for s in specs if s["rounds"] == 2)
+    t = S.trial_config(cfg, two, get_store(tmp_path / "t"))
+    assert (t.selection.rounds, t.selection.round_budgets, t.selection.batch_sizes) == (2, None, (4, 4))
+    one = next(s for s in specs if s["rounds"] == 1 and s["selector"] == two["selector"])
+    assert S.trial_config(cfg, one, get_store(tmp_path / "u")).selection.rounds == 1
+    # a spec restored from a Tune experiment made before sweep.rounds has no "rounds": one round
+    old = {k: v for k, v in one.items() if k != "rounds"}
+    assert S.trial_config(cfg, old, get_store(tmp_path / "v")).selection.rounds == 1
+    assert S.trial_name("uncertainty", {}, 8, 0, rounds=2) == "uncertainty-r2-b8-s0"
+
+
+def _finished_trial(run, cfg, spec, stages):
+    """A trial folder as run_trial leaves it: its manifest (with its parent link) and result.json."""
+    from edsft.compute import stage_compute
+
+    trial = run.child("sweep", "trials", spec["name"])
+    trial.child("manifest.json").write_json(
+        {
+            "config": {},
+            "parent": {"run": run.uri, "inherited": ["ingest", "score"]},
+            "stages": {
+                n: {"state": "done", "wall_s": w, "compute": stage_compute(k, w, {}, None)} for n, (k, w) in stages.items()
+            },
+        }
+    )
+    report = {"exact_match": 0.5, "loss": 1.0, "objective": 1.0, "train_steps": 2, "trial_wall_s": 9.0}
+    trial.child("result.json").write_json(
+        {"trial_hash": S._trial_hash(S.trial_config(cfg, spec, trial)), "spec": spec, "report": report, "metrics": {}}
+    )
+
+
+def test_results_carry_rounds_and_compute_with_the_parent_scoring(tmp_path):
+    from edsft.compute import stage_compute
+    from edsft.storage import get_store
+
+    cfg = _cfg(selectors=["uncertainty"], budgets=[8], seeds=[0], rounds=[1, 2])
+    specs, _ = S.expand_grid(cfg)
+    assert [s["name"] for s in specs] == ["random-b8-s0", "uncertainty-b8-s0", "uncertainty-r2-b8-s0"]
+    run = get_store(tmp_path / "run")
+    run.child("manifest.json").write_json(
+        {"stages": {"score": {"state": "done", "wall_s": 40.0, "compute": stage_compute("scoring", 40.0, {}, None)}}}
+    )
+    base = {"base": {"exact_match": 0.1}, "compute": stage_compute("evaluation", 3.0, {}, None)}
+    one_shot = {
+        "select": ("selection", 1.0),
+        "annotate": (None, 0.5),
+        "train": ("training", 20.0),
+        "evaluate": ("evaluation", 5.0),
+    }
+    _finished_trial(run, cfg, specs[0], one_shot)
+    _finished_trial(run, cfg, specs[1], one_shot)
+    # the multi-round trial's selection stage re-scored and retrained: its own split (the rounds helper's stage)
+    two = dict(one_shot, select=("selection", 31.0))
+    _finished_trial(run, cfg, specs[2], two)
+    table, spent = S._collect(run, cfg, specs, {}, base)
+    t = table.to_pandas().set_index("trial_id")
+    assert t["rounds"].to_dict() == {"random-b8-s0": 1, "uncertainty-b8-s0": 1, "uncertainty-r2-b8-s0": 2}
+    # every trial pays the parent's 40 s of scoring; ingest and annotate are not compute
+    assert (t["compute_scoring_s"] == 40.0).all()
+    assert t.loc["uncertainty-b8-s0", "compute_total_s"] == 40.0 + 1.0 + 20.0 + 5.0
+    assert t.loc["uncertainty-r2-b8-s0", "compute_selection_s"] == 31.0
+    assert t.loc["uncertainty-r2-b8-s0", "compute_total_s"] == 96.0
+    assert not any(c.startswith("gpu_") for c in table.column_names)  # a CPU sweep: no columns of zeros
+    assert [c for c in S.RESULT_COLUMNS if c in table.column_names] == table.column_names
+    # the sweep's own compute: the trials' own stages (not the shared scoring) plus the base model's evaluation
+    assert spent["compute_s"] == {"scoring": 0.0, "selection": 33.0, "training": 60.0, "evaluation": 18.0}
+    # a pending trial has no compute
+    run.child("sweep", "trials", specs[2]["name"], "result.json").remove()
+    t = S._collect(run, cfg, specs, {}, base)[0].to_pandas().set_index("trial_id")
+    assert t.loc["uncertainty-r2-b8-s0", "status"] == "PENDING" and t["compute_total_s"].isna().sum() == 1

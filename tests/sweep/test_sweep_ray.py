@@ -6,6 +6,7 @@ the sweep reuses its scores.parquet like a real run does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -96,6 +97,18 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
         assert len(sel) == r.budget and set(sel.selector) == {r.selector}
         assert pq.read_table(trial / "annotated.parquet").num_rows == r.budget
         assert (trial / "metrics.json").exists() and r.train_steps == 2
+    # every trial's compute includes the run's scoring, which it inherits, and its own stages
+    from edsft.compute import run_compute
+
+    scoring = run_compute(run)["compute_s"]["scoring"]
+    assert scoring > 0 and (t["compute_scoring_s"] == scoring).all() and (t["rounds"] == 1).all()
+    for kind in ("selection", "training", "evaluation"):
+        assert (t[f"compute_{kind}_s"] > 0).all(), kind
+    parts = t[[f"compute_{k}_s" for k in ("scoring", "selection", "training", "evaluation")]].sum(axis=1)
+    assert (abs(t["compute_total_s"] - parts) < 1e-6).all() and "gpu_total_s" not in t.columns
+    # the sweep's own figure: its trials' stages (not the shared scoring) and the base model's evaluation
+    assert out["compute_s"]["training"] == pytest.approx(t["compute_training_s"].sum(), abs=1e-2)
+    assert out["compute_s"]["scoring"] == 0 and out["compute_s"]["evaluation"] > t["compute_evaluation_s"].sum()
     # re-running the finished sweep restores it and runs nothing
     again = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
     assert again["executed"] == 0 and again["finished"] == 4  # Tune restored a finished experiment
@@ -134,3 +147,95 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     assert invoked("k_center-b8-s0") - before["k_center-b8-s0"] == 2  # failed, then resumed
     t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
     assert len(t) == 2 and set(t.status) == {"TERMINATED"} and t.exact_match.notna().all()
+
+
+def test_two_seed_sweep_report_draws_intervals_and_the_headline_they_allow(scored_run):
+    """The quickstart's shape on the tiny model: a selector against random over two seeds, random also at
+    a budget beyond the selector's (sweep.random_budgets), metric loss. The report must carry the
+    intervals (curves and B / B_random) and a headline that says exactly what those intervals allow."""
+    import matplotlib
+    import numpy as np
+    import pandas as pd
+
+    from edsft import report as R
+    from edsft.distributed.sweep import run_sweep
+
+    matplotlib.use("Agg")
+    cfg = _cfg(scored_run, selectors=["typiclust"], budgets=[8], random_budgets=[16], seeds=[0, 1], metric="loss")
+    run = get_store(scored_run)
+    out = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
+    assert out["trials"] == 6 and out["finished"] == 6 and out["errored"] == 0
+    t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
+    assert sorted(t.trial_id) == sorted(
+        [f"random-b{b}-s{s}" for b in (8, 16) for s in (0, 1)] + ["typiclust-b8-s0", "typiclust-b8-s1"]
+    )
+    assert t["loss"].map(math.isfinite).all()
+
+    rep = R.build_report(run, metric="loss")
+    report_dir = scored_run / "report"
+    md = (report_dir / "report.md").read_text()
+    head = rep["headline"]
+    assert f"**Headline (loss).** {head['text']}" in md
+    assert "95% t-interval over seeds" in md and "bootstrap interval over seeds and eval prompts" in md
+    # the curves table gives each cell's interval over its 2 seeds
+    summ = R.summarize(R.load_results(t), "loss")
+    for r in summ.itertuples():
+        assert r.n == 2 and f"{r.mean:.3f} [{r.lo:.3f}, {r.hi:.3f}] (n=2)" in md
+    # the plot draws them: one band per selector with >= 2 budgets, error bars at every cell
+    fig = R.plot_learning_curves(summ, "loss")
+    ax = fig.axes[0]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert sum(len(c.get_segments()) for c in bars) == len(summ) == 3 and "95% t-interval" in ax.get_title()
+    matplotlib.pyplot.close(fig)
+
+    # B / B_random with its interval, and the headline is the one those intervals allow
+    pb = pd.read_csv(report_dir / "label_efficiency_intervals_loss.csv")
+    assert list(pb["budget"]) == [8] and list(pb["label"]) == ["typiclust"] and (pb["n_seeds"] == 2).all()
+    r = pb.iloc[0]
+    if np.isnan(r["ratio"]):  # random's loss did not move between 8 and 16 labels
+        assert "does not change across its budgets" in head["text"]
+        return
+    assert r["lo"] <= r["ratio"] <= r["hi"] or r["ratio_bound"] in ("<", ">")
+    bound = "" if pd.isna(r["ratio_bound"]) else r["ratio_bound"]
+    cell = f"B=8: {bound}{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
+    assert cell in head["text"] and f"| typiclust | {bound}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" in md
+    if r["hi"] < 1:
+        assert head["selector"] == "typiclust" and "fewer labels at 1 of 1 budgets" in head["text"]
+    elif r["lo"] > 1:
+        assert head["selector"] is None and "significantly MORE labels than random" in head["text"]
+        assert head["worse_budgets"] == {"typiclust": [8]} and "not significant" not in head["text"]
+    else:
+        assert head["selector"] is None and "not significant (interval includes 1): typiclust at B=8" in head["text"]
+        assert "MORE" not in head["text"]
+
+
+def test_a_trial_runs_its_rounds_inside_tune(scored_run, tmp_path):
+    """sweep.rounds = [2]: the uncertainty trial (a Tune function trainable holding a sliver of a CPU)
+    runs round 1, re-scores the rest of the pool on Ray Data from inside the trial with round 1's
+    adapter, picks round 2, then trains and evaluates on the union; random runs one-shot beside it."""
+    import shutil
+
+    from edsft.distributed.sweep import run_sweep
+
+    run_dir = tmp_path / "run"  # a run folder of its own: this sweep's results must not mix with the others'
+    run_dir.mkdir()
+    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
+        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    cfg = _cfg(run_dir, selectors=["uncertainty"], budgets=[8], seeds=[0], rounds=[2])
+    out = run_sweep(cfg, get_store(run_dir), progress=False, trial_runner=run_trial)
+    assert out["trials"] == 2 and out["finished"] == 2 and out["errored"] == 0, out
+    trial = run_dir / "sweep" / "trials" / "uncertainty-r2-b8-s0"
+    manifest = json.loads((trial / "manifest.json").read_text())["stages"]
+    assert list(manifest) == ["round1", "round2", "select", "annotate", "train", "evaluate"]
+    b1 = pq.read_table(trial / "rounds" / "1" / "selection.parquet").column("row_id").to_pylist()
+    b2 = pq.read_table(trial / "rounds" / "2" / "selection.parquet").column("row_id").to_pylist()
+    assert len(b1) == len(b2) == 4 and not set(b1) & set(b2)
+    assert pq.read_table(trial / "selection.parquet").column("row_id").to_pylist() == b1 + b2
+    rescored = manifest["round2"]["summary"]["rescored"]
+    assert rescored["rows_scored"] == 120 - 4 - rescored["rows_quarantined"]
+    assert manifest["round2"]["summary"]["compute_s"]["scoring"] > 0
+    # the results row counts the re-scoring and round 1's training on top of what one-shot random spent
+    t = pq.read_table(run_dir / "sweep" / "results.parquet").to_pandas().set_index("trial_id")
+    two, one = t.loc["uncertainty-r2-b8-s0"], t.loc["random-b8-s0"]
+    assert (two["rounds"], one["rounds"]) == (2, 1)
+    assert two["compute_scoring_s"] > one["compute_scoring_s"] and two["compute_training_s"] > one["compute_training_s"]

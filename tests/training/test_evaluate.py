@@ -115,3 +115,41 @@ def test_ray_data_actors_match_in_process_evaluation(ray_cluster, tmp_path):
         for key in ("loss", "exact_match", "rouge_l", "n_tokens"):
             assert dist[variant][key] == pytest.approx(local[variant][key], rel=1e-4), (variant, key)
     assert dist["n"] == local["n"] == 10
+
+
+def test_distributed_evaluation_needs_no_whole_cpu(ray_cluster, tmp_path):
+    """A sweep on 2 CPUs: each Tune trial holds a sliver of a CPU, each eval actor half of one.
+    No step of the evaluation may then wait for a whole free CPU (the label-efficiency experiment
+    hung there for 30 minutes when evaluation repartitioned its rows with 1-CPU tasks)."""
+    import ray
+
+    from edsft.distributed.evaluate import evaluate_models
+
+    @ray.remote
+    class Held:
+        def ping(self):
+            return True
+
+    # Two trials' slivers plus the other trial's 0.5-CPU eval actor and a bit more: under a whole CPU
+    # stays free, so the hang (a 1-CPU task) is certain rather than a race with the actors' start.
+    trials = [Held.options(num_cpus=c).remote() for c in (0.01, 0.01, 0.99)]
+    ray.get([t.ping.remote() for t in trials])
+    cfg = Config().replace(
+        **{
+            "training.model": "builtin:tiny-llama",
+            "evaluation.mode": "distributed",
+            "evaluation.max_new_tokens": 2,
+            "evaluation.batch_size": 2,
+            "evaluation.num_actors": 1,
+            "evaluation.cpus_per_actor": 0.5,
+        }
+    )
+    eval_path = _parquet(tmp_path / "eval.parquet", _rows(0, 12))
+    try:
+        ref = ray.remote(num_cpus=0)(evaluate_models).remote(cfg, eval_path, None, str(tmp_path / "m.json"), False)
+        ready, _ = ray.wait([ref], timeout=180)
+        assert ready, "distributed evaluation hung waiting for a whole CPU"
+        assert ray.get(ref)["n"] == 12
+    finally:
+        for t in trials:
+            ray.kill(t)

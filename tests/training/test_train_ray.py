@@ -172,3 +172,45 @@ def test_single_worker_summary_says_where_the_fixed_cost_goes(ray_cluster, tmp_p
     assert abs(sum(phases.values()) - summary["wall_time_s"]) < 0.5, (sum(phases.values()), summary["wall_time_s"])
     assert summary["fixed_cost_s"] == pytest.approx(summary["wall_time_s"] - summary["train_time_s"], abs=0.01)
     assert json.loads((out / "train_summary.json").read_text())["phases_s"] == phases
+
+
+def test_training_continues_from_an_earlier_adapter(ray_cluster, tmp_path):
+    """round_training: continue. Trained at lr 0 from an adapter, the exported adapter is that adapter,
+    bit for bit (fresh LoRA adapters start with B = 0, so they would differ); at lr > 0 it moves on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.distributed.train import train_sft
+    from edsft.models import load_model
+
+    cfg = _cfg(**{"training.num_workers": 1, "training.backend": "ddp", "training.max_steps": 2, "training.checkpoint_every": 0})
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        load_model("builtin:tiny-llama", dtype="float32", device="cpu"),
+        LoraConfig(
+            r=cfg.training.lora_r,
+            lora_alpha=cfg.training.lora_alpha,
+            lora_dropout=cfg.training.lora_dropout,
+            target_modules="all-linear",
+            init_lora_weights=False,
+        ),
+    )
+    peft_model.save_pretrained(tmp_path / "init")
+    init = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    data = _data(tmp_path, n=16)
+
+    frozen = train_sft(
+        cfg.replace(**{"training.lr": 0.0}), data, str(tmp_path / "lr0"), progress=False, init_adapter=str(tmp_path / "init")
+    )
+    out = load_file(tmp_path / "lr0" / "adapter" / "adapter_model.safetensors")
+    assert frozen["init_adapter"] == str(tmp_path / "init") and set(out) == set(init)
+    assert all(torch.equal(out[k], init[k]) for k in init)
+
+    moved = train_sft(cfg, data, str(tmp_path / "lr"), progress=False, init_adapter=str(tmp_path / "init"))
+    out = load_file(tmp_path / "lr" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(out[k], init[k]) for k in init)
+    assert moved["run_name"] != frozen["run_name"]  # lr differs; and the init adapter is part of the name
+    fresh = train_sft(cfg, data, str(tmp_path / "fresh"), progress=False)
+    assert fresh["run_name"] != moved["run_name"]
+    with pytest.raises(ValueError, match="not a LoRA adapter folder"):
+        train_sft(cfg, data, str(tmp_path / "bad"), progress=False, init_adapter=str(tmp_path))
