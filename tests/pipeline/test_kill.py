@@ -2,11 +2,12 @@
 
 An uninterrupted run first measures each stage's duration (from the "<stage>: running" and
 "<stage>: ... in X s" log lines). Then 20 kills, drawn with a fixed seed, land at a random
-fraction of a stage's measured duration after that stage starts, stages in pipeline order; after
-every kill the test checks that each stage the next `run` would skip holds exactly the
-reference's artifact, and re-runs. A run that finishes before its planned kill (a resumed stage
-can be quicker than the reference's) must equal the reference too, and the kill then goes to a
-fresh run folder, so every one of the 20 kills lands. The run that finally completes must equal the reference:
+fraction of a stage's duration after that stage starts, or right after it ends if it is quicker,
+stages in pipeline order; the duration is the one of the latest run that ran the stage whole (the
+reference's at first: the machine's load changes). After every kill the test checks that each
+stage the next `run` would skip holds exactly the reference's artifact, and re-runs. A kill planned
+in a stage that is committed already, and one whose run finishes before it, go to a fresh run
+folder (a finished one must equal the reference too), so every one of the 20 kills lands. The run that finally completes must equal the reference:
 the same row ids in pool, eval split, scores, selection and annotation, a trained adapter and
 the same number of eval rows.
 
@@ -94,6 +95,11 @@ class Driver:
     def next_event(self, timeout: float = 600):
         return self.lines.get(timeout=timeout)
 
+    def durations(self) -> dict[str, float]:
+        """How long each stage this run ran whole took (from its start and end lines)."""
+        starts = {s: t for t, s, k in self.events if k == "start"}
+        return {s: t - starts[s] for t, s, k in self.events if k == "end" and s in starts}
+
     def wait_in(self, stage: str, seconds: float) -> None:
         """Wait ``seconds`` into ``stage``, or until it ends if it is quicker this time: a kill planned
         in a stage then lands in it or right after it, never stages later (a run on a machine quieter
@@ -160,10 +166,19 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
     landed: list[str] = []
     folders = 0
     cfg = load_config(SMOKE, [f"output.dir={out}", *OVERRIDES])
+    # Each stage's duration in the latest run that ran it whole (the reference's at first): the plan
+    # keeps to the machine's pace, which changes with its load.
+    pace = dict(duration)
     for stage, frac in plan:
         for attempt in range(3):
+            if why_not_done(Run.open(cfg), stage) is None:
+                # The planned stage is committed here (the last kill came right after it ended): nothing
+                # of it is left to interrupt in this folder, so the kill goes to a fresh one.
+                folders += 1
+                out = tmp_path / f"killed-{folders}"
+                cfg = load_config(SMOKE, [f"output.dir={out}", *OVERRIDES])
             d = Driver(out)
-            while True:  # wait for the planned stage (or a later one, if the planned one is committed)
+            while True:  # wait for the planned stage
                 ev = d.next_event()
                 if ev is None:
                     break
@@ -171,7 +186,7 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
                 if kind == "start" and STAGES.index(s) >= STAGES.index(stage):
                     # a retry waits less: the run that outran the last kill may be faster than the
                     # reference's (a resumed stage, a quieter machine)
-                    d.wait_in(s, frac * duration[s] * 0.5**attempt)
+                    d.wait_in(s, frac * pace[s] * 0.5**attempt)
                     break
             if d.proc.poll() is None:
                 break
@@ -180,6 +195,7 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
             # reference's; the kill then goes to a fresh run folder.
             assert d.finish() == 0, d.tail()
             assert {s: get() for s, get in _artifacts(out).items()} == reference
+            pace.update(d.durations())
             folders += 1
             out = tmp_path / f"killed-{folders}"
             cfg = load_config(SMOKE, [f"output.dir={out}", *OVERRIDES])
@@ -187,6 +203,7 @@ def test_sigkill_at_random_moments_never_leaves_a_stage_that_passes_for_finished
             pytest.fail(f"three runs in a row finished before the kill planned in {stage}")
         d.proc.send_signal(signal.SIGKILL)
         d.finish()
+        pace.update(d.durations())
         running = [s for _, s, k in d.events if k == "start"]
         done_now = {s for _, s, k in d.events if k == "end"}
         landed.append(next((s for s in reversed(running) if s not in done_now), f"after {running[-1]}" if running else "startup"))
