@@ -487,13 +487,12 @@ def run_sweep(
 def collect_results(cfg: Config, run: Store) -> dict:
     """Rewrite ``run/sweep/results.parquet`` from the trial folders alone (no Tune): for a look at
     a sweep that is still running (unfinished trials are PENDING) or was stopped."""
-    specs, _ = expand_grid(cfg)
-    table = trial_results(cfg, run)
+    table = trial_results(cfg, run)  # one row per trial of the grid
     out = run.child("sweep", "results.parquet")
     out.write_table(table)
     statuses = table.column("status").to_pylist()
     return {
-        "trials": len(specs),
+        "trials": table.num_rows,
         "finished": statuses.count("TERMINATED"),
         "pending": statuses.count("PENDING"),
         "results": out.uri,
