@@ -149,7 +149,9 @@ def expand_grid(cfg: Config) -> tuple[list[dict], list[str]]:
     for selector in selectors:
         base = dict(cfg.selection.params) if selector == cfg.selection.name else {}
         for params in param_grid(selector, cfg.sweep.params.get(selector)):
-            variants += [(selector, {**base, **params}, r) for r in rounds if r == 1 or selector != "random"]
+            # random at one round, whatever sweep.rounds holds (with rounds=[2] it still runs: it is the anchor)
+            for r in [1] if selector == "random" else rounds:
+                variants.append((selector, {**base, **params}, r))
     # Seed-major, then budget, then selector: Tune starts trials in this order, so a sweep that is
     # stopped early (or read while running) has every selector at the same budgets, comparable.
     # Random's extra budgets (sweep.random_budgets, usually beyond the others: the longest trials)

@@ -210,6 +210,9 @@ def test_rounds_axis_expands_every_selector_but_random_and_keeps_one_round_names
     plain = S.expand_grid(_cfg(selectors=["random", "uncertainty", "k_center"], budgets=[8, 16], seeds=[0]))
     assert [s["name"] for s in plain[0]] == [s["name"] for s in specs if s["rounds"] == 1]
     assert plain[1] == [n for n in notes if "random" not in n] == []
+    # rounds without 1: random still runs (one-shot), it is the anchor of every comparison
+    only2, _ = S.expand_grid(_cfg(selectors=["uncertainty"], budgets=[8], seeds=[0], rounds=[2]))
+    assert [s["name"] for s in only2] == ["random-b8-s0", "uncertainty-r2-b8-s0"]
 
 
 def test_trial_config_takes_its_round_count_and_splits_its_own_budget(tmp_path):
