@@ -10,8 +10,8 @@ base weights are bf16, LoRA adapters (or the full model when ``lora: false``) an
 stay fp32, and forward runs under ``torch.autocast(bf16)`` - the same for both backends, so
 DeepSpeed's own fp16/bf16 modes are not used. The loss is computed in fp32.
 
-Logits only where the loss needs them: the model's own LM head runs on the last position only
-(``logits_to_keep=1``); the final hidden states are captured at the decoder's norm and the head is
+Logits only where the loss needs them: the model's own LM head runs on no position at all
+(``logits_to_keep`` an empty index); the final hidden states are captured at the decoder's norm and the head is
 applied to the response positions alone (:func:`response_logits`). With SmolLM2's 49k-token head
 over every prompt token that was a large share of each step's FLOPs and memory traffic.
 Checkpoints hold no pickle (checkpoint.py: safetensors + JSON), because they are read back from
@@ -105,8 +105,8 @@ def response_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits [N, V] at the N positions whose next token is a response label, their targets [N] and rows [N].
 
-    ``module`` is called (so DeepSpeed / DDP hooks run) with ``logits_to_keep=1``; the LM head is
-    then applied to the gathered response positions only. Models without a Llama-like final norm
+    ``module`` is called (so DeepSpeed / DDP hooks run) with ``logits_to_keep`` an empty index (its own
+    LM head computes nothing); the head is then applied to the gathered response positions only. Models without a Llama-like final norm
     fall back to full logits, gathered the same way: the numbers are identical either way.
     """
     targets = labels[:, 1:]
@@ -119,7 +119,9 @@ def response_logits(
     norm, head = parts
     capture = _FinalHidden(norm)
     try:
-        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        # no position at all for the model's own head (an empty index: logits [B, 0, V], no head FLOPs)
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none)
     finally:
         capture.remove()
     hidden = capture.value
