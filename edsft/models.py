@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "end_of_turn_ids",
     "resolve_dtype",
+    "resolve_attention",
     "cpu_supports_bf16",
     "dtype_name",
     "model_fingerprint",
@@ -326,6 +327,28 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Longest sequence for which 'auto' picks eager attention on CPU: eager keeps each layer's
+# [rows, heads, T, T] weights for the backward pass (about 1 GiB over SmolLM2's 30 layers at 512 x 8 rows).
+EAGER_ATTENTION_MAX_LEN = 512
+
+
+def resolve_attention(attention: str, device: str | torch.device, max_len: int | None = None) -> str:
+    """'auto' -> ``eager`` on CPU for sequences up to EAGER_ATTENTION_MAX_LEN tokens, else ``sdpa``;
+    any other name goes to transformers as is. Training asks for 'auto' (training/loop.py).
+
+    On CPU, torch's sdpa kernel (flash attention for CPU) costs more than the plain
+    matmul-softmax-matmul at the lengths edsft usually trains and scores (measured in bf16, 1 core,
+    forward + backward of one layer: 3.2 vs 12.2 ms for 8 rows x 51 tokens, 6.3 vs 8.2 ms for 1 x 256,
+    equal at 1 x 512); on GPU sdpa is the fused kernel. ``max_len`` unknown: treated as short.
+    Under bf16 autocast eager's QK^T is a bf16 matmul: the LoRA runs' quality guard
+    (tests/training/test_bf16_training.py) holds with it.
+    """
+    if attention != "auto":
+        return attention
+    short = max_len is None or max_len <= EAGER_ATTENTION_MAX_LEN
+    return "eager" if torch.device(device).type == "cpu" and short else "sdpa"
+
+
 def _contiguous_head_input(module, args, kwargs):
     # generate()'s prefill (and logits_to_keep=1) hands the LM head hidden[:, -1:, :], a strided view of
     # the decoder's output; torch's CPU matmul then takes its batched path and copies the [vocab, hidden]
@@ -337,12 +360,27 @@ def _contiguous_head_input(module, args, kwargs):
     return None
 
 
-def load_model(spec: str, dtype: str = "auto", device=None, cache_dir: str | os.PathLike | None = None):
+def load_model(
+    spec: str,
+    dtype: str = "auto",
+    device=None,
+    cache_dir: str | os.PathLike | None = None,
+    attention: str = "sdpa",
+    max_len: int | None = None,
+):
     """The causal LM of ``spec`` in eval mode on ``device`` (default: CUDA if available, else CPU).
 
-    Its LM head always gets a contiguous input (``_contiguous_head_input``)."""
+    ``attention`` is the attention implementation, 'auto' as :func:`resolve_attention` (eager on CPU
+    for sequences up to ``max_len`` <= 512 tokens, else sdpa); the default sdpa is what inference
+    (scoring, evaluation) uses: its fp32 accumulation keeps bf16 greedy answers close to fp32's. The LM
+    head gets its input contiguous (``_contiguous_head_input``).
+    """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec, cache_dir), dtype=resolve_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(spec, cache_dir),
+        dtype=resolve_dtype(dtype, device),
+        attn_implementation=resolve_attention(attention, device, max_len),
+    )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
         head.register_forward_pre_hook(_contiguous_head_input, with_kwargs=True)

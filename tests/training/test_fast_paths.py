@@ -3,7 +3,12 @@
 - the response-only LM head (the model's own head on no position, ours on the response positions)
   equals the full logits gathered at those positions, in fp32 and under bf16 autocast, through peft;
 - the LM head always gets a contiguous input (a strided [rows, 1, hidden] view sent torch's CPU
-  matmul down a path that copied the whole weight once per row), and its logits are the same numbers.
+  matmul down a path that copied the whole weight once per row), and its logits are the same numbers;
+- 'auto' attention: eager on CPU for short sequences, sdpa for long ones and on GPU; both give the
+  same logits;
+- Dropout16 is a Bernoulli dropout: drop rate p (to 1/65536), kept values scaled by 1 / (1 - p),
+  the gradient masked the same way, reproducible from the seed, identity in eval mode; build_model
+  swaps peft's LoRA dropouts for it on CPU and no longer casts LoRA inputs to fp32 in bf16.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import pytest
 import torch
 
 from edsft.config import Config
-from edsft.models import load_model, load_tokenizer
+from edsft.models import EAGER_ATTENTION_MAX_LEN, load_model, load_tokenizer, resolve_attention
 from edsft.training.data import IGNORE_INDEX, collate, tokenize_examples
+from edsft.training.dropout import Dropout16, use_dropout16
 from edsft.training.engine import response_logits
 from edsft.training.loop import build_model
 
@@ -67,3 +73,79 @@ def test_contiguous_head_input_gives_the_same_logits_as_the_strided_view():
         hooked = head(view)  # the hook makes it contiguous
         plain = torch.nn.functional.linear(view, head.weight)  # the strided path itself
     assert torch.equal(hooked, plain)
+
+
+def test_auto_attention_is_eager_for_short_cpu_sequences_and_gives_the_same_logits():
+    assert resolve_attention("auto", "cpu", 256) == "eager"
+    assert resolve_attention("auto", "cpu", None) == "eager"
+    assert resolve_attention("auto", "cpu", EAGER_ATTENTION_MAX_LEN + 1) == "sdpa"
+    assert resolve_attention("auto", "cuda", 64) == "sdpa"
+    assert resolve_attention("sdpa", "cpu", 64) == "sdpa"
+    b = _batch()
+    out = {}
+    for attention in ("eager", "sdpa"):
+        model = load_model(TINY, dtype="float32", device="cpu", attention=attention)
+        assert model.config._attn_implementation == attention
+        with torch.no_grad():
+            out[attention] = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    mask = b["attention_mask"].bool()  # padded positions attend to nothing: their values are undefined
+    torch.testing.assert_close(out["eager"][mask], out["sdpa"][mask], rtol=1e-4, atol=1e-4)
+
+
+def test_dropout16_is_a_bernoulli_dropout_with_exact_scale_and_masked_gradient():
+    d = Dropout16(0.05)
+    assert d.p == pytest.approx(0.05, abs=1 / 65536) and d.scale == 1 / (1 - d.p)
+    torch.manual_seed(1)
+    x = torch.ones(4_000_000, requires_grad=True)
+    y = d(x)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - d.p) < 4 * (d.p * (1 - d.p) / x.numel()) ** 0.5  # 4 sigma: 0.00044
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(d.scale)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(out)/d(x) is the mask times the scale, per element
+    for dtype in (torch.bfloat16, torch.float32):  # keeps the input's dtype and shape
+        z = torch.randn(3, 5, 7, dtype=dtype)
+        assert d(z).dtype == dtype and d(z).shape == z.shape
+    torch.manual_seed(7)
+    a = d(torch.ones(1000))
+    torch.manual_seed(7)
+    assert torch.equal(a, d(torch.ones(1000)))  # the default generator: seeds and saved RNG states cover it
+    z = torch.randn(100)
+    assert d.eval()(z) is z and Dropout16(0.0).train()(z) is z
+    with pytest.raises(ValueError, match="must be in"):
+        Dropout16(1.0)
+
+
+def test_build_model_uses_dropout16_and_keeps_bf16_lora_inputs_in_bf16():
+    cfg = Config().replace(**{"training.model": TINY, "training.precision": "bf16", "training.lora_dropout": 0.1}).training
+    model = build_model(cfg, TINY, torch.device("cpu"))
+    drops = [m for m in model.modules() if isinstance(m, (Dropout16, torch.nn.Dropout))]
+    assert drops and all(isinstance(m, Dropout16) and m.training for m in drops)
+    lora = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora and not any(m.cast_input_dtype_enabled for m in lora)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # adapters stay fp32
+    assert use_dropout16(model) == 0  # nothing left to replace
+    saved = model.peft_config["default"]
+    assert saved.lora_dropout == 0.1  # the adapter config still says what the run used
+
+
+def test_a_continued_adapter_gets_the_same_fast_paths(tmp_path):
+    cfg = Config().replace(**{"training.model": TINY, "training.precision": "bf16", "training.lora_dropout": 0.1}).training
+    build_model(cfg, TINY, torch.device("cpu")).save_pretrained(tmp_path)
+    model = build_model(cfg, TINY, torch.device("cpu"), init_adapter=tmp_path)
+    assert any(isinstance(m, Dropout16) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
+
+
+def test_training_takes_eager_attention_on_cpu_and_inference_keeps_sdpa():
+    cfg = Config().replace(**{"training.model": TINY, "training.max_seq_len": 128}).training
+    assert build_model(cfg, TINY, torch.device("cpu")).config._attn_implementation == "eager"
+    long = Config().replace(**{"training.model": TINY, "training.max_seq_len": 1024}).training
+    assert build_model(long, TINY, torch.device("cpu")).config._attn_implementation == "sdpa"
+    from edsft.scoring.scorer import Scorer
+    from edsft.training.evaluation import Evaluator
+
+    assert Scorer(TINY, dtype="float32").model.config._attn_implementation == "sdpa"
+    assert Evaluator(TINY, dtype="float32").model.config._attn_implementation == "sdpa"
