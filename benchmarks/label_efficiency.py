@@ -94,9 +94,13 @@ class Plan:
     selectors: tuple[str, ...]
     params: dict = field(default_factory=dict)
     recipe: Recipe = Recipe()
+    # issue 17: multi-round active learning beside the one-shot design. Every selector runs one-shot;
+    # round_selectors also run at each R > 1 of rounds (same pool, budgets, seeds and recipe).
+    rounds: tuple[int, ...] = (1,)
+    round_selectors: tuple[str, ...] = ()
 
 
-def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None) -> list[Plan]:
+def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None, rounds=None, round_selectors=None) -> list[Plan]:
     if mode == "tiny":
         base = dict(
             budgets=(8, 16),
@@ -116,6 +120,10 @@ def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None) -> l
         )
     if seeds is not None:
         base["seeds"] = tuple(seeds)
+    if rounds is not None:
+        base["rounds"] = tuple(dict.fromkeys([1, *rounds]))
+        # uncertainty re-scored by each round's model: the classic active learner (issue 17's pairing)
+        base["round_selectors"] = tuple(round_selectors or ("uncertainty",))
     if selectors is not None:
         base["selectors"] = tuple(dict.fromkeys(["random", *selectors]))
         base["params"] = {k: v for k, v in base.get("params", {}).items() if k in base["selectors"]}
@@ -219,35 +227,60 @@ def global_batch(cfg: Config) -> int:
 
 
 def sweeps(cfg: Config, plan: Plan) -> list[Config]:
-    """One sweep per budget: the budget's recipe as training.max_steps, the same for every selector."""
+    """One sweep per budget: the budget's recipe as training.max_steps, the same for every selector.
+
+    With plan.rounds beyond 1, a second sweep per selector budget runs plan.round_selectors at every
+    round count (its random trials are the first sweep's: same trial config, reused, not re-run)."""
     out = []
     gb = global_batch(cfg)
+    multi = [r for r in plan.rounds if r != 1]
     for b in list(plan.budgets) + list(plan.random_budgets):
         sel = list(plan.selectors) if b in plan.budgets else ["random"]
-        out.append(
-            cfg.replace(
-                **{
-                    "sweep.selectors": sel,
-                    "sweep.budgets": [b],
-                    "sweep.seeds": list(plan.seeds),
-                    "sweep.metric": plan.metric,
-                    "sweep.params": {k: v for k, v in plan.params.items() if k in sel},
-                    "training.max_steps": plan.recipe.steps(b, gb),
-                }
+        todo = [(sel, [1])]
+        if multi and b in plan.budgets and plan.round_selectors:
+            rsel = list(plan.round_selectors)
+            # a round selector the one-shot sweep does not run gets its one-shot trial here
+            todo.append((rsel, [1, *multi] if any(s not in sel for s in rsel) else multi))
+        for selectors, rounds in todo:
+            out.append(
+                cfg.replace(
+                    **{
+                        "sweep.selectors": selectors,
+                        "sweep.budgets": [b],
+                        "sweep.seeds": list(plan.seeds),
+                        "sweep.rounds": rounds,
+                        "sweep.metric": plan.metric,
+                        "sweep.params": {k: v for k, v in plan.params.items() if k in selectors},
+                        "training.max_steps": plan.recipe.steps(b, gb),
+                    }
+                )
             )
-        )
     return out
+
+
+def unique_trials(frames) -> "object":
+    """The sweeps' result tables as one, each trial once (a random trial appears in both of a budget's sweeps)."""
+    import pandas as pd
+
+    results = pd.concat(frames, ignore_index=True)
+    return results.drop_duplicates("trial_id", keep="first").reset_index(drop=True)
 
 
 def trial_count(cfg: Config, plan: Plan) -> tuple[int, int]:
     """(trials, optimizer steps in all)."""
     from edsft.distributed.sweep import expand_grid
 
+    seen: set[str] = set()
     n = steps = 0
     for c in sweeps(cfg, plan):
-        k = len(expand_grid(c)[0])
-        n += k
-        steps += k * c.training.max_steps
+        for spec in expand_grid(c)[0]:
+            if spec["name"] in seen:  # random, shared by a budget's two sweeps
+                continue
+            seen.add(spec["name"])
+            n += 1
+            # a multi-round trial trains once per round on the labels chosen so far (restart): on average
+            # about (R + 1) / 2 times the one-shot steps
+            steps += c.training.max_steps * (spec["rounds"] + 1) // 2 if spec["rounds"] > 1 else c.training.max_steps
     return n, steps
 
 
@@ -255,7 +288,14 @@ def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> f
     """CPU wall time from this machine's measured throughput (2 trials side by side on 2 cores do not
     run faster than one after another: both are compute-bound)."""
     n, steps = trial_count(cfg, plan)
-    s = steps * CPU_S_PER_STEP + (n + 1) * eval_rows / CPU_EVAL_PROMPTS_PER_S + pool_rows / CPU_EVAL_PROMPTS_PER_S
+    # each round after the first re-scores the rest of the pool with that round's model
+    from edsft.distributed.sweep import expand_grid
+
+    rescores = sum(
+        {s["name"]: s["rounds"] - 1 for c in sweeps(cfg, plan) for s in expand_grid(c)[0]}.values()
+    )
+    prompts = (n + 1) * eval_rows + (1 + rescores) * pool_rows
+    s = steps * CPU_S_PER_STEP + prompts / CPU_EVAL_PROMPTS_PER_S
     return s / 3600
 
 
@@ -281,15 +321,16 @@ def run_plan(
     for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
         s = run_sweep(c, run, progress=cfg.output.progress, trial_runner=run_trial)
         b = c.sweep.budgets[0]
-        part = run.child("sweep", f"results_b{b}.parquet")
+        multi = [r for r in c.sweep.rounds if r != 1]
+        part = run.child("sweep", f"results_b{b}" + (f"_r{'-'.join(map(str, multi))}" if multi else "") + ".parquet")
         part.write_table(run.child("sweep", "results.parquet").read_table())
         parts.append(part.read_table().to_pandas())
         print(
-            f"[benchmark] {plan.pool} B={b}: {s['finished']}/{s['trials']} trials finished "
+            f"[benchmark] {plan.pool} B={b} rounds={list(c.sweep.rounds)}: {s['finished']}/{s['trials']} trials finished "
             f"({s['computed']} computed now), max_steps={c.training.max_steps}",
             flush=True,
         )
-    results = pd.concat(parts, ignore_index=True)
+    results = unique_trials(parts)
     run.child("sweep", "results.parquet").write_table(pa.Table.from_pandas(results, preserve_index=False))
     rep = R.build_report(run, metric=plan.metric)
     wall = time.time() - t0
@@ -312,8 +353,7 @@ def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, em
     cfg = build_config(mode, plan.pool, str(out), embedding)
     t0 = time.time()
     run = Run.open(cfg).store
-    frames = [trial_results(c, run).to_pandas() for c in sweeps(cfg, plan)]
-    results = pd.concat(frames, ignore_index=True)
+    results = unique_trials([trial_results(c, run).to_pandas() for c in sweeps(cfg, plan)])
     results = results[results["status"] == "TERMINATED"].reset_index(drop=True)
     if results.empty:
         print(f"[benchmark] {plan.pool}: no trial has finished yet", flush=True)
@@ -389,6 +429,11 @@ def publish(
         f"| selectors | {', '.join(plan.selectors)} (task-aware, not in the headline: {', '.join(s for s in plan.selectors if s in TASK_AWARE) or 'none'}) |",
         f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
         f"| seeds | {', '.join(map(str, plan.seeds))} |",
+        *(
+            [f"| rounds | one-shot for every selector; {', '.join(plan.round_selectors)} also at R = {', '.join(str(r) for r in plan.rounds if r != 1)} (restart training each round) |"]
+            if len(plan.rounds) > 1
+            else []
+        ),
         f"| recipe | {plan.recipe.epochs:g} epochs, at least {plan.recipe.min_steps} optimizer steps, global batch {global_batch(cfg)}, lr {cfg.training.lr:g}: "
         + ", ".join(f"B={c.sweep.budgets[0]}: {c.training.max_steps}" for c in sweeps(cfg, plan))
         + " steps |",
@@ -400,6 +445,17 @@ def publish(
         lines += [
             "Significantly MORE labels than random (interval above 1): "
             + "; ".join(f"{k} at B={', '.join(map(str, v))}" for k, v in sorted(tables["worse"].items())),
+            "",
+        ]
+    if len(plan.rounds) > 1:  # issue 17: labels saved against random and compute spent against one-shot
+        csum = R.compute_summary(R.load_results(results))
+        lines += [
+            f"## One-shot design vs {', '.join(str(r) for r in plan.rounds if r != 1)}-round active learning ({plan.metric})",
+            "",
+            "Labels: B / B_random [95% bootstrap interval]; compute: mean seconds per trial (scoring of the pool "
+            "included; each later round re-scores the rest of it) and that over the same selector's one-shot trial.",
+            "",
+            R.design_table(csum, main["boot"]),
             "",
         ]
     for m, t in tables["metrics"].items():
@@ -578,6 +634,19 @@ def main(argv: list[str] | None = None) -> int:
         default="embedding",
         help="what the diversity selectors read: the scoring model's mean-pooled hidden state or the MiniLM encoder's",
     )
+    ap.add_argument(
+        "--rounds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="issue 17: also run --round-selectors with this many active-learning rounds (e.g. 2 4; 1 is always run)",
+    )
+    ap.add_argument(
+        "--round-selectors",
+        nargs="+",
+        default=None,
+        help="the selectors that get --rounds (default: uncertainty; name the best one-shot selector too)",
+    )
     ap.add_argument("--score-only", action="store_true", help="ingest and score only (the sweeps can start later)")
     ap.add_argument(
         "--publish-partial",
@@ -594,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_root = Path(args.out or ROOT / "runs")
     summary = {}
-    for plan in plans(mode, args.pools, args.seeds, args.selectors):
+    for plan in plans(mode, args.pools, args.seeds, args.selectors, args.rounds, args.round_selectors):
         cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"), args.embedding)
         n, steps = trial_count(cfg, plan)
         rows = cfg.pool.size if plan.pool == "tasks" else 3140
@@ -605,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"[benchmark] mode={mode} pool={cfg.pool.path} selectors={list(plan.selectors)} budgets={list(plan.budgets)} "
-            f"(+ random {list(plan.random_budgets)}) seeds={list(plan.seeds)}: {n} trials, {steps} optimizer steps{est}",
+            f"(+ random {list(plan.random_budgets)}) seeds={list(plan.seeds)}"
+            + (f" rounds={list(plan.rounds)} for {list(plan.round_selectors)}" if len(plan.rounds) > 1 else "")
+            + f": {n} trials, {steps} optimizer steps{est}",
             flush=True,
         )
         if args.dry_run:

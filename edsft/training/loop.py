@@ -354,6 +354,7 @@ def _summary(cfg, model_spec, state, plan, stats, n_trainable, n_total, world_si
         "world_size": world_size,
         "lora": cfg.lora,
         "precision": "bf16" if engine_bf16 else "fp32",
+        "threads": torch.get_num_threads(),  # torch threads of the (rank-0) training process
         "trainable_params": n_trainable,
         "total_params": n_total,
         "worker_setup_s": None if t_setup is None else round(time.time() - t_setup - state["train_time_s"], 3),

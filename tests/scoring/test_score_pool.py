@@ -211,3 +211,55 @@ def test_rescoring_with_an_adapter_embeds_the_chosen_rows_and_resumes(ray_cluste
     # without chosen_out the chosen rows are simply not scored
     s2 = score_pool(cfg, pool, get_store(tmp_path / "scores2"), progress=False, adapter=adapter, chosen=chosen)
     assert (s2["rows_in"], s2["rows_scored"], s2["rows_embedded"]) == (N - 4, N - 5, 0)
+
+
+def test_scoring_needs_no_whole_cpu(ray_cluster, tmp_path):
+    """A multi-round sweep trial (in its placement group of a sliver of a CPU) re-scores the pool on 2
+    CPUs while the other trial holds its sliver and actors: under a whole CPU stays free, so no step of
+    scoring (read, filters, block split) may ask for one. The rows are still split into blocks."""
+    import ray
+
+    from edsft.distributed.scoring import score_pool
+
+    @ray.remote
+    class Held:
+        def ping(self):
+            return True
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    held = [Held.options(num_cpus=c).remote() for c in (0.01, 0.99)]  # the other trial's sliver and actors
+    ray.get([h.ping.remote() for h in held])
+    trial = placement_group([{"CPU": 0.01}])  # this trial's sliver, as Tune holds it
+    ray.get(trial.ready())
+    cfg = Config().replace(
+        **{
+            "scoring.model": "builtin:tiny-llama",
+            "scoring.dtype": "float32",
+            "scoring.max_new_tokens": 2,
+            "scoring.batch_size": 4,
+            "scoring.num_actors": 1,
+            "scoring.cpus_per_actor": 0.5,
+            "scoring.max_prompt_tokens": 64,
+            "output.dir": str(tmp_path),
+        }
+    )
+    pq.write_table(_pool(N, [""] * N), tmp_path / "pool.parquet")
+    chosen = [f"id{i:03d}" for i in (0, 1, 2)]  # a later round: the chosen rows are filtered out
+    try:
+        in_trial = PlacementGroupSchedulingStrategy(placement_group=trial)
+        ref = (
+            ray.remote(score_pool)
+            .options(num_cpus=0.01, scheduling_strategy=in_trial)
+            .remote(cfg, get_store(tmp_path / "pool.parquet"), get_store(tmp_path / "scores"), progress=False, chosen=chosen)
+        )
+        ready, _ = ray.wait([ref], timeout=240)
+        assert ready, "scoring hung waiting for a whole CPU"
+        s = ray.get(ref)
+    finally:
+        for h in held:
+            ray.kill(h)
+        remove_placement_group(trial)
+    assert s["rows_in"] == N - 3 == s["rows_scored"] + s["rows_quarantined"]
+    assert len(list((tmp_path / "scores").glob("*.parquet"))) >= 2  # the one file was split into blocks
