@@ -66,9 +66,11 @@ GPU_SELECTORS = (
     "task_balanced",
 )
 GPU_PARAMS = {"uncertainty": {"score": ["mean_entropy", "max_entropy", "least_confidence", "min_margin"]}}
-# Measured on this 2-core machine (benchmarks/results/training.md, scoring.md): the time estimate's inputs.
-CPU_S_PER_STEP = 3.1  # SmolLM2-135M + LoRA, micro batch 8, ~50 tokens per example
-CPU_EVAL_PROMPTS_PER_S = 3.2  # greedy generation of up to 24 new tokens, plus the teacher-forced loss
+# Measured on this 2-core machine in the experiment itself (2026-12-02, B=32 sweep, two trials side by
+# side, one core each; the CPU fast paths of issue 12, no LoRA dropout): per trial 24 steps in 76-88 s
+# with start-up, 560 eval prompts in 323-359 s. As serial throughput of the 2 cores:
+CPU_S_PER_STEP = 1.6  # SmolLM2-135M + LoRA, micro batch 8, ~50 tokens per example (3.2 s per trial-step / 2)
+CPU_EVAL_PROMPTS_PER_S = 3.3  # greedy generation of up to 16 new tokens plus the teacher-forced loss (2 x 1.65)
 
 
 @dataclass(frozen=True)
