@@ -427,7 +427,7 @@ def publish(
         "| | |",
         "|---|---|",
         f"| pool | `{cfg.pool.path}`, {cfg.pool.size if plan.pool == 'tasks' else 'all'} prompts, {cfg.pool.eval_size} eval prompts (balanced by task) |",
-        f"| model | `{cfg.scoring.model}`, LoRA r={cfg.training.lora_r} |",
+        f"| model | `{cfg.scoring.model}`, LoRA r={cfg.training.lora_r}, dropout {cfg.training.lora_dropout:g} |",
         f"| selectors | {', '.join(plan.selectors)} (task-aware, not in the headline: {', '.join(s for s in plan.selectors if s in TASK_AWARE) or 'none'}) |",
         f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
         f"| seeds | {', '.join(map(str, plan.seeds))} |",
