@@ -260,7 +260,7 @@ def sweeps(cfg: Config, plan: Plan) -> list[Config]:
     return out
 
 
-def unique_trials(frames) -> "object":
+def unique_trials(frames) -> object:
     """The sweeps' result tables as one, each trial once (a random trial appears in both of a budget's sweeps)."""
     import pandas as pd
 
@@ -293,9 +293,7 @@ def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> f
     # each round after the first re-scores the rest of the pool with that round's model
     from edsft.distributed.sweep import expand_grid
 
-    rescores = sum(
-        {s["name"]: s["rounds"] - 1 for c in sweeps(cfg, plan) for s in expand_grid(c)[0]}.values()
-    )
+    rescores = sum({s["name"]: s["rounds"] - 1 for c in sweeps(cfg, plan) for s in expand_grid(c)[0]}.values())
     prompts = (n + 1) * eval_rows + (1 + rescores) * pool_rows
     s = steps * CPU_S_PER_STEP + prompts / CPU_EVAL_PROMPTS_PER_S
     return s / 3600
@@ -304,7 +302,6 @@ def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> f
 def run_plan(
     mode: str, plan: Plan, out_root: Path, publish_dir: Path | None, embedding: str = "embedding", score_only: bool = False
 ) -> dict:
-    import pandas as pd
     import pyarrow as pa
 
     from edsft import report as R
@@ -346,7 +343,6 @@ def run_plan(
 def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, embedding: str = "embedding") -> dict:
     """Publish the trials that have finished so far (read from the trial folders; nothing in the run is
     written, so it is safe while the experiment runs). The table says how many of the planned trials it holds."""
-    import pandas as pd
 
     from edsft.distributed.sweep import trial_results
     from edsft.pipeline import Run
@@ -432,7 +428,9 @@ def publish(
         f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
         f"| seeds | {', '.join(map(str, plan.seeds))} |",
         *(
-            [f"| rounds | one-shot for every selector; {', '.join(plan.round_selectors)} also at R = {', '.join(str(r) for r in plan.rounds if r != 1)} (restart training each round) |"]
+            [
+                f"| rounds | one-shot for every selector; {', '.join(plan.round_selectors)} also at R = {', '.join(str(r) for r in plan.rounds if r != 1)} (restart training each round) |"
+            ]
             if len(plan.rounds) > 1
             else []
         ),

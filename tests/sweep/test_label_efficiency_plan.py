@@ -32,13 +32,17 @@ def test_one_shot_plan_is_one_sweep_per_budget_with_the_budgets_recipe(le, tmp_p
     configs = le.sweeps(cfg, plan)
     assert [c.sweep.budgets[0] for c in configs] == [32, 64, 128, 256, 512, 1024, 2048]
     assert all(list(c.sweep.rounds) == [1] for c in configs)
-    assert [c.training.max_steps for c in configs] == [plan.recipe.steps(b, le.global_batch(cfg)) for b in (32, 64, 128, 256, 512, 1024, 2048)]
+    assert [c.training.max_steps for c in configs] == [
+        plan.recipe.steps(b, le.global_batch(cfg)) for b in (32, 64, 128, 256, 512, 1024, 2048)
+    ]
     assert cfg.training.lora_dropout == 0.0  # the CPU recipe (build_config says why)
     assert le.trial_count(cfg, plan)[0] == 2 * 5 * 3 + 2 * 3
 
 
 def test_rounds_add_a_sweep_per_selector_budget_and_random_runs_once(le, tmp_path):
-    (plan,) = le.plans("cpu", pools=("tasks",), seeds=[0], selectors=["typiclust"], rounds=[2, 4], round_selectors=["uncertainty", "typiclust"])
+    (plan,) = le.plans(
+        "cpu", pools=("tasks",), seeds=[0], selectors=["typiclust"], rounds=[2, 4], round_selectors=["uncertainty", "typiclust"]
+    )
     assert plan.rounds == (1, 2, 4) and plan.round_selectors == ("uncertainty", "typiclust")
     cfg = le.build_config("cpu", "tasks", str(tmp_path))
     names = _names(le, plan, cfg)
@@ -57,7 +61,9 @@ def test_rounds_add_a_sweep_per_selector_budget_and_random_runs_once(le, tmp_pat
     unique = {n for sweep in names for n in sweep}
     assert le.trial_count(cfg, plan)[0] == len(unique) == 5 * (2 + 5) + 2
     # each later round re-scores the pool: the estimate counts it
-    assert le.estimate_hours(cfg, plan, 5000, 560) > 5 * le.estimate_hours(cfg, le.plans("cpu", ("tasks",), [0], ["typiclust"])[0], 5000, 560)
+    assert le.estimate_hours(cfg, plan, 5000, 560) > 5 * le.estimate_hours(
+        cfg, le.plans("cpu", ("tasks",), [0], ["typiclust"])[0], 5000, 560
+    )
 
 
 def test_a_random_trial_in_two_sweeps_is_one_result(le):
