@@ -342,9 +342,9 @@ def run_plan(
 
 def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, embedding: str = "embedding") -> dict:
     """Publish the trials that have finished so far (read from the trial folders; nothing in the run is
-    written, so it is safe while the experiment runs). The table says how many of the planned trials it holds."""
-
-    from edsft.distributed.sweep import trial_results
+    written, so it is safe while the experiment runs), of the budgets whose every planned trial has
+    finished. The table says how many of the planned trials it holds."""
+    from edsft.distributed.sweep import expand_grid, trial_results
     from edsft.pipeline import Run
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
@@ -353,6 +353,18 @@ def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, em
     run = Run.open(cfg).store
     results = unique_trials([trial_results(c, run).to_pandas() for c in sweeps(cfg, plan)])
     results = results[results["status"] == "TERMINATED"].reset_index(drop=True)
+    # complete budgets only: a budget with some seeds or selectors still running would enter the
+    # comparison with fewer seeds than the others (one seed: no interval at all)
+    planned = {}
+    for c in sweeps(cfg, plan):
+        for spec in expand_grid(c)[0]:
+            planned.setdefault(spec["budget"], set()).add(spec["name"])
+    done = set(results["trial_id"])
+    complete = [b for b, names in planned.items() if names <= done]
+    dropped = int((~results["budget"].isin(complete)).sum())
+    results = results[results["budget"].isin(complete)].reset_index(drop=True)
+    if dropped:
+        print(f"[benchmark] {plan.pool}: {dropped} finished trial(s) of budgets still running left out", flush=True)
     if results.empty:
         print(f"[benchmark] {plan.pool}: no trial has finished yet", flush=True)
         return {"trials": 0}
