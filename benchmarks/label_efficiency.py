@@ -268,22 +268,27 @@ def unique_trials(frames) -> object:
     return results.drop_duplicates("trial_id", keep="first").reset_index(drop=True)
 
 
-def trial_count(cfg: Config, plan: Plan) -> tuple[int, int]:
-    """(trials, optimizer steps in all)."""
+def planned_trials(cfg: Config, plan: Plan) -> list[tuple[dict, Config]]:
+    """Every planned trial once, as (trial spec, its sweep's config): a random trial that appears in
+    both of a budget's sweeps (one-shot and rounds) is the same trial, run once."""
     from edsft.distributed.sweep import expand_grid
 
-    seen: set[str] = set()
-    n = steps = 0
+    out, seen = [], set()
     for c in sweeps(cfg, plan):
         for spec in expand_grid(c)[0]:
-            if spec["name"] in seen:  # random, shared by a budget's two sweeps
-                continue
-            seen.add(spec["name"])
-            n += 1
-            # a multi-round trial trains once per round on the labels chosen so far (restart): on average
-            # about (R + 1) / 2 times the one-shot steps
-            steps += c.training.max_steps * (spec["rounds"] + 1) // 2 if spec["rounds"] > 1 else c.training.max_steps
-    return n, steps
+            if spec["name"] not in seen:
+                seen.add(spec["name"])
+                out.append((spec, c))
+    return out
+
+
+def trial_count(cfg: Config, plan: Plan) -> tuple[int, int]:
+    """(trials, optimizer steps in all)."""
+    trials = planned_trials(cfg, plan)
+    # a multi-round trial trains once per round on the labels chosen so far (restart): on average
+    # about (R + 1) / 2 times the one-shot steps
+    steps = sum(c.training.max_steps * (s["rounds"] + 1) // 2 if s["rounds"] > 1 else c.training.max_steps for s, c in trials)
+    return len(trials), steps
 
 
 def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> float:
@@ -291,9 +296,7 @@ def estimate_hours(cfg: Config, plan: Plan, pool_rows: int, eval_rows: int) -> f
     run faster than one after another: both are compute-bound)."""
     n, steps = trial_count(cfg, plan)
     # each round after the first re-scores the rest of the pool with that round's model
-    from edsft.distributed.sweep import expand_grid
-
-    rescores = sum({s["name"]: s["rounds"] - 1 for c in sweeps(cfg, plan) for s in expand_grid(c)[0]}.values())
+    rescores = sum(s["rounds"] - 1 for s, _ in planned_trials(cfg, plan))
     prompts = (n + 1) * eval_rows + (1 + rescores) * pool_rows
     s = steps * CPU_S_PER_STEP + prompts / CPU_EVAL_PROMPTS_PER_S
     return s / 3600
@@ -344,7 +347,7 @@ def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, em
     """Publish the trials that have finished so far (read from the trial folders; nothing in the run is
     written, so it is safe while the experiment runs), of the budgets whose every planned trial has
     finished. The table says how many of the planned trials it holds."""
-    from edsft.distributed.sweep import expand_grid, trial_results
+    from edsft.distributed.sweep import trial_results
     from edsft.pipeline import Run
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
@@ -356,9 +359,8 @@ def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, em
     # complete budgets only: a budget with some seeds or selectors still running would enter the
     # comparison with fewer seeds than the others (one seed: no interval at all)
     planned = {}
-    for c in sweeps(cfg, plan):
-        for spec in expand_grid(c)[0]:
-            planned.setdefault(spec["budget"], set()).add(spec["name"])
+    for spec, _ in planned_trials(cfg, plan):
+        planned.setdefault(spec["budget"], set()).add(spec["name"])
     done = set(results["trial_id"])
     complete = [b for b, names in planned.items() if names <= done]
     dropped = int((~results["budget"].isin(complete)).sum())

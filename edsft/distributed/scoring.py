@@ -329,39 +329,33 @@ def score_pool(
 
         # in a Tune trial (a placement group of a sliver of a CPU): schedule outside it, on the cluster
         remote = {}
-        if ray.util.get_current_placement_group() is not None:
+        in_trial = ray.util.get_current_placement_group() is not None
+        if in_trial:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             remote["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
-        if remote:
+
+        def rows_to_score(t: pa.Table) -> pa.Table:
+            if rows_resumed:  # only the rows no finished block holds go to the model
+                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
+            if chosen_ids is not None and chosen_out is None:  # rows chosen before: not scored
+                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
+            elif chosen_ids is not None:  # rows chosen before: embedded only
+                t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
+            return t
+
+        if in_trial:
             # Inside a sweep trial (a multi-round trial re-scoring the rest of the pool) the rows are read
             # here and handed over as blocks (from_items: no Ray task at all). Ray Data's read, filter and
             # repartition tasks each want a whole CPU (the V2 reader's file listing and the V1 reader's
             # sampling take no resource arguments), and on a 2-CPU node with two trials running (their
             # slivers plus the other trial's actors) a whole CPU never frees up: the round hung.
-            t = pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files])
-            if rows_resumed:
-                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
-            if chosen_ids is not None and chosen_out is None:
-                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
-            elif chosen_ids is not None:
-                t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
+            t = rows_to_score(pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files]))
             ds = ray.data.from_items(t.to_pylist(), override_num_blocks=max(1, min(blocks, t.num_rows)))
         else:
             ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
-            if rows_resumed:  # only the rows no finished block holds go to the model
-                ds = ds.map_batches(
-                    lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed))), batch_format="pyarrow"
-                )
-            if chosen_ids is not None and chosen_out is None:  # rows chosen before: not scored
-                ds = ds.map_batches(
-                    lambda t: t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids))), batch_format="pyarrow"
-                )
-            elif chosen_ids is not None:  # rows chosen before: embedded only
-                ds = ds.map_batches(
-                    lambda t: t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids)),
-                    batch_format="pyarrow",
-                )
+            if rows_resumed or chosen_ids is not None:
+                ds = ds.map_batches(rows_to_score, batch_format="pyarrow")
             ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
         ds = ds.map_batches(
             _ScoringActor,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from edsft.models import end_of_turn_ids, load_model, load_tokenizer, resolve_attention
+from edsft.models import end_of_turn_ids, load_model, load_tokenizer
 from edsft.training.data import collate, pack_examples, tokenize_examples
 from edsft.training.dropout import use_dropout16
 from edsft.training.engine import build_engine, use_bf16
@@ -59,8 +59,7 @@ def build_model(
     base_dtype = "bfloat16" if (cfg.lora and use_bf16(cfg.precision, device)) else "float32"
     # eager attention for short CPU sequences (resolve_attention); scoring and evaluation keep sdpa: with
     # bf16 inference eager's bf16 QK^T flipped near-tie greedy tokens (5 of 16 answers vs 4 with sdpa)
-    attention = resolve_attention("auto", device, cfg.max_seq_len)
-    model = load_model(model_spec, dtype=base_dtype, device=device, attention=attention)
+    model = load_model(model_spec, dtype=base_dtype, device=device, attention="auto", max_len=cfg.max_seq_len)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
