@@ -26,7 +26,11 @@ Design, fixed before any selector result is looked at:
 
 Resumable: ingest and score are skipped when done with the same config; each budget is its own Tune
 sweep in the same run folder (its recipe differs), restored when re-run, and finished trials reuse
-their result.json, so an interrupted run continues where it stopped. Results and the ablation table
+their result.json, so an interrupted run continues where it stopped. Across machines: every finished
+trial (result, metrics, per-prompt predictions, manifest) goes to the committed archive
+``benchmarks/results/label_efficiency_<mode>_<pool>_trials.parquet`` (after each budget, and on
+``--publish-partial``); a run on a fresh machine re-ingests and re-scores, restores the archived trials
+whose trial config and pool/score hashes match, and runs only the rest. Results and the ablation table
 (selector x budget: mean and interval, ratio and interval) go to
 ``benchmarks/results/label_efficiency_<mode>_<pool>.md`` (+ ``_results.parquet``, ``_intervals.csv``).
 """
@@ -318,10 +322,14 @@ def run_plan(
     run_stage(cfg, "score", skip_done=True)
     if score_only:
         return {"wall_s": time.time() - t0}
+    archive = archive_path(publish_dir or RESULTS_DIR, mode, plan.pool)
+    restore_trials(cfg, plan, archive)  # trials finished on an earlier machine are not run again
     run = Run.open(cfg).store
     parts = []
     for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
         s = run_sweep(c, run, progress=cfg.output.progress, trial_runner=run_trial)
+        if publish_dir is not None:  # what finished is committed before the next budget starts
+            archive_trials(cfg, plan, archive)
         b = c.sweep.budgets[0]
         multi = [r for r in c.sweep.rounds if r != 1]
         part = run.child("sweep", f"results_b{b}" + (f"_r{'-'.join(map(str, multi))}" if multi else "") + ".parquet")
@@ -343,16 +351,140 @@ def run_plan(
     return {"headline": rep["headline"], "label_free_headline": tables["headline"], "wall_s": wall, "trials": len(results)}
 
 
+# --------------------------------------------------------------------------------------------
+# The trial archive: finished trials committed with the results, so the experiment continues on
+# another machine (a session's machine does not outlive it; a trial here takes minutes to hours)
+# --------------------------------------------------------------------------------------------
+
+# what an archived trial carries (result.json last: it is the trial's commit)
+ARCHIVE_COLUMNS = ("trial_id", "trial_hash", "parent", "result", "metrics", "manifest", "predictions")
+# per eval prompt: what the bootstrap resamples, plus the answer itself for a look (prompts and
+# references are the pool's, rebuilt by ingest)
+PREDICTION_KEYS = ("row_id", "variant", "task", "prediction", "exact_match", "rouge_l", "loss_sum", "n_tokens")
+BASE_ID = "_base_metrics"
+
+
+def archive_path(dest: Path, mode: str, pool: str) -> Path:
+    return dest / f"label_efficiency_{mode}_{pool}_trials.parquet"
+
+
+def _read_archive(path: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return {}
+    return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+def archive_trials(cfg: Config, plan: Plan, path: Path) -> dict:
+    """Add every planned trial that has finished in the run folder (its stages committed for the run's
+    current pool and scores) to the archive at ``path``, with the base model's metrics; trials already
+    archived stay. Written to a temporary name and renamed: never half-written."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edsft.distributed.sweep import finished_result, parent_commits, trial_config
+    from edsft.pipeline import Run, trial_run, trial_stages, why_not_done
+
+    run = Run.open(cfg)
+    parent = parent_commits(run.store)
+    rows = _read_archive(path)
+    added = 0
+    for spec, c in planned_trials(cfg, plan) if parent is not None else []:
+        trial = run.store.child("sweep", "trials", spec["name"])
+        tcfg = trial_config(c, spec, trial)
+        rec = finished_result(trial, tcfg, parent)
+        if rec is None and trial.child("result.json").exists():
+            # a result.json from before it recorded the parent's hashes: archived only if every stage
+            # of the trial is still committed against the run's current pool and scores
+            child = trial_run(tcfg, run.store.uri)
+            if all(why_not_done(child, name) is None for name in trial_stages(tcfg)):
+                rec = {**trial.child("result.json").read_json(), "parent": parent}
+        if rec is None:
+            continue
+        preds = [{k: r.get(k) for k in PREDICTION_KEYS if k in r} for r in trial.child("predictions.jsonl").read_jsonl()]
+        added += spec["name"] not in rows
+        rows[spec["name"]] = {
+            "trial_id": spec["name"],
+            "trial_hash": rec["trial_hash"],
+            "parent": json.dumps(parent, sort_keys=True),
+            "result": json.dumps(rec, default=str),
+            "metrics": json.dumps(trial.child("metrics.json").read_json(), default=str),
+            "manifest": json.dumps(trial.child("manifest.json").read_json(), default=str),
+            "predictions": "\n".join(json.dumps(r, default=str) for r in preds),
+        }
+    base = run.store.child("sweep", "base_metrics.json")
+    if base.exists():
+        b = base.read_json()
+        rows[BASE_ID] = {k: None for k in ARCHIVE_COLUMNS} | {
+            "trial_id": BASE_ID,
+            "trial_hash": b.get("config_hash"),
+            "result": json.dumps(b, default=str),
+        }
+    if not rows:
+        return {"archived": 0, "added": 0, "path": str(path)}
+    table = pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=pa.schema([(c, pa.string()) for c in ARCHIVE_COLUMNS]))
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    n = sum(1 for k in rows if k != BASE_ID)
+    print(f"[benchmark] archive {path.name}: {n} finished trials ({added} new)", flush=True)
+    return {"archived": n, "added": added, "path": str(path)}
+
+
+def restore_trials(cfg: Config, plan: Plan, path: Path) -> int:
+    """Write the archived trials of this plan into the run folder, as the sweep's own finished trials:
+    only those archived for this trial config and the run's current pool and scores, and only into a
+    trial folder no trial has started in. The sweep then reuses them (edsft.distributed.sweep:
+    finished_result) and the report reads them like any other. Returns how many were restored."""
+    from edsft.distributed.sweep import parent_commits, trial_config, trial_hash
+    from edsft.pipeline import Run
+
+    rows = _read_archive(path)
+    run = Run.open(cfg)
+    base = rows.get(BASE_ID)
+    target = run.store.child("sweep", "base_metrics.json")
+    if base is not None and not target.exists():
+        target.write_json(json.loads(base["result"]))  # the sweep checks its config hash itself
+    parent = parent_commits(run.store)
+    if parent is None:
+        return 0
+    restored = 0
+    for spec, c in planned_trials(cfg, plan):
+        row = rows.get(spec["name"])
+        trial = run.store.child("sweep", "trials", spec["name"])
+        if row is None or json.loads(row["parent"]) != parent or trial.child("events.jsonl").exists():
+            continue
+        if row["trial_hash"] != trial_hash(trial_config(c, spec, trial)):
+            continue  # the recipe changed since: the trial runs again
+        trial.child("metrics.json").write_json(json.loads(row["metrics"]))
+        trial.child("manifest.json").write_json(json.loads(row["manifest"]))
+        trial.child("predictions.jsonl").write_jsonl(json.loads(r) for r in row["predictions"].splitlines() if r)
+        trial.child("events.jsonl").write_jsonl([{"event": "restored", "time": time.time(), "archive": path.name}])
+        trial.child("result.json").write_json(json.loads(row["result"]))
+        restored += 1
+    if restored:
+        print(f"[benchmark] restored {restored} finished trials from {path.name}", flush=True)
+    return restored
+
+
 def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, embedding: str = "embedding") -> dict:
-    """Publish the trials that have finished so far (read from the trial folders; nothing in the run is
-    written, so it is safe while the experiment runs), of the budgets whose every planned trial has
-    finished. The table says how many of the planned trials it holds."""
+    """Publish the trials that have finished so far (read from the trial folders, safe while the
+    experiment runs: the run gets only archived trials that no trial folder holds), of the budgets
+    whose every planned trial has finished, and add the finished trials to the trial archive. The
+    table says how many of the planned trials it holds."""
     from edsft.distributed.sweep import trial_results
     from edsft.pipeline import Run
 
     out = out_root / f"label_efficiency_{mode}_{plan.pool}"
     cfg = build_config(mode, plan.pool, str(out), embedding)
     t0 = time.time()
+    archive = archive_path(publish_dir, mode, plan.pool)
+    restore_trials(cfg, plan, archive)  # only into trial folders no trial has started in
+    archive_trials(cfg, plan, archive)
     run = Run.open(cfg).store
     results = unique_trials([trial_results(c, run).to_pandas() for c in sweeps(cfg, plan)])
     results = results[results["status"] == "TERMINATED"].reset_index(drop=True)

@@ -16,7 +16,10 @@ Restarts: the Tune experiment lives in ``run/sweep/tune/<name>`` (name from the 
 hash); re-running the same sweep restores it and runs only the trials that did not finish.
 A trial's child run commits stage by stage like any run, so a trial that finished under a
 different grid (one more budget, say) is not recomputed, and a killed one continues. Its
-``result.json`` (its results row, keyed by the trial's config hash) is written last.
+``result.json`` (its results row, keyed by the trial's config hash and the hashes of the pool and
+scores it read) is written last; a trial whose result.json matches both is reused as it stands,
+without its stage artifacts (so results brought from another machine, or a folder whose adapters
+were pruned, are not recomputed).
 Results: ``run/sweep/results.parquet``, one row per trial, with its compute (:mod:`edsft.compute`:
 seconds per kind, the parent's scoring included, and GPU-seconds when there are any).
 """
@@ -47,6 +50,10 @@ __all__ = [
     "trial_name",
     "default_max_concurrent_trials",
     "check_trial_fits",
+    "finished_result",
+    "trial_hash",
+    "trial_config",
+    "parent_commits",
     "RESULT_COLUMNS",
 ]
 
@@ -204,7 +211,7 @@ def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
     )
 
 
-def _trial_hash(cfg: Config) -> str:
+def trial_hash(cfg: Config) -> str:
     data = config_to_dict(cfg)
     # Where a trial writes and how it retries do not change what it computes.
     data["training"] = {k: v for k, v in data["training"].items() if k not in ("storage_path", "max_failures", "log_every")}
@@ -283,6 +290,14 @@ def _run_trial(
     _append(log, {"event": "invoked", "time": time.time()})  # Tune ran this trial (counted by run_sweep)
     for cb in callbacks:
         cb(spec=dict(spec), trial=trial.uri)
+    parent = parent_commits(run)
+    rec = finished_result(trial, tcfg, parent)
+    if rec is not None:
+        # Its result is committed for this config and this pool and scores: nothing to run, not even
+        # the stage checks (its adapter may have been pruned, or the trial computed on another machine).
+        _append(log, {"event": "reused", "time": time.time()})
+        tune.report(rec["report"])
+        return
     t0 = time.time()
     entries = trial_runner(tcfg, run.uri)
     # Every stage already committed for this trial's config (e.g. under another grid): reused.
@@ -305,8 +320,37 @@ def _run_trial(
         # what the trial cost, the parent's scoring included (also logged to MLflow / TensorBoard)
         **_present(compute.result_columns(compute.run_compute(trial, parent=run, inherited=_INHERITED))),
     }
-    trial.child("result.json").write_json({"trial_hash": _trial_hash(tcfg), "spec": spec, "report": report, "metrics": metrics})
+    trial.child("result.json").write_json(
+        {"trial_hash": trial_hash(tcfg), "parent": parent, "spec": spec, "report": report, "metrics": metrics}
+    )
     tune.report(report)
+
+
+def parent_commits(run: Store) -> dict[str, str] | None:
+    """The config hashes (pool files included) of the stages a trial inherits from the sweep's run,
+    as its manifest records them; None unless every one of them is committed."""
+    m = run.child("manifest.json")
+    stages = (m.read_json() if m.exists() else {}).get("stages") or {}
+    out = {}
+    for name in _INHERITED:
+        e = stages.get(name) or {}
+        if e.get("state") != "done" or not e.get("hash"):
+            return None
+        out[name] = e["hash"]
+    return out
+
+
+def finished_result(trial: Store, tcfg: Config, parent: dict[str, str] | None) -> dict | None:
+    """The trial's ``result.json`` when it was written for this trial config and for the parent's
+    current pool and scores (``parent_commits``), else None (a result from before that record,
+    too: its stages decide)."""
+    done = trial.child("result.json")
+    if parent is None or not done.exists():
+        return None
+    rec = done.read_json()
+    if rec.get("trial_hash") != trial_hash(tcfg) or rec.get("parent") != parent or "report" not in rec:
+        return None
+    return rec
 
 
 def _present(columns: dict) -> dict:
@@ -540,7 +584,7 @@ def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str],
         rec = done.read_json() if done.exists() else None
         # Tune's verdict on this experiment's trial comes first: a result.json left by an earlier
         # sweep does not make a trial that failed now count as finished.
-        if s["name"] not in errors and rec is not None and rec.get("trial_hash") == _trial_hash(trial_config(cfg, s, trial)):
+        if s["name"] not in errors and rec is not None and rec.get("trial_hash") == trial_hash(trial_config(cfg, s, trial)):
             rep = rec["report"]
             for m in METRICS:
                 row[m] = rep.get(m)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from edsft.config import load_config
-from edsft.distributed.sweep import _trial_hash, expand_grid, trial_config
+from edsft.distributed.sweep import expand_grid, trial_config, trial_hash
 from edsft.pipeline import STAGING, TRIAL_STAGES, Run, trial_run, why_not_done
 
 # 4-7 minutes each on 2 quiet cores; a loaded machine can take three times that (the suite's default is 900 s)
@@ -348,7 +348,7 @@ def test_sigkill_inside_sweep_trials_never_reports_a_trial_finished_with_a_parti
                         f"kill #{len(landed)} ({landed[-1]}) left {name}/{s} committed with a different artifact"
                     )
             result = tdir / "result.json"
-            if result.exists() and json.loads(result.read_text())["trial_hash"] == _trial_hash(tcfg):
+            if result.exists() and json.loads(result.read_text())["trial_hash"] == trial_hash(tcfg):
                 assert all(why_not_done(child, s) is None for s in TRIAL_STAGES), (
                     f"kill #{len(landed)} ({landed[-1]}): {name} reported finished with a stage not committed"
                 )

@@ -55,8 +55,8 @@ def test_trial_config_sets_selection_training_seed_and_output(tmp_path):
     assert (t.selection.name, t.selection.budget, t.selection.seed, t.training.seed) == ("k_center", 7, 2, 2)
     assert t.output.dir == str(tmp_path / "t") and t.evaluation.base_model is False
     # the trial hash ignores where the trial writes but not what it computes
-    assert S._trial_hash(t) == S._trial_hash(t.replace(**{"training.storage_path": "/elsewhere"}))
-    assert S._trial_hash(t) != S._trial_hash(t.replace(**{"training.lr": 1e-3}))
+    assert S.trial_hash(t) == S.trial_hash(t.replace(**{"training.storage_path": "/elsewhere"}))
+    assert S.trial_hash(t) != S.trial_hash(t.replace(**{"training.lr": 1e-3}))
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ def _finished_trial(run, cfg, spec, stages):
     )
     report = {"exact_match": 0.5, "loss": 1.0, "objective": 1.0, "train_steps": 2, "trial_wall_s": 9.0}
     trial.child("result.json").write_json(
-        {"trial_hash": S._trial_hash(S.trial_config(cfg, spec, trial)), "spec": spec, "report": report, "metrics": {}}
+        {"trial_hash": S.trial_hash(S.trial_config(cfg, spec, trial)), "spec": spec, "report": report, "metrics": {}}
     )
 
 

@@ -239,3 +239,48 @@ def test_a_trial_runs_its_rounds_inside_tune(scored_run, tmp_path):
     two, one = t.loc["uncertainty-r2-b8-s0"], t.loc["random-b8-s0"]
     assert (two["rounds"], one["rounds"]) == (2, 1)
     assert two["compute_scoring_s"] > one["compute_scoring_s"] and two["compute_training_s"] > one["compute_training_s"]
+
+
+def test_a_finished_trial_is_reused_from_its_result_without_its_artifacts(scored_run, tmp_path):
+    """A trial whose result.json names this trial config and the run's current pool and scores is
+    finished, as it stands: its adapter and checkpoints may be gone (pruned, or the result was computed
+    on another machine and brought over). A result recorded for other scores is recomputed."""
+    import shutil
+
+    from edsft.distributed.sweep import run_sweep
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
+        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    cfg = _cfg(run_dir, selectors=["random"], budgets=[8], seeds=[0])
+    run = get_store(run_dir)
+    first = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
+    assert first["finished"] == 1 and first["computed"] == 1
+    trial = run_dir / "sweep" / "trials" / "random-b8-s0"
+    rec = json.loads((trial / "result.json").read_text())
+    scores_hash = json.loads((run_dir / "manifest.json").read_text())["stages"]["score"]["hash"]
+    assert rec["parent"]["score"] == scores_hash and set(rec["parent"]) == {"ingest", "score"}
+    before = pq.read_table(run_dir / "sweep" / "results.parquet").to_pandas()
+
+    # what travels: the result, metrics, predictions and manifest; no adapter, no selection, no Tune state
+    keep = {"result.json", "metrics.json", "predictions.jsonl", "manifest.json", "events.jsonl"}
+    for p in trial.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(run_dir / "sweep" / "tune")
+    again = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
+    assert again["executed"] == 1 and again["computed"] == 0 and again["finished"] == 1
+    assert sorted(p.name for p in trial.iterdir()) == sorted(keep)  # nothing was recomputed
+    after = pq.read_table(run_dir / "sweep" / "results.parquet").to_pandas()
+    for col in ("exact_match", "loss", "train_steps", "compute_training_s"):
+        assert after[col].tolist() == before[col].tolist(), col
+
+    # the same result recorded against other scores is stale: the trial runs its stages again
+    rec["parent"]["score"] = "0" * len(scores_hash)
+    (trial / "result.json").write_text(json.dumps(rec))
+    shutil.rmtree(run_dir / "sweep" / "tune")
+    third = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
+    assert third["computed"] == 1 and third["finished"] == 1
+    assert (trial / "selection.parquet").exists()
+    assert json.loads((trial / "result.json").read_text())["parent"]["score"] == scores_hash
