@@ -604,9 +604,20 @@ def publish(
             R.design_table(csum, main["boot"]),
             "",
         ]
+    figures = []
     for m, t in tables["metrics"].items():
+        # the learning curves with their intervals: where people would rather look than read
+        png = Path(f"{prefix}_{m}.png")
+        fig = R.plot_learning_curves(t["summary"], m)
+        import matplotlib.pyplot as plt  # after the plot chose its backend (Agg when headless)
+
+        fig.savefig(png, bbox_inches="tight")
+        plt.close(fig)
+        figures.append(png)
         lines += [
             f"## {m} ({R.metric_label(m)}; {'higher' if R.higher_is_better(m) else 'lower'} is better)",
+            "",
+            f"![{m} vs budget, mean and 95% t-interval over seeds]({png.name})",
             "",
             "Mean [95% t-interval] (seeds); B / B_random at the mean:",
             "",
@@ -618,7 +629,7 @@ def publish(
             "",
         ]
     Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
-    written = [Path(f"{prefix}.md"), Path(f"{prefix}_results.parquet"), Path(f"{prefix}_intervals.csv")]
+    written = [Path(f"{prefix}.md"), Path(f"{prefix}_results.parquet"), Path(f"{prefix}_intervals.csv"), *figures]
     for p in written:
         print(f"[benchmark] wrote {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}", flush=True)
     return written

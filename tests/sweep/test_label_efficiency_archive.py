@@ -63,6 +63,7 @@ def test_a_fresh_machine_restores_the_archived_trials_and_runs_only_the_rest(le,
     # the bootstrap reads the restored per-prompt results: intervals over seeds *and* eval prompts
     md = (pub / "label_efficiency_tiny_tasks.md").read_text()
     assert "bootstrap over seeds and eval prompts" in md
+    assert "![exact_match vs budget" in md and (pub / "label_efficiency_tiny_tasks_exact_match.png").stat().st_size > 0
     rows = {r["trial_id"] for r in pq.read_table(archive).to_pylist()}
     assert rows == {"random-b8-s0", "typiclust-b8-s0", "random-b16-s0", le.BASE_ID}
 
