@@ -165,8 +165,9 @@ def read_manifest(run: Store) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(
             f"{m.uri} is damaged ({type(e).__name__}: {e}); it records which stages of this run finished. "
-            f"Move it aside (e.g. rename it to manifest.json.broken) and re-run: every stage then runs again "
-            f"(artifacts without a readable commit are never trusted)"
+            f"Move it aside (e.g. rename it to manifest.json.broken) and re-run `edsft run`: with no commit "
+            f"recorded, every stage runs again (a single command such as `edsft score` would instead take the "
+            f"artifacts it finds as brought from elsewhere)"
         ) from e
     if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
         raise ManifestError(f"{m.uri} is not an edsft manifest (expected an object with 'stages'): move it aside and re-run")
@@ -562,6 +563,24 @@ def _check_upstream(run: Run, st: Stage) -> None:
                 f"stage {st.name!r} needs {run.input(need).uri}, which does not exist: run `edsft {producer(need)}` "
                 f"first (or `edsft run`, which runs every stage that is missing)"
             )
+        # A file an earlier commit left behind is not this commit's: e.g. annotated.parquet from an
+        # oracle run stays on disk after `annotate annotation.mode=export` (which writes to_annotate.*
+        # and must not delete what annotators may be filling in), and training must not take it.
+        prod = producer(need)
+        e = run.entry(prod)
+        if e.get("state") == "done" and "inventory" in e:
+            owner = next((o for o in e["inventory"] if need == o or need.startswith(o + "/")), None)
+            if owner is None:
+                raise UserError(
+                    f"stage {st.name!r} needs {run.input(need).uri}, but the {prod!r} stage's last commit did not "
+                    f"produce it (that file is left from an earlier commit): "
+                    + (
+                        "annotation.mode=export writes to_annotate.* for annotators; fill them in and run "
+                        "`edsft annotate annotation.mode=import annotation.annotations_path=...`"
+                        if prod == "annotate"
+                        else f"run `edsft {prod}` with a config that writes it"
+                    )
+                )
     for u in st.upstream_for(run.cfg):
         if not run.entry(u):
             continue

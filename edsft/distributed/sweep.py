@@ -12,9 +12,10 @@ split are the run's, and reports the eval metrics (:class:`edsft.results.EvalRes
 capped by ``max_concurrent_trials`` (from the cluster when null) so that trials do not start
 trainers the cluster cannot place.
 
-Restarts: the Tune experiment lives in ``run/sweep/tune/<name>`` (name from the grid's config
-hash); re-running the same sweep restores it and runs only the trials that did not finish.
-A trial's child run commits stage by stage like any run, so a trial that finished under a
+Restarts: re-running a sweep builds its grid afresh (Tune's own restore is never used: it unpickles
+its state from the run folder, which may be shared); every trial is invoked again, and a finished
+one returns at once (below). Tune's folder ``run/sweep/tune/<name>-<attempt>`` is a log of one
+attempt. A trial's child run commits stage by stage like any run, so a trial that finished under a
 different grid (one more budget, say) is not recomputed, and a killed one continues. Its
 ``result.json`` (its results row, keyed by the trial's config hash and the hashes of the pool and
 scores it read) is written last; a trial whose result.json matches both is reused as it stands,
@@ -200,7 +201,7 @@ def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
             "selection.params": dict(spec["params"]),
             "selection.budget": spec["budget"],
             "selection.seed": spec["seed"],
-            # a Tune experiment from before sweep.rounds restores specs without "rounds": one round
+            # a spec from before sweep.rounds has no "rounds": one round
             "selection.rounds": int(spec.get("rounds", 1)),
             "selection.round_budgets": None,  # the trial's budget, split evenly
             "training.seed": spec["seed"],
@@ -219,7 +220,7 @@ def trial_hash(cfg: Config) -> str:
 
 
 def _experiment_name(cfg: Config, specs: list[dict]) -> str:
-    """Same trials and trial configs -> same name -> restore; anything else -> a new experiment."""
+    """The grid's name (its trial configs and trial names hashed): one attempt's Tune folder is ``<name>-<attempt>``."""
     data = config_to_dict(cfg)
     return "sweep-" + config_hash({s: data[s] for s in _TRIAL_SECTIONS}, extra=[s["name"] for s in specs])
 
@@ -455,7 +456,11 @@ def run_sweep(
     remote = tune_root.uri.startswith("s3://")
     fs = tune_root.fs if remote else None
     storage_path = tune_root.path if remote else tune_root.uri
-    exp_path = tune_root.child(name).path if remote else tune_root.child(name).uri
+    # Never Tuner.restore: it unpickles tuner.pkl from the run folder, which may be a shared bucket
+    # (whoever can write there would run code in this driver). A re-run builds the grid afresh and
+    # each finished trial returns its committed result.json at once (finished_result), so Tune's
+    # folder is a log, written once per attempt and never read back.
+    attempt = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     trainable = tune.with_resources(
         tune.with_parameters(
             _run_trial,
@@ -467,28 +472,24 @@ def run_sweep(
         ),
         {"CPU": cfg.sweep.cpus_per_trial},
     )
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        _log(f"restoring {tune_root.child(name).uri}: finished trials are kept, the rest run now")
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=limit,
-                trial_name_creator=lambda t: t.config["trial"]["name"],
-                trial_dirname_creator=lambda t: t.config["trial"]["name"],
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                verbose=1 if progress else 0,
-                # MLflow / TensorBoard / W&B per trial (output.report_to), trials done on the console
-                callbacks=[*make_tune_callbacks(cfg), _trial_progress(len(specs))],
-            ),
-        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(specs)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=limit,
+            trial_name_creator=lambda t: t.config["trial"]["name"],
+            trial_dirname_creator=lambda t: t.config["trial"]["name"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{attempt}",
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+            verbose=1 if progress else 0,
+            # MLflow / TensorBoard / W&B per trial (output.report_to), trials done on the console
+            callbacks=[*make_tune_callbacks(cfg), _trial_progress(len(specs))],
+        ),
+    )
     t0 = time.time()
     console.progress(0, len(specs), "trials")  # the console's line counts trials from here on
     grid = tuner.fit()
@@ -512,7 +513,7 @@ def run_sweep(
         "executed": executed,
         "computed": computed,
         "results": out.uri,
-        "experiment": tune_root.child(name).uri,
+        "experiment": tune_root.child(f"{name}-{attempt}").uri,
         "max_concurrent_trials": limit,
         "wall_s": round(wall, 3),
         "notes": notes,
@@ -562,7 +563,7 @@ def _count_events(run: Store, specs: list[dict], event: str) -> int:
 
 def _collect(run: Store, cfg: Config, specs: list[dict], errors: dict[str, str], base: dict | None) -> tuple[pa.Table, dict]:
     """One row per trial from the trials' result.json (the source of truth, also across
-    restores); trials without a result are ERROR (with Tune's error) or PENDING. A finished trial's
+    attempts); trials without a result are ERROR (with Tune's error) or PENDING. A finished trial's
     compute comes from its manifests (and the parent's, for the scoring it inherits), so trials that
     finished before compute accounting get it too. Also returns the sweep's own compute: the finished
     trials' own stages plus the base model's evaluation (``{"compute_s", "gpu_s"}``)."""

@@ -265,3 +265,19 @@ def test_overwriting_an_s3_pool_object_within_its_second_invalidates_ingest(monk
             assert Run.open(cfg).hash("ingest") == Run.open(cfg).hash("ingest")  # stable while nothing changes
         finally:
             set_default_storage(None, None)
+
+
+def test_an_artifact_left_by_an_earlier_commit_is_not_read_downstream(ray_cluster, tmp_path):
+    """annotate in oracle mode writes annotated.parquet; annotate in export mode (real annotators)
+    writes to_annotate.* and leaves that file alone (it deletes nothing annotators may be filling in).
+    Training must then refuse the oracle labels: they are not the annotate stage's last commit."""
+    cfg = _cfg(tmp_path, "selection.budget=8")
+    for stage in ("ingest", "score", "select", "annotate"):
+        run_stage(cfg, stage)
+    assert (tmp_path / "annotated.parquet").exists()
+    export = _cfg(tmp_path, "selection.budget=8", "annotation.mode=export")
+    run_stage(export, "annotate")
+    assert (tmp_path / "to_annotate.jsonl").exists() and (tmp_path / "annotated.parquet").exists()
+    with pytest.raises(UserError, match=r"annotated\.parquet, but the 'annotate' stage's last commit did not produce it.*import"):
+        run_stage(export, "train")
+    assert not (tmp_path / "train").exists()

@@ -109,18 +109,33 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
     # the sweep's own figure: its trials' stages (not the shared scoring) and the base model's evaluation
     assert out["compute_s"]["training"] == pytest.approx(t["compute_training_s"].sum(), abs=1e-2)
     assert out["compute_s"]["scoring"] == 0 and out["compute_s"]["evaluation"] > t["compute_evaluation_s"].sum()
-    # re-running the finished sweep restores it and runs nothing
+    # re-running the finished sweep computes nothing, and reads no pickle from the run folder (Tune's
+    # restore would unpickle tuner.pkl, and the run folder may be a shared bucket): a planted one
+    # that touches a file when unpickled stays unread
+    import pathlib
+    import pickle
+
+    class Planted:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (scored_run / "UNPICKLED",))
+
+    planted = list((scored_run / "sweep" / "tune").rglob("tuner.pkl"))
+    assert planted, "Tune wrote its state for the first attempt"
+    for p in planted:
+        p.write_bytes(pickle.dumps(Planted()))
     again = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
-    assert again["executed"] == 0 and again["finished"] == 4  # Tune restored a finished experiment
+    assert again["executed"] == 4 and again["computed"] == 0 and again["finished"] == 4
+    assert not (scored_run / "UNPICKLED").exists()
+    assert pickle.loads(planted[0].read_bytes()) is None and (scored_run / "UNPICKLED").exists()  # the plant works
     rep = build_report(run)
     assert (scored_run / "report" / "report.md").exists() and rep["trials"] == 4
     assert "single seed" in (scored_run / "report" / "report.md").read_text()
 
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
-    """A sweep whose k_center trial fails once: the re-run restores the Tune experiment and runs
-    only that trial. (Its grid is a subset of the test above, so where that ran first the trials
-    reuse their committed stages instead of training again; Tune's bookkeeping is the same.)"""
+    """A sweep whose k_center trial fails once: the re-run computes only that trial; the finished
+    one returns its result. (Its grid is a subset of the test above, so where that ran first the
+    trials reuse their committed results instead of training again; the bookkeeping is the same.)"""
     from edsft.distributed.sweep import run_sweep
 
     cfg = _cfg(scored_run, selectors=["random", "k_center"], budgets=[8], seeds=[0])
@@ -128,6 +143,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     lock = tmp_path / "fail-once.lock"
     invoked = lambda name: [e["event"] for e in run.child("sweep", "trials", name, "events.jsonl").read_jsonl()].count("invoked")  # noqa: E731
     before = {n: invoked(n) for n in ("random-b8-s0", "k_center-b8-s0")}
+    had_result = (scored_run / "sweep" / "trials" / "k_center-b8-s0" / "result.json").exists()
 
     from ray import cloudpickle
 
@@ -142,8 +158,9 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(scored_run, tmp_path):
     assert math.isnan(t.loc["k_center-b8-s0", "exact_match"])
 
     second = run_sweep(cfg, run, progress=False, trial_runner=run_trial, trial_callbacks=[fail])
-    assert second["executed"] == 1 and second["finished"] == 2 and second["errored"] == 0  # only the failed trial ran
-    assert invoked("random-b8-s0") - before["random-b8-s0"] == 1  # once, in the first call
+    assert second["executed"] == 2 and second["finished"] == 2 and second["errored"] == 0
+    assert second["computed"] == (0 if had_result else 1)  # only the failed trial, if it had no result yet
+    assert invoked("random-b8-s0") - before["random-b8-s0"] == 2  # ran, then returned its result
     assert invoked("k_center-b8-s0") - before["k_center-b8-s0"] == 2  # failed, then resumed
     t = pq.read_table(scored_run / "sweep" / "results.parquet").to_pandas()
     assert len(t) == 2 and set(t.status) == {"TERMINATED"} and t.exact_match.notna().all()
