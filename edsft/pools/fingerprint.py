@@ -4,10 +4,13 @@ adding or removing a pool file re-runs ingest (and everything after it) instead 
 
 Small local pools (up to ``CONTENT_HASH_LIMIT`` bytes in all) are hashed by content, so that a
 copy that keeps the mtime (``cp -p``, an unpacked archive) or an edit within the same second is
-still seen. Bigger local pools and ``hf://`` pools use each file's size and modification time: one
-listing, no reads. ``s3://`` pools use each object's size and ETag, from the same kind of listing
-(ListObjectsV2 returns them, 1,000 objects a request): LastModified has whole seconds, so two PUTs
-of the same size in one second would look alike, while the ETag changes with the content.
+still seen. Bigger local pools use each file's size and modification time: one listing, no reads.
+``s3://`` pools use each object's size and ETag, from the same kind of listing (ListObjectsV2
+returns them, 1,000 objects a request): LastModified has whole seconds, so two PUTs of the same
+size in one second would look alike, while the ETag changes with the content. ``hf://`` pools use
+each file's size and content identity from the hub's listing: the LFS sha256 for an LFS file, else
+the git blob id. Hub files have no mtime, so without them a new commit with a same-size file would
+look unchanged; a filesystem that gives neither falls back to size (and mtime, if any).
 
 The listing is deliberately wider than what ingest reads (hidden files and unknown extensions
 count too): a change there re-runs ingest for nothing, which is cheap; a change missed would
@@ -72,6 +75,20 @@ def _s3_etags(paths: list[str], endpoint_url: str | None, region: str | None) ->
     return out
 
 
+def _hf_ids(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> dict[str, str]:
+    """{path: content identity} of hub files: pyarrow's FileInfo keeps only size and mtime, so ask the
+    fsspec filesystem under it, whose info() answers from the listing it just cached (no request)."""
+    hffs = fs.handler.fs
+    out = {}
+    for i in infos:
+        info = hffs.info(i.path)
+        lfs = info.get("lfs") or {}  # the blob of an LFS file is its pointer; the sha256 is the content's
+        ident = lfs.get("sha256") or info.get("blob_id")
+        if ident:
+            out[i.path] = ident
+    return out
+
+
 def _digest(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(path, compression=None) as f:  # the bytes on disk, not a decompression of them
@@ -92,13 +109,18 @@ def fingerprint(pool, endpoint_url: str | None = None, region: str | None = None
     entries = []
     for path in paths:
         fs, infos = _files(str(path), endpoint_url, region)
-        by_content = not scheme_of(str(path)) and sum(i.size or 0 for i in infos) <= CONTENT_HASH_LIMIT
-        etags = _s3_etags([i.path for i in infos], endpoint_url, region) if scheme_of(str(path)) == "s3://" and infos else {}
+        scheme = scheme_of(str(path))
+        by_content = not scheme and sum(i.size or 0 for i in infos) <= CONTENT_HASH_LIMIT
+        ids = {}  # a content identity per file, where the listing has one
+        if scheme == "s3://" and infos:
+            ids = _s3_etags([i.path for i in infos], endpoint_url, region)
+        elif scheme == "hf://" and infos:
+            ids = _hf_ids(fs, infos)
         for i in infos:
             if by_content:
                 entries.append([i.path, i.size, _digest(fs, i.path)])
             else:
-                entries.append([i.path, i.size, etags.get(i.path, i.mtime_ns)])
+                entries.append([i.path, i.size, ids.get(i.path, i.mtime_ns)])
         if not infos:
             entries.append([path, None])
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]

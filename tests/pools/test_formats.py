@@ -3,7 +3,9 @@ IPC, `datasets` save_to_disk folders, hf://) ingest with exact kept / quarantine
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import format_data as fd
 import fsspec.implementations.dirfs
@@ -14,6 +16,7 @@ import pytest
 from pool_data import _invariant
 
 from edsft.config import Config, ConfigError
+from edsft.pipeline import Run
 from edsft.pools import sources
 from edsft.pools.fingerprint import fingerprint
 from edsft.pools.ingest import ingest_pool
@@ -239,6 +242,24 @@ def test_arrow_file_and_save_to_disk(tmp_path):
         list_files(str(tmp_path / "dd"))
 
 
+class _HubLikeFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """Local files described the way HfFileSystem.info() describes hub files: no mtime, the git
+    ``blob_id``, and for LFS files (here .arrow and .parquet, as the hub's default .gitattributes
+    has it) ``lfs`` with the content's sha256 and size, the blob being the LFS pointer."""
+
+    def info(self, path, **kwargs):
+        out = super().info(path, **kwargs)
+        out.pop("mtime", None)
+        if out["type"] == "file":
+            data = Path(out["name"]).read_bytes()
+            if out["name"].endswith((".arrow", ".parquet")):
+                sha = hashlib.sha256(data).hexdigest()
+                out["lfs"] = {"size": len(data), "sha256": sha, "pointer_size": 0}
+                data = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+            out["blob_id"] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return out
+
+
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch):
     """hf:// paths served from tmp_path/hub (datasets/<org>/<name>/...) by a local fsspec
@@ -248,7 +269,7 @@ def local_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(
         sources,
         "hf_filesystem",
-        lambda: fsspec.implementations.dirfs.DirFileSystem(str(hub), fsspec.implementations.local.LocalFileSystem()),
+        lambda: fsspec.implementations.dirfs.DirFileSystem(str(hub), _HubLikeFileSystem()),
     )
     return hub
 
@@ -283,6 +304,28 @@ def test_hf_paths(tmp_path, local_hub):
         list_files("hf://org/chat/data")
     with pytest.raises(PoolError, match="does not exist"):
         list_files("hf://datasets/org/missing/x.jsonl")
+
+
+def test_a_same_size_hub_commit_changes_the_ingest_hash(tmp_path, local_hub):
+    """Hub files have no mtime: a new commit of a file with the same size is seen by its content
+    identity (the blob id, or the LFS sha256), and an unchanged file keeps the hash."""
+    repo = local_hub / "datasets" / "org" / "chat" / "data"
+    repo.mkdir(parents=True)
+    (repo / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    pq.write_table(pa.table({"instruction": ["q"], "output": ["a"]}), repo / "b.parquet")
+
+    def ingest_hash():
+        cfg = Config().replace(**{"output.dir": str(tmp_path / "run"), "pool.path": "hf://datasets/org/chat/data"})
+        return Run.open(cfg).hash("ingest")
+
+    before = ingest_hash()
+    assert ingest_hash() == before
+    (repo / "a.jsonl").write_text('{"instruction": "q", "output": "b"}\n')  # a git blob, same size
+    after_blob = ingest_hash()
+    assert after_blob != before
+    size = (repo / "b.parquet").stat().st_size
+    pq.write_table(pa.table({"instruction": ["q"], "output": ["b"]}), repo / "b.parquet")  # an LFS file, same size
+    assert (repo / "b.parquet").stat().st_size == size and ingest_hash() not in (before, after_blob)
 
 
 def test_parquet_conversations_and_flat_parquet_unchanged(tmp_path):
