@@ -25,8 +25,8 @@ Design, fixed before any selector result is looked at:
   the headline.
 
 Resumable: ingest and score are skipped when done with the same config; each budget is its own Tune
-sweep in the same run folder (its recipe differs), restored when re-run, and finished trials reuse
-their result.json, so an interrupted run continues where it stopped. Across machines: every finished
+sweep in the same run folder (its recipe differs), and finished trials return their result.json when
+re-run, so an interrupted run continues where it stopped. Across machines: every finished
 trial (result, metrics, per-prompt predictions, manifest) goes to the committed archive
 ``benchmarks/results/label_efficiency_<mode>_<pool>_trials.parquet`` (after each budget, and on
 ``--publish-partial``); a run on a fresh machine re-ingests and re-scores, restores the archived trials
@@ -326,7 +326,7 @@ def run_plan(
     restore_trials(cfg, plan, archive)  # trials finished on an earlier machine are not run again
     run = Run.open(cfg).store
     parts = []
-    for c in sweeps(cfg, plan):  # each restores its own Tune experiment when re-run
+    for c in sweeps(cfg, plan):  # a re-run computes only its unfinished trials
         s = run_sweep(c, run, progress=cfg.output.progress, trial_runner=run_trial)
         if publish_dir is not None:  # what finished is committed before the next budget starts
             archive_trials(cfg, plan, archive)
