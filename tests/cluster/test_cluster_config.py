@@ -78,17 +78,136 @@ def test_only_ssh_is_reachable(cluster, monkeypatch):
     del no_group["available_node_types"]["gpu_scoring"]["node_config"]["SecurityGroupIds"]
     with pytest.raises(RuntimeError, match="0.0.0.0/0"):
         aws_config._configure_security_group(no_group)
-    # A provider-level group spec would be created/extended by Ray: there is none.
+    # A provider-level group spec would be created/extended by Ray: there is none (see below).
     assert "security_group" not in cluster["provider"]
 
-    # The documented group: port 22 from one /32, node-to-node from itself; nothing else.
-    text = CLUSTER.read_text()
-    ingress = [line for line in text.splitlines() if "authorize-security-group-ingress" in line]
-    assert len(ingress) == 2
-    assert "--port 22" in ingress[0] and "/32" in text.split(ingress[0])[1].splitlines()[1]
-    assert "--source-group $SG" in ingress[1]
-    for port in ("8265", "10001", "6379"):
-        assert f"--port {port}" not in text
+
+README = ROOT / "README.md"
+PLACEHOLDER_SG = "sg-0123456789abcdef0"
+WORLD = ("0.0.0.0/0", "::/0")
+# The documented group, exactly: SSH from the user's one address, everything from the group itself.
+DOCUMENTED_RULES = [
+    {"--protocol": "tcp", "--port": "22", "--cidr": "$MY_IP/32"},
+    {"--protocol": "-1", "--source-group": "$SG"},
+]
+
+
+def _ingress_rules(text: str) -> list[dict[str, str]]:
+    """The `aws ec2 authorize-security-group-ingress` commands in ``text`` (comments included), as flags."""
+    import shlex
+
+    # shell lines, with comment markers dropped and backslash continuations joined
+    lines, held = [], ""
+    for raw in text.splitlines():
+        line = held + raw.strip().lstrip("#").strip()
+        held = line[:-1] + " " if line.endswith("\\") else ""
+        if not held:
+            lines.append(line)
+    rules = []
+    for line in lines:
+        if "authorize-security-group-ingress" not in line:
+            continue
+        words = shlex.split(line, comments=True)
+        words = words[words.index("authorize-security-group-ingress") + 1 :]
+        # --ip-permissions (IPv6 ranges, port ranges) would escape the checks below: not used
+        assert all(w.startswith("--") for w in words[::2]) and "--ip-permissions" not in words, line
+        flags = dict(zip(words[::2], words[1::2]))
+        flags.pop("--group-id")
+        rules.append(flags)
+    return rules
+
+
+def _open_to_the_world(rules: list[dict[str, str]], ports: list[int]) -> list[dict[str, str]]:
+    """The rules that open one of ``ports`` to any address, or anything but SSH to any CIDR at all."""
+    bad = []
+    for r in rules:
+        if "--cidr" not in r:
+            continue  # a group source: only the cluster's own nodes
+        lo, _, hi = r.get("--port", "0-65535").partition("-")
+        span = range(int(lo), int(hi or lo) + 1) if r.get("--protocol") in ("tcp", "udp") else range(65536)
+        world_reaches_a_port = r["--cidr"] in WORLD and any(p in span for p in ports)
+        if world_reaches_a_port or span != range(22, 23):
+            bad.append(r)
+    return bad
+
+
+def test_the_documented_group_opens_no_ray_port_and_ssh_to_one_address(cluster):
+    """The group cluster.yaml and the README tell the user to create: no Ray port from any CIDR,
+    SSH from the user's own /32 only (never 0.0.0.0/0), all traffic only from the group itself."""
+    start = " ".join(cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
+    # SSH, GCS, dashboard/job API, Ray Client, and the manager ports the start commands fix
+    ports = [22, 6379, 8265, 10001] + [int(p) for p in re.findall(r"--(?:object|node)-manager-port=(\d+)", start)]
+    assert 8076 in ports
+    for path in (CLUSTER, README):
+        text = path.read_text()
+        rules = _ingress_rules(text)
+        assert rules == DOCUMENTED_RULES, (path.name, rules)
+        assert _open_to_the_world(rules, ports) == [], path.name
+        # $MY_IP is the caller's own address, and empty stops the commands (no "/32" reaches AWS)
+        assert 'MY_IP=$(curl -fsS https://checkip.amazonaws.com) && test -n "$MY_IP"' in text, path.name
+    # the check catches what it is for
+    leaky = [*DOCUMENTED_RULES, {"--protocol": "tcp", "--port": "6379", "--cidr": "0.0.0.0/0"}]
+    assert _open_to_the_world(leaky, ports) == [leaky[-1]]
+    assert _open_to_the_world([{"--protocol": "tcp", "--port": "22", "--cidr": "0.0.0.0/0"}], ports)
+    assert _open_to_the_world([{"--protocol": "-1", "--cidr": "10.0.0.0/8"}], ports)
+
+
+def test_rays_own_group_would_open_ssh_to_the_world(cluster):
+    """Why cluster.yaml has no provider.security_group: Ray 2.60 accepts one (schema-valid), but the
+    group it creates from it gets SSH from 0.0.0.0/0 whatever IpPermissions say (they only add rules).
+    Ray's real rule-writing path, with the AWS group replaced by a recorder. If a Ray upgrade drops
+    that default, this fails, and the group can move into cluster.yaml."""
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.aws import config as aws_config
+
+    with_group = copy.deepcopy(cluster)
+    mine = {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}
+    with_group["provider"]["security_group"] = {"GroupName": "edsft", "IpPermissions": [mine]}
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(with_group, schema)
+
+    class Group:
+        authorized: list = []
+
+        def authorize_ingress(self, IpPermissions):  # noqa: N803 (boto3's name)
+            self.authorized.extend(IpPermissions)
+
+    group = Group()
+    aws_config._update_inbound_rules(group, {"sg-new"}, with_group)
+    assert mine in group.authorized
+    world_ssh = [r for r in group.authorized if r.get("FromPort") == 22 and {"CidrIp": "0.0.0.0/0"} in r.get("IpRanges", [])]
+    assert world_ssh, group.authorized
+
+
+def test_the_placeholder_group_id_stops_ray_up(cluster, monkeypatch):
+    """All node types use one group id (a YAML alias of the head's); the placeholder is the one the
+    README names, and Ray's own `ray up` path aborts while it is there: AWS knows no such group."""
+    import click
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.util import prepare_config
+
+    ids = [t["node_config"]["SecurityGroupIds"] for t in cluster["available_node_types"].values()]
+    assert ids == [[PLACEHOLDER_SG]] * len(ids)
+    assert CLUSTER.read_text().count(PLACEHOLDER_SG) == 1, "set once, on the head; the others alias it"
+    readme = README.read_text()
+    assert f"in place of the placeholder `{PLACEHOLDER_SG}`" in readme
+
+    asked = []
+
+    class NoGroups:
+        def filter(self, Filters):  # noqa: N803 (boto3's name)
+            asked.extend(Filters)
+            return []
+
+    class Ec2:
+        security_groups = NoGroups()
+
+    monkeypatch.setattr(aws_config, "_resource", lambda *_a, **_k: Ec2())
+    # cli_logger.doassert: an AssertionError, or a ClickException when the CLI logger is "pretty"
+    with pytest.raises((AssertionError, click.ClickException)):
+        aws_config._configure_subnet(prepare_config(copy.deepcopy(cluster)))
+    assert asked == [{"Name": "group-id", "Values": [PLACEHOLDER_SG]}]
 
 
 def test_dashboard_only_on_loopback(cluster):
@@ -225,6 +344,24 @@ def test_the_token_reaches_every_node_and_stays_private(cluster):
     text = CLUSTER.read_text()
     assert "ray get-auth-token --generate" in text and "RAY_AUTH_MODE=token ray job submit" in text
     assert "RAY_AUTH_TOKEN=" not in text  # the token itself is never in this file
+
+
+def test_readme_creates_the_token_before_ray_up(cluster):
+    """`ray up` copies ~/.ray/auth_token (file_mounts), so the README makes it first, with the
+    command Ray 2.60 has (`ray get-auth-token --generate` writes Ray's default path), and
+    submits with token auth on (without RAY_AUTH_MODE=token the CLI sends no token)."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+    from ray.scripts.scripts import cli
+
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert _get_default_token_path() == Path.home() / ".ray" / "auth_token"
+    cli.get_command(None, "get-auth-token").make_context("get-auth-token", ["--generate"])  # a real flag
+    readme = README.read_text()
+    section = readme[readme.index("## Running on a Ray cluster") :]
+    make = "ray get-auth-token --generate >/dev/null && chmod 600 ~/.ray/auth_token"
+    assert make in section, "README: no token step in the cluster section"
+    assert section.index(make) < section.index("ray up cluster.yaml"), "README: the token comes after `ray up`"
+    assert "RAY_AUTH_MODE=token ray job submit" in section
 
 
 @pytest.mark.slow
