@@ -106,7 +106,7 @@ def test_import_of_a_missing_file_is_a_clear_error(run, tmp_path):
         annotate(cfg, run.child("selection.parquet"), run.child("pool.parquet"), run.child("a.parquet"), run)
 
 
-def test_missing_ids_are_an_error_naming_how_many_and_which(tmp_path):
+def test_missing_ids_are_an_error_naming_how_many_and_which(tmp_path, capsys):
     # the case: 12 of 32 selected ids missing must not pass as "20 rows"
     run = _make_run(tmp_path, [f"p{i}" for i in range(40)], [f"r{i}" for i in range(32)])
     path = _jsonl(run, "done.jsonl", [{"row_id": f"r{i}", "response": f"x{i}"} for i in range(20)])
@@ -116,6 +116,9 @@ def test_missing_ids_are_an_error_naming_how_many_and_which(tmp_path):
     assert not run.child("annotated.parquet").exists()
     s = _import(run, path, "annotation.allow_missing=true")
     assert s["rows"] == 20 and s["missing_ids"] == 12 and s["missing_examples"][:2] == ["r20", "r21"]
+    # the console says it too: a partial import never passes for "20 rows"
+    err = capsys.readouterr().err
+    assert "20 of 32 selected ids annotated" in err and "12 missing (e.g. r20, r21, r22)" in err
     # with nothing usable at all, allow_missing does not help
     empty = _jsonl(run, "empty.jsonl", ["{broken"])
     with pytest.raises(AnnotationError, match="32 of the 32"):
