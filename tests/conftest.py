@@ -39,3 +39,18 @@ def ray_cluster():
         pin_address()
     yield ray
     # left running for other modules; ray shuts down at interpreter exit
+
+
+@pytest.fixture(scope="session")
+def le():
+    """benchmarks/label_efficiency.py as a module (a script, not part of the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
+    spec = importlib.util.spec_from_file_location("label_efficiency", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["label_efficiency"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
