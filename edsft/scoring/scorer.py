@@ -84,6 +84,31 @@ def _with_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     return peft_model
 
 
+class _Float32Head(torch.nn.Module):
+    """The LM head in fp32 on a bf16 model: logits = fp32(hidden) @ fp32(W)^T."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+
+
+def _fp32_head(model: torch.nn.Module) -> None:
+    """Give a bf16 model an fp32 LM head (in place). bf16 logits keep 8 mantissa bits: a logit of 20
+    is rounded by up to 0.06, which reorders near-ties, and min_margin (the smallest top-1 minus
+    top-2 probability over the answer) is made of near-ties. Measured on 16 prompts, SmolLM2-135M,
+    Intel AMX: Spearman of min_margin against fp32 0.87 with the bf16 head, 0.95 with this one
+    (greedy answers equal to fp32's 15 -> 16 of 16), at no measurable cost (the head is one of 211
+    matmuls per token). The decoder stays bf16; the scores were already computed in fp32 from the logits."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return  # an unusual head (or a peft wrapper): left as it is
+    model.set_output_embeddings(_Float32Head(head.weight, head.bias))
+
+
 class Scorer:
     """Callable ``batch -> scores`` (numpy dict in, numpy dict out); usable with or without Ray.
 
@@ -138,6 +163,8 @@ class Scorer:
         self.adapter = adapter
         if adapter is not None:
             self.model = _with_adapter(self.model, adapter)
+        if self.device.type == "cpu" and self.model.dtype != torch.float32:
+            _fp32_head(self.model)
         self.model_spec = model
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
