@@ -64,6 +64,16 @@ class FailOnce:
         raise RuntimeError(f"injected failure of trial {self.name} (lock file {self.lock} now exists)")
 
 
+def _scored_copy(scored_run, run_dir):
+    """A run folder of its own with the scored run's pool, eval split, scores and manifest (no sweep)."""
+    import shutil
+
+    run_dir.mkdir()
+    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
+        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def scored_run(ray_cluster, tmp_path_factory):
     from edsft import pipeline
@@ -230,14 +240,10 @@ def test_a_trial_runs_its_rounds_inside_tune(scored_run, tmp_path):
     """sweep.rounds = [2]: the uncertainty trial (a Tune function trainable holding a sliver of a CPU)
     runs round 1, re-scores the rest of the pool on Ray Data from inside the trial with round 1's
     adapter, picks round 2, then trains and evaluates on the union; random runs one-shot beside it."""
-    import shutil
 
     from edsft.distributed.sweep import run_sweep
 
-    run_dir = tmp_path / "run"  # a run folder of its own: this sweep's results must not mix with the others'
-    run_dir.mkdir()
-    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
-        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    run_dir = _scored_copy(scored_run, tmp_path / "run")  # this sweep's results must not mix with the others'
     cfg = _cfg(run_dir, selectors=["uncertainty"], budgets=[8], seeds=[0], rounds=[2])
     out = run_sweep(cfg, get_store(run_dir), progress=False, trial_runner=run_trial)
     assert out["trials"] == 2 and out["finished"] == 2 and out["errored"] == 0, out
@@ -266,10 +272,7 @@ def test_a_finished_trial_is_reused_from_its_result_without_its_artifacts(scored
 
     from edsft.distributed.sweep import run_sweep
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for name in ("pool.parquet", "eval.parquet", "scores.parquet", "score_quarantine.jsonl", "quarantine.jsonl", "manifest.json"):
-        (shutil.copytree if (scored_run / name).is_dir() else shutil.copy)(scored_run / name, run_dir / name)
+    run_dir = _scored_copy(scored_run, tmp_path / "run")
     cfg = _cfg(run_dir, selectors=["random"], budgets=[8], seeds=[0])
     run = get_store(run_dir)
     first = run_sweep(cfg, run, progress=False, trial_runner=run_trial)
