@@ -25,7 +25,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -45,6 +47,9 @@ __all__ = [
     "cpu_supports_bf16",
     "dtype_name",
     "model_fingerprint",
+    "SharedPrefix",
+    "pad_prompts",
+    "prepack_linears",
 ]
 
 # Bump a version when the recipe of a builtin changes so that stale cached folders are not reused.
@@ -407,3 +412,151 @@ def model_fingerprint(path: str | os.PathLike) -> str:
             h.update(f.relative_to(path).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def pad_prompts(
+    id_lists: list[list[int]], pad_id: int, width: int | None = None, prefix: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [rows, width] for generation: each prompt ends in the last
+    column, where generation starts (left padding). ``prefix`` > 0: the first ``prefix`` tokens, which
+    every row shares, stay in the first columns and the padding sits between them and the rest
+    (:class:`SharedPrefix`). ``width``: at least the longest prompt (default: exactly that)."""
+    width = max(width or 0, max(len(x) for x in id_lists))
+    input_ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(id_lists), width), dtype=torch.long)
+    if prefix:
+        input_ids[:, :prefix] = torch.tensor(id_lists[0][:prefix])
+        attention[:, :prefix] = 1
+    for i, ids in enumerate(id_lists):
+        tail = len(ids) - prefix
+        input_ids[i, width - tail :] = torch.tensor(ids[prefix:])
+        attention[i, width - tail :] = 1
+    return input_ids, attention
+
+
+class SharedPrefix:
+    """Prompts of a micro-batch that start with the same tokens get that prefix's keys and values
+    computed once, for one row, instead of once per row.
+
+    A chat template puts the same tokens before every prompt (SmolLM2's default system turn and
+    ``<|im_start|>user``: 24 of the 51 tokens of an average builtin:tasks prompt), and a batched
+    prefill spends that share of its FLOPs recomputing them. Causal attention makes the prefix's
+    hidden states, keys and values identical in every row, so this is the same computation, not an
+    approximation (greedy answers equal, logits within float rounding: tests/scoring/test_scorer.py).
+
+    :meth:`pack` lays a micro-batch out as ``[prefix | padding | suffix]`` (the suffixes left padded
+    against the generation point) with the prefix's KV cache, expanded to the batch, for ``generate``'s
+    ``cache=``; positions come from the attention mask, so the padding in the middle is skipped just as
+    left padding is. ``keep``: a module whose output over the prefix is summed and returned too (the
+    scorer's embedding layer). The ``memo_size`` most recently used prefixes are kept (key: the ids and
+    ``tag``, e.g. the model variant): micro-batches with the same template reuse them.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep: torch.nn.Module | None = None, min_tokens: int = 4, memo_size: int = 8):
+        self.model, self.keep, self.min_tokens, self.memo_size = model, keep, min_tokens, memo_size
+        self._memo: OrderedDict[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = OrderedDict()
+
+    def length(self, id_lists: list[list[int]]) -> int:
+        """Tokens every row starts with, each row keeping >= 1 of its own; 0 below ``min_tokens`` or for one row."""
+        if len(id_lists) < 2:
+            return 0
+        first, limit = id_lists[0], min(len(x) for x in id_lists) - 1
+        p = 0
+        while p < limit and all(x[p] == first[p] for x in id_lists):
+            p += 1
+        return p if p >= self.min_tokens else 0
+
+    def _prefix(self, ids: list[int], device: torch.device, tag: Any):
+        key = (tuple(ids), tag)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        from transformers import DynamicCache
+
+        kept: list[torch.Tensor] = []
+        handle = (
+            self.keep.register_forward_hook(lambda m, a, out: kept.append(out[0] if isinstance(out, tuple) else out))
+            if self.keep is not None
+            else None
+        )
+        try:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        total = kept[0][0].float().sum(0) if kept else None  # [hidden]: the prefix's share of a mean pool
+        self._memo[key] = (layers, total)
+        while len(self._memo) > self.memo_size:  # the least recently used goes
+            self._memo.popitem(last=False)
+        return layers, total
+
+    def supported(self) -> bool:
+        """Only plain (full-attention) dynamic caches: a sliding-window or linear-attention layer keeps
+        other state than the prefix's keys and values."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        probe = DynamicCache(config=self.model.config)
+        return bool(probe.layers) and all(type(layer) is DynamicLayer for layer in probe.layers)
+
+    def pack(self, id_lists: list[list[int]], pad_id: int, device: torch.device, tag: Any = None):
+        """``(input_ids, attention_mask, p, cache, kept_sum)`` for ``generate``; with ``p == 0`` (no shared
+        prefix) plain left padding and ``cache``/``kept_sum`` None."""
+        rows, p = len(id_lists), self.length(id_lists)
+        input_ids, attention = pad_prompts(id_lists, pad_id, prefix=p)
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        if not p:
+            return input_ids, attention, 0, None, None
+        from transformers import DynamicCache
+
+        layers, kept = self._prefix(id_lists[0][:p], device, tag)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k, v) in zip(cache.layers, layers):
+            layer.update(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+        return input_ids, attention, p, cache, kept
+
+
+class _PackedLinear(torch.nn.Module):
+    """An inference-only bf16 Linear whose weight is kept in oneDNN's blocked layout."""
+
+    def __init__(self, linear: torch.nn.Linear, rows_hint: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def prepack_linears(model: torch.nn.Module, rows_hint: int = 16) -> int:
+    """Swap the bf16 ``nn.Linear`` layers of a CPU model's decoder for oneDNN-prepacked ones (in place,
+    inference only: no autograd through them); returns how many were swapped (0 where it does not apply).
+
+    torch's CPU bf16 matmul reorders the [out, in] weight into oneDNN's blocked layout on every call;
+    at decode shapes (16 rows) that copy costs as much as the product, and a decode step streams every
+    weight of the model once. Packing once at load gives the same numbers (bit-identical logits,
+    tests/scoring/test_scorer.py) and measured 0.75-0.85x the decode-step time of SmolLM2-135M at 16
+    rows (AMD EPYC, 1 thread). The LM head is left alone (its weight is the tied input embedding).
+    Not for models with adapters (peft wraps the Linear layers) nor outside CPU bf16.
+    """
+    if next(model.parameters()).device.type != "cpu" or getattr(model, "dtype", None) != torch.bfloat16:
+        return 0
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if reorder is None or not torch.backends.mkldnn.is_available():
+        return 0
+    try:  # a torch build without the oneDNN bf16 linear: leave the model as it is
+        probe = torch.nn.Linear(8, 8, bias=False).to(torch.bfloat16)
+        _PackedLinear(probe, 1)(torch.ones(1, 8, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError):
+        return 0
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    swapped = 0
+    for module in list(decoder.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, _PackedLinear(child, rows_hint))
+                swapped += 1
+    return swapped

@@ -428,6 +428,7 @@ def score_pool(
         "tokens_per_s": round((prompt_tokens + response_tokens) / wall, 1),
         "generated_tokens_per_s": round(response_tokens / wall, 1),
         "actors": plan.max_actors,
+        "threads": plan.num_threads,  # torch threads per actor
         "gpus_per_actor": plan.num_gpus,
         "device": plan.device,
         "dtype": "/".join(dtypes) or None,

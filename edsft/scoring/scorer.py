@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from edsft.config import choices
-from edsft.models import dtype_name, end_of_turn_ids, load_model, load_tokenizer
+from edsft.models import SharedPrefix, dtype_name, end_of_turn_ids, load_model, load_tokenizer, pad_prompts, prepack_linears
 from edsft.pools.records import context_turns
 from edsft.scoring.uncertainty import SCORE_COLUMNS, response_mask, response_scores
 
@@ -84,29 +84,37 @@ def _with_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     return peft_model
 
 
-class _Float32Head(torch.nn.Module):
-    """The LM head in fp32 on a bf16 model: logits = fp32(hidden) @ fp32(W)^T."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().float().clone(), requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+_EXACT_TOP_K = 16  # logits per position recomputed in fp32 by _exact_top_logits
 
 
-def _fp32_head(model: torch.nn.Module) -> None:
-    """Give a bf16 model an fp32 LM head (in place). bf16 logits keep 8 mantissa bits: a logit of 20
-    is rounded by up to 0.06, which reorders near-ties, and min_margin (the smallest top-1 minus
-    top-2 probability over the answer) is made of near-ties. Measured on 16 prompts, SmolLM2-135M,
-    Intel AMX: Spearman of min_margin against fp32 0.87 with the bf16 head, 0.95 with this one
-    (greedy answers equal to fp32's 15 -> 16 of 16), at no measurable cost (the head is one of 211
-    matmuls per token). The decoder stays bf16; the scores were already computed in fp32 from the logits."""
+def _exact_top_logits(head: torch.nn.Linear, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a bf16 LM head: fp32 logits whose ``k`` largest per position are recomputed in fp32.
+
+    bf16 logits keep 8 mantissa bits: a logit of 20 is rounded by up to 0.06, which reorders
+    near-ties, and the greedy choice and the margins (top-1 minus top-2 probability) are made of
+    near-ties. Measured on 16 prompts, SmolLM2-135M, Intel AMX: Spearman of min_margin against fp32
+    0.87 with plain bf16 logits, 0.95 with an fp32 head. A whole fp32 head costs what fp32 costs:
+    2.7x the bf16 matmul for SmolLM2's 49k x 576 head at 16 rows (AMD EPYC, 1 thread: 44.5 vs 16.6 ms
+    a step). So the head runs in bf16 (oneDNN accumulates in fp32, then rounds), and only each
+    position's top ``k`` candidates are recomputed in fp32 from the same weights: argmax and the
+    margins are the fp32 head's, and only logits far below the top, whose share of the softmax's
+    normaliser is small, keep their bf16 rounding.
+    """
+    hidden = args[0]
+    out = logits.float()
+    top = out.topk(min(_EXACT_TOP_K, out.shape[-1]), dim=-1).indices  # [..., k]
+    exact = torch.matmul(head.weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)
+    if head.bias is not None:
+        exact = exact + head.bias[top].float()
+    return out.scatter_(-1, top, exact)
+
+
+def _exact_top_head(model: torch.nn.Module) -> None:
+    """Hook :func:`_exact_top_logits` onto a bf16 model's LM head (in place); the decoder stays bf16
+    and the scores are computed in fp32 from the logits as before."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return  # an unusual head (or a peft wrapper): left as it is
-    model.set_output_embeddings(_Float32Head(head.weight, head.bias))
+    if isinstance(head, torch.nn.Linear):  # an unusual head (or a peft wrapper) is left as it is
+        head.register_forward_hook(_exact_top_logits)
 
 
 class Scorer:
@@ -164,7 +172,9 @@ class Scorer:
         if adapter is not None:
             self.model = _with_adapter(self.model, adapter)
         if self.device.type == "cpu" and self.model.dtype != torch.float32:
-            _fp32_head(self.model)
+            _exact_top_head(self.model)
+            if adapter is None:  # inference only: weights prepacked for oneDNN (peft's LoRA layers stay)
+                prepack_linears(self.model, rows_hint=batch_size)
         self.model_spec = model
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
@@ -183,6 +193,9 @@ class Scorer:
         self.pad_id = self.tokenizer.pad_token_id
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._embed_module = self._layer_module(embedding_layer)
+        # dynamic generation prefills a micro-batch's shared template prefix once (static keeps fixed shapes)
+        shared = SharedPrefix(self.model, keep=self._embed_module)
+        self._shared_prefix = shared if generation == "dynamic" and shared.supported() else None
         self.embedding_layer = embedding_layer
         self.encoder = load_encoder(encoder, self.device) if encoder else None
         self.stats = {"rows": 0, "prompt_tokens": 0, "response_tokens": 0, "seconds": 0.0}
@@ -249,21 +262,25 @@ class Scorer:
     def _score_ids(self, id_lists: list[list[int]]) -> dict[str, Any]:
         """Generate and score a micro-batch of token-id prompts (left padded)."""
         b = len(id_lists)
-        if self.generation == "static" and b < self.batch_size:
-            id_lists = id_lists + [id_lists[-1]] * (self.batch_size - b)  # filler rows, dropped below
-        width = -(-max(len(x) for x in id_lists) // self.width_bucket) * self.width_bucket
-        rows = len(id_lists)
-        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        for i, ids in enumerate(id_lists):  # left padding: every prompt ends where generation starts
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
+        p, cache, prefix_sum = 0, None, None
+        if self.generation == "static":
+            if b < self.batch_size:
+                id_lists = id_lists + [id_lists[-1]] * (self.batch_size - b)  # filler rows, dropped below
+            width = -(-max(len(x) for x in id_lists) // self.width_bucket) * self.width_bucket
+            input_ids, attention = pad_prompts(id_lists, self.pad_id, width)
+        elif self._shared_prefix is not None:
+            # [prefix | padding | suffix]: the template's shared tokens prefilled once (edsft.models.SharedPrefix)
+            input_ids, attention, p, cache, prefix_sum = self._shared_prefix.pack(id_lists, self.pad_id, self.device)
+        else:
+            input_ids, attention = pad_prompts(id_lists, self.pad_id)
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        rows, width = input_ids.shape
         capture = _PrefillCapture(self._embed_module)
         try:
             out = self.model.generate(
                 input_ids=input_ids,
-                attention_mask=attention,  # generate derives position ids from it (cumsum - 1)
+                attention_mask=attention,  # position ids come from it (cumsum - 1): padding is skipped
+                **({"cache": cache} if cache is not None else {}),
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 temperature=None,
@@ -277,8 +294,8 @@ class Scorer:
             )
         finally:
             capture.remove()
-        hidden = capture.value
-        if hidden is None or hidden.shape[:2] != (rows, width):
+        hidden = capture.value  # the prefill's: over the suffix only when a prefix was shared
+        if hidden is None or hidden.shape[:2] != (rows, width - p):
             raise RuntimeError("could not capture the prompt hidden states from the prefill step")
         hidden, attention = hidden[:b], attention[:b]
         tokens = out.sequences[:b, width:]
@@ -286,8 +303,11 @@ class Scorer:
         mask = response_mask(tokens, self.end_ids)
         scores = response_scores(logits, tokens, mask)
         # mean over real prompt tokens (padding masked out), then unit length; float32 whatever the model dtype
-        m = attention.unsqueeze(-1).float()
-        pooled = (hidden.float() * m).sum(1) / m.sum(1)
+        m = attention[:, p:].unsqueeze(-1).float()
+        summed = (hidden.float() * m).sum(1)
+        if prefix_sum is not None:  # the shared prefix's hidden states are the same in every row
+            summed = summed + prefix_sum
+        pooled = summed / (m.sum(1) + p)
         emb = torch.nn.functional.normalize(pooled, dim=-1)
         generated = []
         for row, keep in zip(tokens.tolist(), mask.tolist()):

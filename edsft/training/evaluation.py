@@ -15,7 +15,9 @@ edsft.distributed.evaluate wraps :class:`Evaluator`.
 Speed: ``dtype='auto'`` runs bf16 where the hardware has it (edsft.models.resolve_dtype); losses
 are summed in fp32. Rows are length-sorted before they are cut into micro batches (little padding),
 the LM head runs over response positions only (engine.response_logits) and generate computes the
-head at the last position only (transformers' ``logits_to_keep=1``). Results come back in row order.
+head at the last position only (transformers' ``logits_to_keep=1``); the prompt tokens every row of a
+generation micro batch starts with (the chat template's system turn) are prefilled once
+(edsft.models.SharedPrefix). Results come back in row order.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edsft.models import dtype_name, end_of_turn_ids, load_model, load_tokenizer
+from edsft.models import SharedPrefix, dtype_name, end_of_turn_ids, load_model, load_tokenizer, pad_prompts
 from edsft.training.data import collate, prompt_text, tokenize_example
 from edsft.training.engine import response_logits
 from edsft.training.metrics import exact_match, rouge_l, summarize
@@ -66,6 +68,8 @@ class Evaluator:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
+        shared = SharedPrefix(self.model)
+        self._shared_prefix = shared if shared.supported() else None
         self.max_seq_len, self.max_new_tokens, self.batch_size = max_seq_len, max_new_tokens, batch_size
 
     @property
@@ -122,16 +126,17 @@ class Evaluator:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 ids = [encoded[i] for i in chunk]
-                width = max(len(x) for x in ids)
-                # left padding: every row's next token is generated at the same position
-                input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(ids), width), dtype=torch.long)
-                for i, x in enumerate(ids):
-                    input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-                    mask[i, width - len(x) :] = 1
+                # left padding, every row's next token generated at the same position; the tokens all rows
+                # start with (the chat template's) prefilled once, per variant (edsft.models.SharedPrefix)
+                if self._shared_prefix is not None:
+                    input_ids, mask, _, cache, _ = self._shared_prefix.pack(ids, self.pad_id, self.device, tag=variant)
+                else:
+                    (input_ids, mask), cache = pad_prompts(ids, self.pad_id), None
+                width = input_ids.shape[1]
                 gen = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=mask.to(self.device),
+                    **({"cache": cache} if cache is not None else {}),
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                     eos_token_id=self.end_ids,

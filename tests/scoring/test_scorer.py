@@ -269,3 +269,87 @@ def test_embed_only_rows_get_the_prefill_embedding_and_no_generation(scorer):
     for c in (*SCORE_COLUMNS, "response_tokens"):
         np.testing.assert_allclose(mixed[c][~flags], full[c][~flags], atol=1e-6)
     assert mixed["embed_only"].tolist() == flags.tolist()
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_number(scorer):
+    # prompts that start alike (as every prompt does after a chat template's system turn): the shared
+    # tokens are prefilled for one row and reused; tokens, scores and embeddings equal each prompt alone
+    prompts = [f"Answer in one short sentence, without any explanation at all: {p}" for p in PROMPTS]
+    ids = [scorer._prompt_ids(p) for p in prompts]
+    shared = scorer._shared_prefix
+    p = shared.length(ids)
+    assert p >= 10 and all(x[:p] == ids[0][:p] for x in ids)  # really shared, and not the whole prompt
+    calls = []
+    hook = scorer.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        together = scorer(_batch(prompts))
+    finally:
+        hook.remove()
+    assert calls[0] == (1, p)  # the prefix, once, one row
+    assert calls[1][1] == max(len(x) for x in ids) - p  # the prefill then covers only the suffixes
+    for i, prompt in enumerate(prompts):
+        alone = scorer(_batch([prompt]))  # one row: no sharing, the plain left-padded path
+        assert alone["generated"][0] == together["generated"][i]
+        for c in (*SCORE_COLUMNS, "embedding"):
+            np.testing.assert_allclose(alone[c][0], together[c][i], atol=1e-4, err_msg=c)
+
+
+def test_the_shared_prefix_is_reused_across_micro_batches_and_recomputed_when_it_changes():
+    s = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=3, max_prompt_tokens=64, batch_size=2)
+    lead = "Answer in one short sentence, without any explanation at all: "
+    prompts = [lead + p for p in PROMPTS[:4]] + ["Something else entirely, and longer " + p for p in PROMPTS[:2]]
+    prefixes = []  # every micro-batch has 2 rows: a 1-row forward is a prefix being computed
+
+    def spy(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] == 1:
+            prefixes.append(tuple(kwargs["input_ids"][0].tolist()))
+
+    hook = s.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        out = s(_batch(prompts))
+    finally:
+        hook.remove()
+    # 3 micro-batches (length-sorted, so the two kinds mix): each distinct prefix is computed once
+    assert len(prefixes) == len(set(prefixes)) >= 2, prefixes
+    ref = Scorer("builtin:tiny-llama", dtype="float32", max_new_tokens=3, max_prompt_tokens=64, batch_size=2)
+    ref._shared_prefix = None  # the plain path for every micro-batch
+    plain = ref(_batch(prompts))
+    assert list(out["generated"]) == list(plain["generated"])
+    for c in (*SCORE_COLUMNS, "embedding"):
+        np.testing.assert_allclose(out[c], plain[c], atol=1e-4, err_msg=c)
+
+
+def test_bf16_head_recomputes_its_top_logits_in_fp32():
+    # the bf16 LM head's k largest logits per position are the fp32 products of the same weights
+    from edsft.scoring.scorer import _EXACT_TOP_K, _exact_top_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 500, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(3, 2, 64).to(torch.bfloat16)
+    exact = hidden.float() @ head.weight.float().T
+    out = _exact_top_logits(head, (hidden,), head(hidden))
+    assert out.dtype == torch.float32
+    # the bf16 candidates can differ from the exact top k at the k-th place (a near tie there), not
+    # at the top: the leading half is exact, and so are argmax and the top-1 minus top-2 margin
+    top = exact.topk(_EXACT_TOP_K // 2, dim=-1)
+    torch.testing.assert_close(out.gather(-1, top.indices), top.values, rtol=0, atol=1e-5)
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+    rest = torch.ones_like(out, dtype=torch.bool).scatter_(-1, top.indices, False)
+    assert (out - exact)[rest].abs().max() > 0  # the others keep their bf16 rounding (the head is bf16)
+
+
+def test_prepacked_bf16_linears_give_bit_identical_logits():
+    # oneDNN-prepacked weights change the layout, not the product: same logits, same greedy tokens
+    from edsft.models import load_model, prepack_linears
+
+    model = load_model("builtin:tiny-llama", dtype="bfloat16", device="cpu")
+    ids = torch.randint(3, 200, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        swapped = prepack_linears(model, rows_hint=3)
+        if not swapped:
+            pytest.skip("this torch build has no oneDNN bf16 linear: prepack_linears leaves the model as it is")
+        after = model(input_ids=ids).logits
+    assert swapped == sum(1 for m in model.modules() if type(m).__name__ == "_PackedLinear") >= 7 * 2  # 7 per layer
+    assert torch.equal(before, after)
+    assert prepack_linears(load_model("builtin:tiny-llama", dtype="float32", device="cpu")) == 0  # bf16 only

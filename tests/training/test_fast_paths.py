@@ -149,3 +149,32 @@ def test_training_takes_eager_attention_on_cpu_and_inference_keeps_sdpa():
 
     assert Scorer(TINY, dtype="float32").model.config._attn_implementation == "sdpa"
     assert Evaluator(TINY, dtype="float32").model.config._attn_implementation == "sdpa"
+
+
+def test_evaluation_prefills_a_shared_prompt_prefix_once_per_variant_with_the_same_answers(tmp_path):
+    # the chat template's shared tokens are prefilled once per micro batch and model variant; the
+    # base and the finetuned answers equal the plain left-padded generation's
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.training.evaluation import Evaluator
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_model(TINY, dtype="float32", device="cpu"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)  # the finetuned answers differ from the base ones
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompts = [f"Reply with one word and nothing else, please: what is {i} plus {i}?" + " Think." * (i % 3) for i in range(6)]
+    ev = Evaluator(TINY, str(tmp_path / "adapter"), device="cpu", dtype="float32", max_new_tokens=6, batch_size=3)
+    assert ev._shared_prefix is not None
+    shared = {v: ev.generate(prompts, v) for v in ev.variants}
+    assert len(ev._shared_prefix._memo) >= 2  # one prefix per variant at least (the adapter changes its KV)
+    assert {tag for _, tag in ev._shared_prefix._memo} == {"base", "finetuned"}
+    ev._shared_prefix = None
+    plain = {v: ev.generate(prompts, v) for v in ev.variants}
+    assert shared == plain
+    assert plain["base"] != plain["finetuned"]
