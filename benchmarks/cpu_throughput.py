@@ -528,6 +528,11 @@ def main() -> None:
         help="only the fixed per-trial cost: N LoRA SFT runs per tree (with --before: before and after alternating); "
         "writes results/cpu_overhead.md",
     )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results stem without suffix (default benchmarks/results/cpu_throughput; --quick: ..._quick)",
+    )
     ap.add_argument("--edsft-only", help=argparse.SUPPRESS)  # internal: write edsft rows to this JSON file
     ap.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # internal: with --edsft-only
     args = ap.parse_args()
@@ -580,8 +585,10 @@ def main() -> None:
     text = render(r) + f"\nload average at end: {r['machine']['load_avg_at_end']}\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu_throughput.md").write_text(text)
-    (RESULTS / "cpu_throughput.json").write_text(json.dumps(r, indent=2, default=float))
+    stem = Path(args.out) if args.out else RESULTS / ("cpu_throughput_quick" if args.quick else "cpu_throughput")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=float))
 
 
 if __name__ == "__main__":
