@@ -544,13 +544,12 @@ def prepack_linears(model: torch.nn.Module, rows_hint: int = 16) -> int:
     """
     if next(model.parameters()).device.type != "cpu" or getattr(model, "dtype", None) != torch.bfloat16:
         return 0
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    if reorder is None or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return 0
-    try:  # a torch build without the oneDNN bf16 linear: leave the model as it is
+    try:  # a torch build without the oneDNN bf16 linear (or without these ops): leave the model as it is
         probe = torch.nn.Linear(8, 8, bias=False).to(torch.bfloat16)
         _PackedLinear(probe, 1)(torch.ones(1, 8, dtype=torch.bfloat16))
-    except (RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError):
         return 0
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     swapped = 0

@@ -323,12 +323,7 @@ class Scorer:
         """Prompt embeddings only (embed_only rows): one forward pass over the left-padded prompts, with
         the position ids generation derives from the mask, so the hidden states are the prefill's."""
         b = len(id_lists)
-        width = max(len(x) for x in id_lists)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((b, width), dtype=torch.long)
-        for i, ids in enumerate(id_lists):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
+        input_ids, attention = pad_prompts(id_lists, self.pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         input_ids, attention, position_ids = input_ids.to(self.device), attention.to(self.device), position_ids.to(self.device)
         capture = _PrefillCapture(self._embed_module)
