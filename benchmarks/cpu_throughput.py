@@ -324,7 +324,7 @@ def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: 
         "precision": s.get("precision", "fp32"),
         "params": s["total_params"],
         "phases_s": s.get("phases_s"),
-        "launcher": s.get("launcher", "ray_train"),
+        "launcher": {"local": "in-process (training.mode local)", "distributed": "Ray Train"}.get(s.get("mode"), "Ray Train"),
         "threads": s.get("threads"),
     }
 
@@ -405,13 +405,13 @@ def render(r: dict) -> str:
         lines.append(
             f"| LoRA SFT{tag} (non-padding tokens/s) | {t['tokens_per_s']:.0f} ({pct:.1f}% of bf16 peak, {t['precision']}) | "
             f"{pt['tokens_per_s']:.0f} ({ppct:.1f}%) | {t['tokens_per_s'] / pt['tokens_per_s']:.2f}x | "
-            f"Ray Train + DeepSpeed; train {t['train_time_s']:.1f} s of {t['wall_s']:.1f} s wall |"
+            f"{t.get('launcher', 'Ray Train')} + DeepSpeed; train {t['train_time_s']:.1f} s of {t['wall_s']:.1f} s wall |"
         )
         pload = pt.get("load_s", 0.0)
         lines.append(
             f"| LoRA SFT{tag} end to end (s, start-up incl.) | {t['wall_s']:.1f} | {pt['wall_s']:.1f} (model loaded) | "
             f"{pt['wall_s'] / t['wall_s']:.2f}x | {(pt['wall_s'] + pload) / t['wall_s']:.2f}x with the plain loop's own "
-            f"{pload:.1f} s load; edsft {t.get('launcher', 'ray_train')}, {t.get('threads', '?')} threads |"
+            f"{pload:.1f} s load; edsft {t.get('launcher', 'Ray Train')}, {t.get('threads', '?')} threads |"
         )
         lines.append(f"| fixed per-trial cost{tag} (s) | {t['overhead_s']:.1f} | | | wall minus training time |")
         v, pv = e["eval"], r["plain"]["eval"]
@@ -477,7 +477,7 @@ def render_overhead(r: dict) -> str:
     m, runs = r["machine"], r["runs"]
     phases = list(dict.fromkeys(k for x in runs for k in (x.get("phases_s") or {})))
     lines = [
-        "# Fixed per-trial cost of a LoRA SFT run (edsft train through Ray Train + DeepSpeed, 1 worker)",
+        "# Fixed per-trial cost of a LoRA SFT run (edsft train, DeepSpeed, 1 worker: Ray Train or in-process)",
         "",
         f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · load average at start {m['load_avg_at_start']} "
         "(1/5/15 min). The machine is shared with other jobs (load far above its 2 cores): single figures swing by 2x, "
@@ -485,15 +485,17 @@ def render_overhead(r: dict) -> str:
         "",
         f"{r['args']['examples']} examples of {MODEL}, 1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}; "
         "each run a fresh process (own Ray cluster). fixed = wall minus training time. "
-        'Phases: the train summary\'s phases_s ("before" has none: it predates them).',
+        "Phases: the train summary's phases_s, empty where a tree predates them; in-process runs have "
+        "setup (process group) where Ray Train has worker_start, worker_import and worker_prepare.",
         "",
-        "| tree | run | load (1 min) | wall s | train s | fixed s | " + " | ".join(phases) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(phases),
+        "| tree | launcher | run | load (1 min) | wall s | train s | fixed s | " + " | ".join(phases) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(phases),
     ]
     for x in runs:
         ph = x.get("phases_s") or {}
         lines.append(
-            f"| {x['tree']} | {x['repeat']} | {x['load_avg_at_start'][0]} | {x['wall_s']:.1f} | {x['train_time_s']:.1f} | "
+            f"| {x['tree']} | {x.get('launcher', 'Ray Train')} | {x['repeat']} | {x['load_avg_at_start'][0]} | "
+            f"{x['wall_s']:.1f} | {x['train_time_s']:.1f} | "
             f"{x['overhead_s']:.1f} | " + " | ".join(f"{ph[k]:.1f}" if k in ph else "" for k in phases) + " |"
         )
     pairs = [(a, b) for a in runs for b in runs if a["tree"] == "before" and b["tree"] == "after" and a["repeat"] == b["repeat"]]

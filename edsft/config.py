@@ -296,6 +296,10 @@ class TrainingConfig(_Section):
 
     model: str | None = None  # None: the scoring model
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    # local: train in the calling process (the driver, or the sweep trial, which then reserves the
+    # worker's resources itself), world size 1; distributed: a Ray Train worker group. auto: local
+    # for one CPU worker (no controller and worker group to start: ~10 s of every small CPU trial).
+    mode: Literal["auto", "local", "distributed"] = "auto"
     zero_stage: int = rule(2, ge=0, le=3)  # ignored by ddp, so that one config can switch backends
     num_workers: int = rule(2, ge=1)
     use_gpu: bool = False
@@ -330,9 +334,23 @@ class TrainingConfig(_Section):
     checkpoints_to_keep: int | None = rule(2, ge=1, hint="or null to keep every checkpoint")
 
     def _check(self) -> list[str]:
+        out = []
         if self.max_steps is None and self.epochs <= 0:
-            return [f"training.epochs={self.epochs} must be > 0 when training.max_steps is null"]
-        return []
+            out.append(f"training.epochs={self.epochs} must be > 0 when training.max_steps is null")
+        if self.mode == "local" and self.num_workers > 1:
+            out.append(
+                f"training.mode='local' trains in one process but training.num_workers={self.num_workers}: "
+                "set training.num_workers=1, or training.mode=distributed (or auto) for a Ray Train worker group"
+            )
+        return out
+
+    @property
+    def resolved_mode(self) -> str:
+        """``mode`` with auto decided: local for one CPU worker, distributed otherwise (a GPU worker is
+        placed by Ray Train on a GPU node; the driver may run on a head node without one)."""
+        if self.mode != "auto":
+            return self.mode
+        return "local" if self.num_workers == 1 and not self.use_gpu else "distributed"
 
 
 @dataclass(frozen=True)
@@ -379,7 +397,8 @@ class SweepConfig(_Section):
     params: Mapping[str, Any] = field(default_factory=dict)  # selector -> {param: value or [grid]}
     metric: str = "exact_match"
     max_concurrent_trials: int | None = rule(None, ge=1, hint="or null to fit the cluster's CPUs/GPUs")
-    cpus_per_trial: float = rule(0.001, ge=0)  # the trial itself only drives its TorchTrainer
+    # the trial itself only drives its TorchTrainer (training.mode local: it is the worker and reserves its resources)
+    cpus_per_trial: float = rule(0.001, ge=0)
     # retries of a failing trial inside one sweep (re-running the sweep resumes errored ones)
     max_failures: int = rule(0, ge=0)
     rounds: tuple[int, ...] = rule(

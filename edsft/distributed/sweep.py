@@ -8,7 +8,9 @@ stages (``trial_runner``, :func:`edsft.pipeline.run_trial`) on a child run in
 ``run/sweep/trials/<selector>[-params][-r<rounds>]-b<budget>-s<seed>/`` whose pool, scores and eval
 split are the run's, and reports the eval metrics (:class:`edsft.results.EvalResult`) to Tune. Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is not supported: the trial is a
 *function* trainable that only drives its TorchTrainer, so it asks for a sliver of a CPU
-(``sweep.cpus_per_trial``) and the trainer's workers hold the real resources. Concurrency is
+(``sweep.cpus_per_trial``) and the trainer's workers hold the real resources; with
+``training.mode: local`` (auto's choice for one CPU worker) the trial trains in its own process
+and reserves the worker's resources itself, so it is placed like the worker would be. Concurrency is
 capped by ``max_concurrent_trials`` (from the cluster when null) so that trials do not start
 trainers the cluster cannot place.
 
@@ -230,15 +232,30 @@ def _experiment_name(cfg: Config, specs: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _local(cfg: Config) -> bool:
+    return cfg.training.resolved_mode == "local"
+
+
 def _trial_needs(cfg: Config) -> dict[str, float]:
-    """What one running trial holds: its own CPU sliver plus its trainer's workers."""
+    """What one running trial holds: its own CPU sliver plus its trainer's workers, or, when it
+    trains in its own process (training.mode local), the one worker's resources."""
     per = dict(cfg.training.resources_per_worker)
     per.setdefault("CPU", 1.0)  # Ray Train's default worker asks for one CPU
     if cfg.training.use_gpu:
         per.setdefault("GPU", 1.0)
     need = {res: amount * cfg.training.num_workers for res, amount in per.items() if amount > 0}
-    need["CPU"] = need.get("CPU", 0.0) + cfg.sweep.cpus_per_trial
+    if _local(cfg):
+        need["CPU"] = max(need.get("CPU", 0.0), cfg.sweep.cpus_per_trial)
+    else:
+        need["CPU"] = need.get("CPU", 0.0) + cfg.sweep.cpus_per_trial
     return need
+
+
+def _trial_resources(cfg: Config) -> dict[str, float]:
+    """What Tune reserves for the trial process: a sliver when it drives a Ray Train worker group
+    (the workers hold the real resources), everything when it trains in-process (training.mode local),
+    so that Tune places it where the worker would have gone."""
+    return _trial_needs(cfg) if _local(cfg) else {"CPU": cfg.sweep.cpus_per_trial}
 
 
 def check_trial_fits(cfg: Config, cluster: dict[str, float]) -> None:
@@ -249,10 +266,12 @@ def check_trial_fits(cfg: Config, cluster: dict[str, float]) -> None:
         have = cluster.get(res, 0.0)
         if need > have + 1e-9:
             workers = cfg.training.num_workers
-            per = (have - (cfg.sweep.cpus_per_trial if res == "CPU" else 0.0)) / workers
+            sliver = cfg.sweep.cpus_per_trial if res == "CPU" and not _local(cfg) else 0.0
+            per = (have - sliver) / workers
+            plus = f" plus sweep.cpus_per_trial={cfg.sweep.cpus_per_trial:g}" if sliver else ""
             raise UserError(
                 f"one sweep trial needs {need:g} {res} (training.num_workers={workers} x "
-                f"training.resources_per_worker.{res} plus sweep.cpus_per_trial={cfg.sweep.cpus_per_trial:g}) but the "
+                f"training.resources_per_worker.{res}{plus}) but the "
                 f"cluster has {have:g}: its trainer could never start. Set training.resources_per_worker.{res} <= "
                 f"{math.floor(per * 100) / 100:g} or fewer training.num_workers"
             )
@@ -470,7 +489,7 @@ def run_sweep(
             trial_runner=trial_runner,
             callbacks=list(trial_callbacks),
         ),
-        {"CPU": cfg.sweep.cpus_per_trial},
+        _trial_resources(cfg),
     )
     tuner = tune.Tuner(
         trainable,

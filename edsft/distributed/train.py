@@ -1,10 +1,21 @@
-"""SFT on Ray Train: a TorchTrainer around the Ray-free loop in edsft.training.loop.
+"""SFT: a Ray Train TorchTrainer, or the calling process, around the Ray-free loop in edsft.training.loop.
+
+``training.mode``: ``distributed`` starts a Ray Train worker group (``num_workers`` workers, each
+with ``resources_per_worker``); ``local`` runs the same loop in this process with world size 1 (a
+gloo, or NCCL on GPU, process group of one). ``auto`` is local for one CPU worker: on a 2-core
+node a Ray Train run spent ~10 s of fixed cost starting its controller and worker group
+(``phases_s.worker_start``, benchmarks/results/cpu_overhead.md) before the worker imported
+anything, a large share of a small-budget trial. Both modes write the same checkpoints
+(``trainer_state.json``, per-rank RNG and optimizer files) under the same run folder, so either
+resumes what the other left.
 
 Resumability, at two levels:
 
 - inside one call, ``FailureConfig(max_failures)`` restarts the worker group after a worker dies
   and ``ray.train.get_checkpoint()`` hands the latest checkpoint to the new workers, which load
-  weights, optimizer, scheduler, step and RNG and continue from that step;
+  weights, optimizer, scheduler, step and RNG and continue from that step (local mode: an
+  exception other than a user error is retried up to ``max_failures`` times from the latest
+  checkpoint; a crash of the process itself is the next level);
 - across calls, the run name is derived from the training config, the model and the data
   (``sft-<hash>``), so re-running the same command with the same ``out`` finds the same Ray run
   folder: Train V2 reloads its checkpoint snapshot and the loop continues where it stopped. A
@@ -36,7 +47,9 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from edsft import console
 from edsft.config import Config, config_from_dict, config_hash, config_to_dict
+from edsft.errors import UserError
 from edsft.storage import Store, get_store, is_remote, s3_filesystem, set_default_storage
 from edsft.storage import join as _join
 from edsft.training.loop import TRAINER_STATE, Phases
@@ -48,7 +61,7 @@ __all__ = ["train_sft", "run_name_for"]
 
 # Fields that change how a run is executed or logged, not what it learns: left out of the run name
 # so that e.g. raising max_failures and re-running still resumes the same run.
-_NOT_IDENTITY = ("storage_path", "max_failures", "log_every", "run_name", "checkpoints_to_keep", "resources_per_worker")
+_NOT_IDENTITY = ("storage_path", "max_failures", "log_every", "run_name", "checkpoints_to_keep", "resources_per_worker", "mode")
 
 
 def _as_store(x: Store | str, cfg: Config) -> Store:
@@ -74,6 +87,23 @@ def run_name_for(cfg: Config, rows: Sequence[dict], init: str | None = None) -> 
     return "sft-" + config_hash({"training": training, "model": cfg.training_model}, extra=data)
 
 
+def _tracked(cfg: Config, name: str, callbacks: Sequence[Callable[..., None]], rank: int = 0) -> tuple[Any, list]:
+    """(tracker, callbacks + its logging hook): rank 0 sends every logged step to output.report_to
+    (MLflow / TensorBoard); no tracker when that is empty."""
+    from edsft.distributed.tracking import make_train_logger
+
+    hooks = list(callbacks)
+    tracker = make_train_logger(cfg, name) if rank == 0 and cfg.output.report_to else None
+    if tracker is not None:
+        hooks.append(lambda step, metrics, **_: tracker.log(metrics, step))
+    return tracker, hooks
+
+
+def _close(tracker: Any) -> None:
+    if tracker is not None:  # FAILED when an exception is on its way out
+        tracker.close("FINISHED" if sys.exc_info()[0] is None else "FAILED")
+
+
 def _train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker: load data, resume if there is a checkpoint, train."""
     global _worker_calls
@@ -82,7 +112,6 @@ def _train_worker(config: dict) -> dict:
     phases = Phases(_IMPORT_STARTED).mark("worker_import") if _worker_calls == 1 else Phases(time.time())
     import torch
 
-    from edsft.distributed.tracking import make_train_logger
     from edsft.training.data import load_examples
     from edsft.training.loop import train_loop
 
@@ -96,11 +125,7 @@ def _train_worker(config: dict) -> dict:
     rows = load_examples(get_store(config["data_uri"], cfg.storage.endpoint_url, cfg.storage.region))
     device = ray.train.torch.get_device() if cfg.training.use_gpu else torch.device("cpu")
     scratch = Path(tempfile.mkdtemp(prefix=f"edsft-train-r{rank}-"))
-    # rank 0 sends every logged step to output.report_to (MLflow / TensorBoard); nothing when empty
-    tracker = make_train_logger(cfg, config.get("run_name") or "train") if rank == 0 and cfg.output.report_to else None
-    callbacks = list(config.get("callbacks") or ())
-    if tracker is not None:
-        callbacks.append(lambda step, metrics, **_: tracker.log(metrics, step))
+    tracker, callbacks = _tracked(cfg, config.get("run_name") or "train", config.get("callbacks") or (), rank)
     phases.mark("worker_prepare")  # data download, tracker, device
 
     def checkpoint_dir(step: int) -> str:
@@ -142,12 +167,13 @@ def _train_worker(config: dict) -> dict:
                 return train_loop(cfg.training, cfg.training_model, rows, resume_from=folder, **kwargs)
         return train_loop(cfg.training, cfg.training_model, rows, **kwargs)
     finally:
-        if tracker is not None:  # FAILED when an exception is on its way out
-            tracker.close("FINISHED" if sys.exc_info()[0] is None else "FAILED")
+        _close(tracker)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _driver_phases(summary: dict, t0: float, t_fit: float, t_fit_end: float, t_end: float) -> dict[str, float]:
+def _driver_phases(
+    summary: dict, t0: float, t_fit: float, t_fit_end: float, t_end: float, start: str = "worker_start"
+) -> dict[str, float]:
     """The whole run's timeline in seconds: the driver's parts around the worker's ``phases_s``.
 
     driver_prepare (read the data, name the run) -> worker_start (Ray Train controller, worker
@@ -156,13 +182,14 @@ def _driver_phases(summary: dict, t0: float, t_fit: float, t_fit_end: float, t_e
     export) -> finish (last report: the checkpoint persisted, the worker group shut down) ->
     upload (the exported adapter copied to ``out``). Worker and driver clocks are compared, so on a
     multi-node cluster worker_start and finish are as good as the nodes' clock sync.
-    A run resumed after a worker failure counts the failed attempts in worker_start.
+    A run resumed after a worker failure counts the failed attempts in worker_start. Local mode
+    names that part ``setup`` (the process group, and failed attempts when there were any).
     """
     worker = summary.get("phases_s") or {}
     started, ended = summary.get("phases_started_at"), summary.get("phases_ended_at")
     out = {"driver_prepare": t_fit - t0}
     if started is not None:
-        out["worker_start"] = started - t_fit
+        out[start] = started - t_fit
     out.update(worker)
     if ended is not None:
         out["finish"] = t_fit_end - ended
@@ -192,6 +219,121 @@ def _latest_checkpoint(run: Store) -> Store | None:
         if best is None or step > best[0]:
             best = (step, ck)
     return best[1] if best else None
+
+
+LOCAL_CHECKPOINT = "checkpoint_step"  # local mode's checkpoint folders: checkpoint_step000012
+
+
+def _single_process_group(device: Any) -> None:
+    """A torch.distributed group of this one process (DeepSpeed needs one): created once per process
+    and kept, so that later runs in the process (rounds, sweep trials) reuse it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise UserError(
+                f"training.mode='local' inside a {dist.get_world_size()}-process torch.distributed group: "
+                "set training.mode=distributed (or auto)"
+            )
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _commit_checkpoint(folder: Path, run: Store, step: int, keep: int | None) -> Store:
+    """Copy a local checkpoint folder into the run folder, trainer_state.json last.
+
+    ``_latest_checkpoint`` counts a folder only once its trainer_state.json is there, and a single
+    file write is atomic (a rename locally, one PUT on S3): a crash mid-copy leaves a folder that
+    is never resumed from. Then the oldest complete local checkpoints beyond ``keep`` are removed."""
+    target = run.child(f"{LOCAL_CHECKPOINT}{step:06d}")
+    if target.exists():
+        target.remove()  # an earlier attempt's incomplete copy of this step
+    marker = folder / TRAINER_STATE
+    state = marker.read_bytes()
+    marker.unlink()
+    target.upload_from(folder)
+    target.child(TRAINER_STATE).write_bytes(state)
+    if keep is not None:
+        done = [n for n in run.list() if n.startswith(LOCAL_CHECKPOINT) and run.child(n, TRAINER_STATE).exists()]
+        for name in sorted(done)[:-keep]:  # zero-padded steps: name order is step order
+            run.child(name).remove()
+    return target
+
+
+def _train_local(
+    cfg: Config,
+    rows: list[dict],
+    run: Store,
+    name: str,
+    callbacks: Sequence[Callable[..., None]],
+    progress: bool,
+    init_adapter: Store | None,
+) -> dict:
+    """train_loop in this process on the run folder ``run``; retried from its latest checkpoint."""
+    import torch
+
+    from edsft.training.loop import train_loop
+
+    tc = cfg.training
+    device = torch.device("cuda") if tc.use_gpu else torch.device("cpu")
+    threads_before = torch.get_num_threads()
+    # as many torch threads as the worker would reserve (the sweep trial reserves them itself)
+    torch.set_num_threads(max(1, int(dict(tc.resources_per_worker).get("CPU", 1))))
+    scratch = Path(tempfile.mkdtemp(prefix="edsft-train-local-"))
+    tracker, hooks = _tracked(cfg, name, callbacks)
+
+    def checkpoint_dir(step: int) -> str:
+        return str(scratch / f"step{step:06d}")
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        if ckpt_dir is not None:
+            _commit_checkpoint(Path(ckpt_dir), run, int(metrics["step"]), tc.checkpoints_to_keep)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    failures = 0
+    # what torchrun would set for a world of one: DeepSpeed reads them (LOCAL_RANK it requires); set
+    # only while training and only where absent, so no later process started from here inherits them
+    launcher_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    launcher_env = {k: v for k, v in launcher_env.items() if k not in os.environ}
+    os.environ.update(launcher_env)
+    try:
+        _single_process_group(device)
+        init = str(init_adapter.download_to(scratch / "init_adapter")) if init_adapter is not None else None
+        while True:
+            found = _latest_checkpoint(run)
+            resume = found.download_to(scratch / f"resume{failures}") if found is not None else None
+            try:
+                return train_loop(
+                    tc,
+                    cfg.training_model,
+                    rows,
+                    resume_from=resume,
+                    report=report,
+                    checkpoint_dir_fn=checkpoint_dir,
+                    callbacks=hooks,
+                    device=device,
+                    progress=progress,
+                    phases=Phases(time.time()),
+                    init_adapter=init,
+                )
+            except (UserError, ValueError):
+                raise  # bad config or data: the same on every attempt
+            except Exception as e:
+                failures += 1
+                if 0 <= tc.max_failures < failures:
+                    raise
+                limit = "unlimited" if tc.max_failures < 0 else str(tc.max_failures)
+                console.note(
+                    f"train: attempt {failures} failed ({type(e).__name__}: {e}); retrying from the latest checkpoint "
+                    f"(retry {failures} of {limit}, training.max_failures)"
+                )
+    finally:
+        for k in launcher_env:
+            os.environ.pop(k, None)
+        torch.set_num_threads(threads_before)
+        _close(tracker)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _storage(cfg: Config, out: Store) -> tuple[str, Any]:
@@ -250,6 +392,69 @@ def train_sft(
             return previous
 
     storage_path, storage_fs = _storage(cfg, out)
+    storage_uri = "s3://" + storage_path if storage_fs is not None else storage_path
+    mode = tc.resolved_mode
+    if mode == "local":
+        run = get_store(_join(storage_uri, name), cfg.storage.endpoint_url, cfg.storage.region)
+        t_fit = time.time()
+        local = _train_local(cfg, rows, run, name, callbacks, progress, init_adapter)
+        t_fit_end = time.time()
+        final = _latest_checkpoint(run)
+        if final is None or local.get("steps") != json.loads(final.child(TRAINER_STATE).read_text())["state"]["step"]:
+            raise RuntimeError(f"training run {name!r} finished without its final checkpoint under {run.uri}")
+        with tempfile.TemporaryDirectory(prefix="edsft-final-") as tmp:
+            summary = _export(final.download_to(tmp), out)
+        checkpoint_uri = final.uri
+    else:
+        summary, checkpoint_uri, t_fit, t_fit_end = _fit_distributed(
+            cfg, data, out, name, storage_path, storage_fs, storage_uri, callbacks, progress, init_adapter
+        )
+    wall = time.time() - t0
+    summary["phases_s"] = _driver_phases(
+        summary, t0, t_fit, t_fit_end, t0 + wall, start="setup" if mode == "local" else "worker_start"
+    )
+    summary["fixed_cost_s"] = round(wall - summary["train_time_s"], 3)
+    summary.update(
+        run_name=name,
+        wall_time_s=round(wall, 3),
+        checkpoint=checkpoint_uri,
+        storage_path=storage_path,
+        skipped=False,
+        num_workers=tc.num_workers,
+        mode=mode,
+    )
+    if init_adapter is not None:
+        summary["init_adapter"] = init_adapter.uri
+    summary_store.write_json(summary)
+    return summary
+
+
+def _export(folder: Path, out: Store) -> dict:
+    """The final checkpoint's exports (adapter/, model/, merged/) copied to ``out``; its summary."""
+    summary = json.loads((folder / "train_summary.json").read_text())
+    for sub in ("adapter", "model", "merged"):
+        if (folder / sub).is_dir():
+            target = out.child(sub)
+            if target.exists():
+                target.remove()  # a stale export from an older run must not leave files behind
+            target.upload_from(folder / sub)
+    return summary
+
+
+def _fit_distributed(
+    cfg: Config,
+    data: Store,
+    out: Store,
+    name: str,
+    storage_path: str,
+    storage_fs: Any,
+    storage_uri: str,
+    callbacks: Sequence[Callable[..., None]],
+    progress: bool,
+    init_adapter: Store | None,
+) -> tuple[dict, str, float, float]:
+    """A Ray Train run; (its summary, the final checkpoint's path, fit start, fit end)."""
+    tc = cfg.training
     # Ray's 60 s default for starting the worker group is too short on a busy 2-core node where
     # each worker imports torch/transformers/deepspeed; the driver's value reaches the controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
@@ -257,7 +462,6 @@ def train_sft(
     # before the worker group was shut down (measured: 2.4 s of a 37 s single-worker run); a poll is
     # a small actor call, cheap at 0.5 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    storage_uri = "s3://" + storage_path if storage_fs is not None else storage_path
     resources = dict(tc.resources_per_worker) or {"CPU": 1}
     trainer = TorchTrainer(
         _train_worker,
@@ -286,26 +490,5 @@ def train_sft(
         raise RuntimeError(f"training run {name!r} finished without a checkpoint: see the Ray logs under {storage_path}")
 
     with result.checkpoint.as_directory() as folder:
-        folder = Path(folder)
-        summary = json.loads((folder / "train_summary.json").read_text())
-        for sub in ("adapter", "model", "merged"):
-            if (folder / sub).is_dir():
-                target = out.child(sub)
-                if target.exists():
-                    target.remove()  # a stale export from an older run must not leave files behind
-                target.upload_from(folder / sub)
-    wall = time.time() - t0
-    summary["phases_s"] = _driver_phases(summary, t0, t_fit, t_fit_end, t0 + wall)
-    summary["fixed_cost_s"] = round(wall - summary["train_time_s"], 3)
-    summary.update(
-        run_name=name,
-        wall_time_s=round(wall, 3),
-        checkpoint=result.checkpoint.path,
-        storage_path=storage_path,
-        skipped=False,
-        num_workers=tc.num_workers,
-    )
-    if init_adapter is not None:
-        summary["init_adapter"] = init_adapter.uri
-    summary_store.write_json(summary)
-    return summary
+        summary = _export(Path(folder), out)
+    return summary, result.checkpoint.path, t_fit, t_fit_end

@@ -66,6 +66,9 @@ def test_trial_config_sets_selection_training_seed_and_output(tmp_path):
         ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 2.0}, 8, 1),  # 2 x (1 + 0.001) > 2
         ({"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}, {"CPU": 4.0}, 8, 3),
         ({"num_workers": 1, "resources_per_worker": {"CPU": 1}}, {"CPU": 16.0}, 3, 3),  # capped by the trials
+        # one CPU worker trains inside the trial (training.mode auto = local): no sliver on top
+        ({"num_workers": 1, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 2),
+        ({"num_workers": 1, "mode": "distributed", "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),
         ({"num_workers": 4, "resources_per_worker": {"CPU": 1}}, {"CPU": 2.0}, 8, 1),  # at least 1
         ({"num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 2}}, {"CPU": 64.0, "GPU": 8.0}, 20, 8),
         ({"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1}}, {"CPU": 34.0, "GPU": 8.0}, 20, 2),
@@ -151,6 +154,12 @@ def test_trial_that_cannot_place_its_trainer_is_refused():
     with pytest.raises(ValueError, match=r"resources_per_worker.CPU <= 0.99"):
         S.check_trial_fits(cfg, {"CPU": 2.0})
     S.check_trial_fits(cfg.replace(**{"training.resources_per_worker": {"CPU": 0.99}}), {"CPU": 2.0})
+    # one local worker with both CPUs: the trial is the worker, so it fits; a Ray Train worker does not
+    local = config_from_dict({"training": {"num_workers": 1, "resources_per_worker": {"CPU": 2}}})
+    S.check_trial_fits(local, {"CPU": 2.0})
+    assert S._trial_resources(local) == {"CPU": 2.0}
+    with pytest.raises(ValueError, match=r"resources_per_worker.CPU <= 1.99"):
+        S.check_trial_fits(local.replace(**{"training.mode": "distributed"}), {"CPU": 2.0})
     gpu = config_from_dict({"training": {"num_workers": 2, "use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}})
     with pytest.raises(ValueError, match="needs 2 GPU"):
         S.check_trial_fits(gpu, {"CPU": 8.0, "GPU": 1.0})

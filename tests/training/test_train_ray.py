@@ -143,6 +143,7 @@ def test_single_worker_summary_says_where_the_fixed_cost_goes(ray_cluster, tmp_p
     cfg = _cfg(
         **{
             "training.num_workers": 1,
+            "training.mode": "distributed",  # auto would train in this process (test_train_local.py)
             "training.resources_per_worker": {"CPU": 2},
             "training.max_steps": 4,
             "training.checkpoint_every": 2,
