@@ -473,6 +473,16 @@ def overhead_runs(args) -> list[dict]:
     return runs
 
 
+def _load_caveat(load_1min: float, cores: int) -> str:
+    """What the load during the runs means for reading them (other jobs share a small machine)."""
+    if load_1min > cores:
+        return (
+            f"Other jobs shared the machine (1-min load up to {load_1min:.1f} on {cores} cores): single figures "
+            "swing by 2x, read the ratios of runs taken side by side."
+        )
+    return f"1-min load at most {load_1min:.1f} on {cores} cores at the runs' starts (the runs' own load included)."
+
+
 def render_overhead(r: dict) -> str:
     m, runs = r["machine"], r["runs"]
     phases = list(dict.fromkeys(k for x in runs for k in (x.get("phases_s") or {})))
@@ -480,8 +490,7 @@ def render_overhead(r: dict) -> str:
         "# Fixed per-trial cost of a LoRA SFT run (edsft train, DeepSpeed, 1 worker: Ray Train or in-process)",
         "",
         f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · load average at start {m['load_avg_at_start']} "
-        "(1/5/15 min). The machine is shared with other jobs (load far above its 2 cores): single figures swing by 2x, "
-        "read the ratios of runs taken side by side.",
+        f"(1/5/15 min). {_load_caveat(max(x['load_avg_at_start'][0] for x in runs), m['cores'])}",
         "",
         f"{r['args']['examples']} examples of {MODEL}, 1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}; "
         "each run a fresh process (own Ray cluster). fixed = wall minus training time. "

@@ -6,6 +6,8 @@
     python benchmarks/label_efficiency.py --dry-run    # the plan, trial count and a time estimate; runs nothing
     python benchmarks/label_efficiency.py --pools tasks --seeds 0 1   # a subset
     python benchmarks/label_efficiency.py --coverage   # no training: family coverage of every selector's picks
+    python benchmarks/label_efficiency.py --pools tasks --selectors facility_location typiclust \
+        --budgets 32 64 128 256 512 1024 2048 --random-budgets 4096   # the learning regime (finished trials reused)
 
 Design, fixed before any selector result is looked at:
 
@@ -106,7 +108,16 @@ class Plan:
     round_selectors: tuple[str, ...] = ()
 
 
-def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None, rounds=None, round_selectors=None) -> list[Plan]:
+def plans(
+    mode: str,
+    pools=("tasks", "pydocs"),
+    seeds=None,
+    selectors=None,
+    rounds=None,
+    round_selectors=None,
+    budgets=None,
+    random_budgets=None,
+) -> list[Plan]:
     if mode == "tiny":
         base = dict(
             budgets=(8, 16),
@@ -126,6 +137,18 @@ def plans(mode: str, pools=("tasks", "pydocs"), seeds=None, selectors=None, roun
         )
     if seeds is not None:
         base["seeds"] = tuple(seeds)
+    if budgets is not None:
+        base["budgets"] = tuple(sorted(set(budgets)))
+    if random_budgets is not None:
+        base["random_budgets"] = tuple(sorted(set(random_budgets) - set(base["budgets"])))
+    if base["random_budgets"] and max(base["random_budgets"]) < 2 * max(base["budgets"]):
+        # a selector at the largest budget that saves half the labels matches random at twice it:
+        # without random measured there, the best the report can say is "> max / B"
+        print(
+            f"[benchmark] note: random's largest budget {max(base['random_budgets'])} is under twice the largest "
+            f"selector budget {max(base['budgets'])}: a 0.5x saving there cannot be measured",
+            flush=True,
+        )
     if rounds is not None:
         base["rounds"] = tuple(dict.fromkeys([1, *rounds]))
         # uncertainty re-scored by each round's model: the classic active learner (issue 17's pairing)
@@ -571,6 +594,13 @@ def publish(
         f"| pool | `{cfg.pool.path}`, {cfg.pool.size if plan.pool == 'tasks' else 'all'} prompts, {cfg.pool.eval_size} eval prompts (balanced by task) |",
         f"| model | `{cfg.scoring.model}`, LoRA r={cfg.training.lora_r}, dropout {cfg.training.lora_dropout:g} |",
         f"| selectors | {', '.join(plan.selectors)} (task-aware, not in the headline: {', '.join(s for s in plan.selectors if s in TASK_AWARE) or 'none'}) |",
+        f"| embedding | `selection.embedding: {cfg.selection.embedding}` ("
+        + (
+            "MiniLM sentence embeddings"
+            if cfg.selection.embedding == "embedding_encoder"
+            else "the scoring model's mean-pooled hidden state"
+        )
+        + ", what the diversity selectors read; `--embedding`) |",
         f"| budgets | {', '.join(map(str, plan.budgets))}; random also {', '.join(map(str, plan.random_budgets))} |",
         f"| seeds | {', '.join(map(str, plan.seeds))} |",
         *(
@@ -775,6 +805,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pools", nargs="+", choices=["tasks", "pydocs"], default=["tasks", "pydocs"])
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="override the seeds (>= 2 for a headline)")
     ap.add_argument("--selectors", nargs="+", default=None, help="override the selectors (random is always added)")
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, help="override the budgets every selector runs at")
+    ap.add_argument(
+        "--random-budgets",
+        nargs="+",
+        type=int,
+        default=None,
+        help="override the budgets only random runs at (keep >= 2x the largest --budgets: a 0.5x saving needs it)",
+    )
     ap.add_argument("--out", default=None, help="parent folder of the run folders (default runs/)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, the trial count and a time estimate only")
     ap.add_argument("--coverage", action="store_true", help="no training: family coverage vs frequency of every selector's picks")
@@ -820,7 +858,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_root = Path(args.out or ROOT / "runs")
     summary = {}
-    for plan in plans(mode, args.pools, args.seeds, args.selectors, args.rounds, args.round_selectors):
+    for plan in plans(
+        mode, args.pools, args.seeds, args.selectors, args.rounds, args.round_selectors, args.budgets, args.random_budgets
+    ):
         cfg = build_config(mode, plan.pool, str(out_root / f"label_efficiency_{mode}_{plan.pool}"), args.embedding)
         n, steps = trial_count(cfg, plan)
         rows = cfg.pool.size if plan.pool == "tasks" else 3140

@@ -216,8 +216,12 @@ def trial_config(cfg: Config, spec: dict, trial: Store) -> Config:
 
 def trial_hash(cfg: Config) -> str:
     data = config_to_dict(cfg)
-    # Where a trial writes and how it retries do not change what it computes.
-    data["training"] = {k: v for k, v in data["training"].items() if k not in ("storage_path", "max_failures", "log_every")}
+    # Where a trial writes, how it retries and whether it trains in-process or in a Ray Train worker
+    # group (training.mode: same result, tests/training/test_train_local.py) do not change what it
+    # computes: a finished trial is reused across them.
+    data["training"] = {
+        k: v for k, v in data["training"].items() if k not in ("storage_path", "max_failures", "log_every", "mode")
+    }
     return config_hash({s: data[s] for s in _TRIAL_SECTIONS})
 
 

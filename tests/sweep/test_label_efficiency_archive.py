@@ -99,3 +99,35 @@ def test_an_archived_trial_of_another_recipe_is_not_restored(le, tmp_path):
     # a trial folder some trial has started in is never overwritten
     (run_dir / "sweep" / "trials" / spec["name"] / "result.json").unlink()
     assert le.restore_trials(cfg, plan, archive) == 0
+
+
+def test_every_committed_cpu_trial_is_still_restorable_by_the_current_code(le, tmp_path):
+    """The committed archive holds hours of CPU trials: a change to what a trial's hash covers (a new
+    config field, a renamed default) must not silently invalidate them. Every archived trial's hash is
+    recomputed from today's plan and config (the embedding the run used is read from its manifest)."""
+    from edsft.distributed.sweep import trial_config, trial_hash
+    from edsft.storage import get_store
+
+    rows = le._read_archive(le.archive_path(le.RESULTS_DIR, "cpu", "tasks"))
+    trials = {k: v for k, v in rows.items() if k != le.BASE_ID}
+    assert len(trials) >= 51
+    embedding = {json.loads(r["manifest"])["config"]["selection"]["embedding"] for r in trials.values()}
+    assert len(embedding) == 1, embedding
+    specs = {json.loads(r["result"])["spec"]["name"]: json.loads(r["result"])["spec"] for r in trials.values()}
+    budgets = sorted({s["budget"] for s in specs.values() if s["selector"] != "random"})
+    (plan,) = le.plans(
+        "cpu",
+        pools=("tasks",),
+        selectors=sorted({s["selector"] for s in specs.values()} - {"random"}),
+        budgets=budgets,
+        random_budgets=sorted({s["budget"] for s in specs.values()} - set(budgets)),
+    )
+    cfg = le.build_config("cpu", "tasks", str(tmp_path), embedding.pop())
+    store = get_store(str(tmp_path))
+    planned = {spec["name"]: (spec, c) for spec, c in le.planned_trials(cfg, plan)}
+    stale = [
+        name
+        for name, row in trials.items()
+        if row["trial_hash"] != trial_hash(trial_config(planned[name][1], planned[name][0], store.child("sweep", "trials", name)))
+    ]
+    assert not stale, f"{len(stale)} of {len(trials)} archived trials would run again, e.g. {stale[:3]}"
