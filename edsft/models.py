@@ -540,7 +540,9 @@ def prepack_linears(model: torch.nn.Module, rows_hint: int = 16) -> int:
     weight of the model once. Packing once at load gives the same numbers (bit-identical logits,
     tests/scoring/test_scorer.py) and measured 0.75-0.85x the decode-step time of SmolLM2-135M at 16
     rows (AMD EPYC, 1 thread). The LM head is left alone (its weight is the tied input embedding).
-    Not for models with adapters (peft wraps the Linear layers) nor outside CPU bf16.
+    In a peft model only the frozen ``base_layer`` of each LoRA module is packed: the adapters
+    (``lora_A`` / ``lora_B``, whose ``.weight`` peft reads in forward) stay ``nn.Linear``, and
+    ``disable_adapter`` still gives the base model. Inference only; not outside CPU bf16.
     """
     if next(model.parameters()).device.type != "cpu" or getattr(model, "dtype", None) != torch.bfloat16:
         return 0
@@ -553,8 +555,12 @@ def prepack_linears(model: torch.nn.Module, rows_hint: int = 16) -> int:
         return 0
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     swapped = 0
-    for module in list(decoder.modules()):
+    for path, module in list(decoder.named_modules()):
+        if "lora_" in path:  # inside peft's adapter containers: trained weights peft reads directly
+            continue
         for name, child in list(module.named_children()):
+            if name.startswith("lora_"):
+                continue
             if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
                 setattr(module, name, _PackedLinear(child, rows_hint))
                 swapped += 1

@@ -255,6 +255,18 @@ def _trial_needs(cfg: Config) -> dict[str, float]:
     return need
 
 
+def _on_own_resources(cfg: Config) -> Config:
+    """The config a trial's stages run with. A trial that trains in-process holds its worker's CPUs
+    itself (_trial_resources); its evaluation actors then run on those CPUs, idle while the trial
+    waits for them, and ask the cluster for none: asking for more waits forever when trials fill it
+    (two trials x 0.95 CPU on 2 CPUs, each evaluation actor pending on 0.5 CPU: Ray Data's 30-minute
+    no-progress timeout). Resources only: what the trial computes, and its trial_hash, stay as they
+    are. (Scoring is not touched: its config is part of the inherited score stage's hash.)"""
+    if not _local(cfg):
+        return cfg
+    return cfg.replace(**{"evaluation.cpus_per_actor": 0.0})
+
+
 def _trial_resources(cfg: Config) -> dict[str, float]:
     """What Tune reserves for the trial process: a sliver when it drives a Ray Train worker group
     (the workers hold the real resources), everything when it trains in-process (training.mode local),
@@ -323,7 +335,7 @@ def _run_trial(
         tune.report(rec["report"])
         return
     t0 = time.time()
-    entries = trial_runner(tcfg, run.uri)
+    entries = trial_runner(_on_own_resources(tcfg), run.uri)
     # Every stage already committed for this trial's config (e.g. under another grid): reused.
     computed = not all(e.get("skipped") for e in entries.values())
     _append(log, {"event": "computed" if computed else "reused", "time": time.time()})

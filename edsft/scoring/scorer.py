@@ -173,8 +173,8 @@ class Scorer:
             self.model = _with_adapter(self.model, adapter)
         if self.device.type == "cpu" and self.model.dtype != torch.float32:
             _exact_top_head(self.model)
-            if adapter is None:  # inference only: weights prepacked for oneDNN (peft's LoRA layers stay)
-                prepack_linears(self.model, rows_hint=batch_size)
+            # inference only: weights prepacked for oneDNN (under an adapter: the base layers; peft's LoRA layers stay)
+            prepack_linears(self.model, rows_hint=batch_size)
         self.model_spec = model
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens

@@ -353,3 +353,37 @@ def test_prepacked_bf16_linears_give_bit_identical_logits():
     assert swapped == sum(1 for m in model.modules() if type(m).__name__ == "_PackedLinear") >= 7 * 2  # 7 per layer
     assert torch.equal(before, after)
     assert prepack_linears(load_model("builtin:tiny-llama", dtype="float32", device="cpu")) == 0  # bf16 only
+
+
+def test_prepacked_base_layers_under_a_lora_adapter_give_bit_identical_logits():
+    # evaluation and re-scoring run base + adapter: only the frozen base layers are packed, the adapter
+    # stays a plain Linear (peft reads its .weight), and with the adapter on or off the logits are unchanged
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.models import load_model, prepack_linears
+
+    model = get_peft_model(
+        load_model("builtin:tiny-llama", dtype="bfloat16", device="cpu"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+        autocast_adapter_dtype=False,  # bf16 adapters: the dtype alone would not keep them out
+    ).eval()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give the adapter an effect to keep
+            p.data = torch.randn(p.shape, generator=g).to(p.dtype) * 0.1
+    ids = torch.randint(3, 200, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert not torch.equal(tuned, base)
+        swapped = prepack_linears(model, rows_hint=3)
+        if not swapped:
+            pytest.skip("this torch build has no oneDNN bf16 linear: prepack_linears leaves the model as it is")
+        assert torch.equal(model(input_ids=ids).logits, tuned)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base)
+    lora = [m for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    assert lora and all(type(m) is torch.nn.Linear for m in lora)
+    assert swapped == sum(1 for n, m in model.named_modules() if n.endswith("base_layer") and type(m).__name__ == "_PackedLinear")

@@ -311,3 +311,23 @@ def test_a_finished_trial_is_reused_from_its_result_without_its_artifacts(scored
     assert third["computed"] == 1 and third["finished"] == 1
     assert (trial / "selection.parquet").exists()
     assert json.loads((trial / "result.json").read_text())["parent"]["score"] == scores_hash
+
+
+@pytest.mark.timeout(420)
+def test_two_in_process_trials_filling_the_cluster_still_evaluate_on_ray_data(scored_run, tmp_path):
+    """Two trials side by side, each training in its own process and holding 0.95 of the 2 CPUs, then
+    evaluating through Ray Data actors (evaluation.mode distributed, what 560 eval rows get): the
+    actors run on the CPUs their trial holds. Asking the cluster for 0.5 CPU each left both pending
+    on the 0.1 CPU free until Ray Data's 30-minute no-progress timeout (the label-efficiency run)."""
+    from edsft.distributed.sweep import default_max_concurrent_trials, run_sweep
+
+    run_dir = _scored_copy(scored_run, tmp_path / "run")
+    cfg = _cfg(run_dir, selectors=["k_center"], budgets=[8], seeds=[0]).replace(
+        **{"training.resources_per_worker": {"CPU": 0.95}, "evaluation.mode": "distributed", "evaluation.cpus_per_actor": 0.5}
+    )
+    assert cfg.training.resolved_mode == "local" and default_max_concurrent_trials(cfg, {"CPU": 2.0}, 2) == 2
+    out = run_sweep(cfg, get_store(run_dir), progress=False, trial_runner=run_trial)
+    assert out["trials"] == 2 and out["finished"] == 2 and out["errored"] == 0, out
+    for name in ("random-b8-s0", "k_center-b8-s0"):
+        metrics = json.loads((run_dir / "sweep" / "trials" / name / "metrics.json").read_text())
+        assert metrics["settings"]["mode"] == "distributed" and metrics["n"] == 28
