@@ -139,8 +139,10 @@ def plans(
         base["seeds"] = tuple(seeds)
     if budgets is not None:
         base["budgets"] = tuple(sorted(set(budgets)))
-    if random_budgets is not None:
-        base["random_budgets"] = tuple(sorted(set(random_budgets) - set(base["budgets"])))
+    # random-only budgets are those beyond the selectors' (random runs at every selector budget anyway)
+    base["random_budgets"] = tuple(
+        sorted(set(base["random_budgets"] if random_budgets is None else random_budgets) - set(base["budgets"]))
+    )
     if base["random_budgets"] and max(base["random_budgets"]) < 2 * max(base["budgets"]):
         # a selector at the largest budget that saves half the labels matches random at twice it:
         # without random measured there, the best the report can say is "> max / B"

@@ -556,10 +556,8 @@ def prepack_linears(model: torch.nn.Module, rows_hint: int = 16) -> int:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     swapped = 0
     for path, module in list(decoder.named_modules()):
-        if "lora_" in path:  # inside peft's adapter containers: trained weights peft reads directly
-            continue
         for name, child in list(module.named_children()):
-            if name.startswith("lora_"):
+            if "lora_" in f"{path}.{name}":  # peft's adapters (lora_A / lora_B ...): peft reads their .weight
                 continue
             if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
                 setattr(module, name, _PackedLinear(child, rows_hint))

@@ -78,8 +78,8 @@ class Evaluator:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
-        if self.device.type == "cpu":  # inference only: bf16 weights in oneDNN's layout, packed once (no-op in fp32)
-            prepack_linears(self.model, rows_hint=batch_size)
+        # inference only: CPU bf16 weights in oneDNN's layout, packed once (a no-op on GPU and in fp32)
+        prepack_linears(self.model, rows_hint=batch_size)
         shared = SharedPrefix(self.model)
         self._shared_prefix = shared if shared.supported() else None
         self.max_seq_len, self.max_new_tokens, self.batch_size = max_seq_len, max_new_tokens, batch_size
