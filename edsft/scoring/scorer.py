@@ -140,7 +140,7 @@ class Scorer:
         encoder: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
-        batch_size: int = 16,
+        batch_size: int = 64,
         max_retries: int = 2,
         num_threads: int | None = None,
         cache_dir: str | None = None,
@@ -299,9 +299,9 @@ class Scorer:
             raise RuntimeError("could not capture the prompt hidden states from the prefill step")
         hidden, attention = hidden[:b], attention[:b]
         tokens = out.sequences[:b, width:]
-        logits = torch.stack([x[:b] for x in out.logits], dim=1)  # [B, T, V], raw (before logits processors)
         mask = response_mask(tokens, self.end_ids)
-        scores = response_scores(logits, tokens, mask)
+        # per step [B, V], raw (before logits processors); only the response positions are read
+        scores = response_scores([x[:b] for x in out.logits], tokens, mask)
         # mean over real prompt tokens (padding masked out), then unit length; float32 whatever the model dtype
         m = attention[:, p:].unsqueeze(-1).float()
         summed = (hidden.float() * m).sum(1)

@@ -18,6 +18,8 @@ Per response (length n = mask.sum()):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["SCORE_COLUMNS", "token_stats", "response_scores", "response_mask"]
@@ -47,28 +49,66 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.T
     """Per-position entropy, log-prob of the chosen token and top-1 minus top-2 margin, [B, T] each."""
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    b, t, v = logits.shape
+    flat = _position_stats(logits.reshape(b * t, v), tokens.reshape(b * t))
+    return {k: x.reshape(b, t) for k, x in flat.items()}
+
+
+def _position_stats(logits: torch.Tensor, tokens: torch.Tensor, *, owned: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`token_stats` over ``N`` positions: ``logits [N, V]``, ``tokens [N]``, results ``[N]`` in float32.
+
+    One float32 copy of the logits turned into log-probabilities in place (``owned``: ``logits`` is
+    already a copy made for this call), then the probabilities: two [N, V] buffers, not the five a
+    log_softmax / exp / where chain allocates. Margins from the top-2 log-probabilities (the same
+    tokens as the top-2 probabilities: exp is monotonic).
+    """
     if logits.shape[-1] < 2:
         raise ValueError(f"vocabulary size {logits.shape[-1]} is too small: a margin needs at least 2 tokens")
-    logp = torch.log_softmax(logits.float(), dim=-1)  # float32 even for bf16 logits
+    logp = logits.float() if owned or logits.dtype != torch.float32 else logits.clone()  # float32 even for bf16 logits
+    log_z = torch.logsumexp(logp, dim=-1, keepdim=True)
+    logp -= log_z
     p = logp.exp()
-    # p * logp is 0 * -inf = nan where a logit is -inf (masked vocabulary): those terms are 0
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # p * logp is 0 * -inf = nan where a logit is -inf (a masked vocabulary): those terms are 0, so
+    # nansum; a nan (or +inf) logit gives a nan entropy, as the plain formula does, through log Z
+    entropy = -torch.nansum(p * logp, dim=-1)
+    entropy = torch.where(log_z.squeeze(-1).isfinite(), entropy, torch.nan)
     chosen = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    top2 = p.topk(2, dim=-1).values
+    top2 = logp.topk(2, dim=-1).values.exp()
     return {"entropy": entropy, "chosen_logprob": chosen, "margin": top2[..., 0] - top2[..., 1]}
 
 
-def response_scores(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+_CHUNK = 16  # positions per _position_stats call: 16 x a 49k vocabulary in float32 is 3 MB, cache-sized
+
+
+def response_scores(
+    logits: torch.Tensor | Sequence[torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The score columns (float32 [B]) plus ``response_tokens`` (int64 [B]); see the module doc.
+
+    ``logits``: ``[B, T, V]``, or the ``T`` per-step ``[B, V]`` tensors generation returns (not
+    stacked: a [B, T, V] copy is 300 MB at 64 rows x 24 tokens x 49k). Only response positions
+    (``mask``) are computed, a few at a time: after a row's end-of-turn token its logits are never read.
 
     A row with an empty mask has no response to be uncertain about: its scores are NaN (the scorer
     never produces one, since generation emits at least one token).
     """
-    stats = token_stats(logits, tokens)
     m = mask.to(torch.bool)
+    b, t = m.shape
+    steps = logits.unbind(1) if torch.is_tensor(logits) else list(logits)
+    if tokens.shape != (b, t) or len(steps) != t or any(s.dim() != 2 or s.shape[0] != b for s in steps):
+        shape = tuple(logits.shape) if torch.is_tensor(logits) else f"{len(steps)} steps"
+        raise ValueError(
+            f"logits must be [B, T, V] (or T steps of [B, V]) for tokens [B, T] = {tuple(tokens.shape)}; got {shape}"
+        )
+    ent, lp, margin = (torch.zeros(b, t, device=m.device) for _ in range(3))
+    for j, step in enumerate(steps):
+        rows = m[:, j].nonzero().squeeze(1)
+        for c in range(0, len(rows), _CHUNK):
+            r = rows[c : c + _CHUNK]
+            st = _position_stats(step[r], tokens[r, j], owned=True)  # step[r] is a copy
+            ent[r, j], lp[r, j], margin[r, j] = st["entropy"], st["chosen_logprob"], st["margin"]
     n = m.sum(1)
     nf = n.clamp(min=1).float()
-    ent, lp, margin = stats["entropy"], stats["chosen_logprob"], stats["margin"]
     zero = torch.zeros_like(ent)
     logp_resp = torch.where(m, lp, zero).sum(1)
     out = {

@@ -265,9 +265,10 @@ def test_embed_only_rows_get_the_prefill_embedding_and_no_generation(scorer):
     assert np.isnan(mixed["mean_entropy"][flags]).all() and (mixed["response_tokens"][flags] == 0).all()
     assert all(g is None for g in mixed["generated"][flags]) and all(e is None for e in mixed["error"])
     np.testing.assert_array_equal(mixed["prompt_tokens"], full["prompt_tokens"])
-    # the other rows are scored exactly as without the flags
+    # the other rows are scored as without the flags, to float32 rounding (a few ulps: an entropy of 7.3
+    # measured 2.9e-6 apart, 6 ulps, with the model run on 2 rows instead of 5)
     for c in (*SCORE_COLUMNS, "response_tokens"):
-        np.testing.assert_allclose(mixed[c][~flags], full[c][~flags], atol=1e-6)
+        np.testing.assert_allclose(mixed[c][~flags], full[c][~flags], rtol=1e-6, atol=1e-6)
     assert mixed["embed_only"].tolist() == flags.tolist()
 
 
