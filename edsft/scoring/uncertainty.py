@@ -77,7 +77,7 @@ def _position_stats(logits: torch.Tensor, tokens: torch.Tensor, *, owned: bool =
     return {"entropy": entropy, "chosen_logprob": chosen, "margin": top2[..., 0] - top2[..., 1]}
 
 
-_CHUNK = 16  # positions per _position_stats call: 16 x a 49k vocabulary in float32 is 3 MB, cache-sized
+_CHUNK = 16  # positions per _position_stats call on CPU: 16 x a 49k vocabulary in float32 is 3 MB, cache-sized
 
 
 def response_scores(
@@ -103,8 +103,9 @@ def response_scores(
     ent, lp, margin = (torch.zeros(b, t, device=m.device) for _ in range(3))
     for j, step in enumerate(steps):
         rows = m[:, j].nonzero().squeeze(1)
-        for c in range(0, len(rows), _CHUNK):
-            r = rows[c : c + _CHUNK]
+        chunk = _CHUNK if step.device.type == "cpu" else max(len(rows), 1)  # a GPU takes the step at once
+        for c in range(0, len(rows), chunk):
+            r = rows[c : c + chunk]
             st = _position_stats(step[r], tokens[r, j], owned=True)  # step[r] is a copy
             ent[r, j], lp[r, j], margin[r, j] = st["entropy"], st["chosen_logprob"], st["margin"]
     n = m.sum(1)

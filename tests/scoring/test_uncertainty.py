@@ -70,3 +70,45 @@ def test_empty_mask_is_nan_and_bad_shapes_raise():
     assert math.isnan(s["mean_entropy"].item()) and s["response_tokens"].item() == 0
     with pytest.raises(ValueError, match="logits must be"):
         token_stats(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def _reference_scores(logits, tokens, mask):
+    """The scores by their definitions, over the full [B, T, V] tensor in float64 (no shortcut)."""
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    ent = -(p * logp).sum(-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    top2 = p.topk(2, -1).values
+    margin = top2[..., 0] - top2[..., 1]
+    m = mask.bool()
+    n = m.sum(1).double()
+    lp = (chosen * m).sum(1)
+    return {
+        "mean_entropy": (ent * m).sum(1) / n,
+        "max_entropy": ent.masked_fill(~m, -math.inf).amax(1),
+        "least_confidence": 1 - lp.exp(),
+        "least_confidence_norm": 1 - (lp / n).exp(),
+        "mean_margin": (margin * m).sum(1) / n,
+        "min_margin": margin.masked_fill(~m, math.inf).amin(1),
+    }
+
+
+def test_per_step_logits_and_the_stacked_tensor_give_the_definitions():
+    # more rows than one chunk of positions (uncertainty._CHUNK), responses of every length 1..T,
+    # and nan logits after each response's end that must not leak into a score
+    g = torch.Generator().manual_seed(0)
+    b, t, v = 41, 6, 500
+    logits = torch.randn(b, t, v, generator=g) * 4
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    lengths = torch.arange(b) % t + 1
+    mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    logits[~mask] = torch.nan  # after the end
+    stacked = response_scores(logits, tokens, mask)
+    steps = response_scores(list(logits.unbind(1)), tokens, mask)
+    ref = _reference_scores(torch.where(mask.unsqueeze(-1), logits, 0.0), tokens, mask)
+    for name, want in ref.items():
+        assert torch.equal(stacked[name], steps[name]), name
+        assert stacked[name].tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6), name
+    assert stacked["response_tokens"].tolist() == lengths.tolist()
+    with pytest.raises(ValueError, match="logits must be"):
+        response_scores(list(logits.unbind(1))[:-1], tokens, mask)  # one step short
