@@ -199,6 +199,10 @@ class ScoringConfig(_Section):
     # rounded up to a multiple of 64, micro-batch padded to batch_size), which transformers compiles on
     # CUDA; dynamic = plain generate.
     generation: Literal["auto", "dynamic", "static"] = "auto"
+    # auto: a pool of up to local_max_rows prompts on CPU is scored in the driver's own process (no Ray
+    # start-up, one model load); larger pools, and GPUs, go to Ray Data actors. local / distributed force one.
+    mode: Literal["auto", "local", "distributed"] = "auto"
+    local_max_rows: int = rule(1000, ge=0)
 
     def _check(self) -> list[str]:
         if self.min_actors > self.num_actors:
@@ -739,6 +743,8 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("selection", "round_training"): "restart",
     ("sweep", "rounds"): [1],
     ("sweep", "random_budgets"): [],
+    ("scoring", "mode"): "auto",  # where a pool is scored (the scores agree up to bf16 batch-composition effects)
+    ("scoring", "local_max_rows"): 1000,
 }
 
 

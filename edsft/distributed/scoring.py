@@ -252,6 +252,69 @@ def _count_rows(pool: Store, files: list[str]) -> int:
     return sum(pq.read_metadata(f, filesystem=pool.fs).num_rows for f in files)
 
 
+def _mode(cfg: Config, rows: int) -> str:
+    """scoring.mode, with auto resolved: in this process for a small pool on CPU (no Ray start-up, no
+    actor start-up, one model load), Ray Data actors otherwise."""
+    sc = cfg.scoring
+    if sc.mode != "auto":
+        return sc.mode
+    return "local" if rows <= sc.local_max_rows and sc.num_gpus_per_actor == 0 else "distributed"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _score_in_process(
+    pool: Store,
+    files: list[str],
+    columns: list[str],
+    scorer_kwargs: dict,
+    blocks_done: _Blocks,
+    resumed: pa.Array,
+    chosen_ids: pa.Array | None,
+    chosen_out: Store | None,
+    progress: bool,
+) -> list[dict]:
+    """scoring.mode local: the rows no finished block holds, scored by one :class:`_ScoringActor` in
+    this process, in blocks of the same size as the distributed path's and committed the same way
+    (write_block, then the marker), so resume and the checks after it do not know the difference."""
+    from tqdm.auto import tqdm
+
+    from .. import console
+
+    t = pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files])
+    if len(resumed):
+        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
+    if chosen_ids is not None and chosen_out is None:
+        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
+    elif chosen_ids is not None:
+        t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
+    actor = _ScoringActor(**scorer_kwargs)
+    step = scorer_kwargs["batch_size"] * 4  # a few micro-batches per block, as the actors get them
+    new = []
+    bar = tqdm(total=t.num_rows, desc="score", unit="row", disable=not progress)
+    for seq, at in enumerate(range(0, t.num_rows, step)):
+        chunk = t.slice(at, step)
+        batch = {c: chunk[c].to_numpy(zero_copy_only=False) for c in chunk.column_names}
+        tally = write_block(actor.incoming, actor.table(batch))
+        new.append(blocks_done.commit(tally, seq))
+        for cb in block_callbacks:
+            cb(block=seq, rows=new[-1]["rows"], part=new[-1]["part"])
+        bar.update(chunk.num_rows)
+        console.progress(min(at + step, t.num_rows), t.num_rows, "rows")
+    bar.close()
+    return new
+
+
 def score_pool(
     cfg: Config,
     pool: Store,
@@ -289,10 +352,12 @@ def score_pool(
         quarantine = _sibling(out, "{}.quarantine.jsonl")
 
     start = time.perf_counter()
-    init_ray(cfg)
-    resolve_model(sc.model)  # build/convert a builtin once on the driver, so actors only load it
-    plan = model_actor_plan(sc)
     rows_in = _count_rows(pool, files)
+    mode = _mode(cfg, rows_in)
+    if mode == "distributed":
+        init_ray(cfg)
+    resolve_model(sc.model)  # build/convert a builtin once on the driver, so actors only load it
+    plan = model_actor_plan(sc) if mode == "distributed" else None
     identity: dict = {"pool": pool.uri, "files": files}
     chosen_ids = None
     if chosen is not None:
@@ -316,8 +381,25 @@ def score_pool(
     rows_resumed, blocks_resumed = len(resumed), len(blocks_done.done)
     todo = rows_in - rows_resumed
 
+    scorer_kwargs = dict(
+        incoming=blocks_done.incoming.uri,
+        endpoint_url=cfg.storage.endpoint_url,
+        region=cfg.storage.region,
+        adapter_uri=adapter.uri if adapter is not None else None,
+        model=sc.model,
+        max_new_tokens=sc.max_new_tokens,
+        max_prompt_tokens=sc.max_prompt_tokens,
+        embedding_layer=sc.embedding_layer,
+        encoder=sc.encoder,
+        dtype=sc.dtype,
+        batch_size=sc.batch_size,
+        max_retries=sc.max_retries,
+        generation=sc.generation,
+    )
     new = []
-    if todo > 0:
+    if todo > 0 and mode == "local":
+        new = _score_in_process(pool, files, columns, scorer_kwargs, blocks_done, resumed, chosen_ids, chosen_out, progress)
+    elif todo > 0:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
@@ -359,23 +441,7 @@ def score_pool(
             ds = ds.repartition(blocks)  # one Parquet file is one block: split it so the actors share it
         ds = ds.map_batches(
             _ScoringActor,
-            fn_constructor_kwargs=dict(
-                incoming=blocks_done.incoming.uri,
-                endpoint_url=cfg.storage.endpoint_url,
-                region=cfg.storage.region,
-                adapter_uri=adapter.uri if adapter is not None else None,
-                model=sc.model,
-                max_new_tokens=sc.max_new_tokens,
-                max_prompt_tokens=sc.max_prompt_tokens,
-                embedding_layer=sc.embedding_layer,
-                encoder=sc.encoder,
-                dtype=sc.dtype,
-                device=plan.device,
-                batch_size=sc.batch_size,
-                max_retries=sc.max_retries,
-                num_threads=plan.num_threads,
-                generation=sc.generation,
-            ),
+            fn_constructor_kwargs=dict(scorer_kwargs, device=plan.device, num_threads=plan.num_threads),
             batch_size=ray_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
@@ -427,10 +493,11 @@ def score_pool(
         "rows_per_s": round(rows_now / wall, 3),
         "tokens_per_s": round((prompt_tokens + response_tokens) / wall, 1),
         "generated_tokens_per_s": round(response_tokens / wall, 1),
-        "actors": plan.max_actors,
-        "threads": plan.num_threads,  # torch threads per actor
-        "gpus_per_actor": plan.num_gpus,
-        "device": plan.device,
+        "mode": mode,
+        "actors": plan.max_actors if plan else 0,  # 0: scored in this process (scoring.mode local)
+        "threads": plan.num_threads if plan else torch_threads(),  # torch threads per actor (or of this process)
+        "gpus_per_actor": plan.num_gpus if plan else 0.0,
+        "device": plan.device if plan else _local_device(),
         "dtype": "/".join(dtypes) or None,
         "out": out.uri,
         "quarantine": quarantine.uri,

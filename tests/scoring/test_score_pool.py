@@ -45,6 +45,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
             "scoring.num_actors": 2,
             "scoring.cpus_per_actor": 0.5,
             "scoring.max_prompt_tokens": 64,
+            "scoring.mode": "distributed",  # a 30-row pool: auto would score it in this process
             "output.dir": str(tmp_path),
         }
     )
@@ -92,6 +93,40 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
     for c in SCORE_COLUMNS:
         np.testing.assert_allclose(a[c].to_numpy(), direct[c], atol=1e-4, err_msg=c)
     np.testing.assert_allclose(emb, direct["embedding"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_small_pool_is_scored_in_process_with_the_same_scores(ray_cluster, tmp_path):
+    # scoring.mode auto: up to local_max_rows prompts on CPU are scored in the driver's process, one
+    # model load and no actors; the scores equal the Ray Data actors' (float32: batching changes nothing)
+    cfg = Config().replace(
+        **{
+            "scoring.model": "builtin:tiny-llama",
+            "scoring.dtype": "float32",
+            "scoring.max_new_tokens": 6,
+            "scoring.batch_size": 4,
+            "scoring.max_prompt_tokens": 64,
+            "scoring.local_max_rows": N,
+            "output.dir": str(tmp_path),
+        }
+    )
+    pq.write_table(_pool(N, [str(4 * i) for i in range(N)]), tmp_path / "pool.parquet")
+    local = score_pool_run(cfg, tmp_path / "pool.parquet", tmp_path / "local")
+    assert (local["mode"], local["actors"], local["device"]) == ("local", 0, "cpu")
+    assert local["rows_in"] == N == local["rows_scored"] + local["rows_quarantined"] and local["rows_quarantined"] == 1
+    assert len(list((tmp_path / "local").glob("*.parquet"))) == 2  # blocks of 4 x batch_size rows, committed one by one
+    ray_run = score_pool_run(cfg.replace(**{"scoring.local_max_rows": N - 1}), tmp_path / "pool.parquet", tmp_path / "ray")
+    assert ray_run["mode"] == "distributed" and ray_run["actors"] >= 1  # one row over the limit
+    a = pq.read_table(tmp_path / "local").sort_by("row_id")
+    b = pq.read_table(tmp_path / "ray").sort_by("row_id")
+    assert a.schema == b.schema and a["row_id"].to_pylist() == b["row_id"].to_pylist()
+    for c in ("generated", "prompt_tokens", "response_tokens"):
+        assert a[c].to_pylist() == b[c].to_pylist(), c
+    for c in [*SCORE_COLUMNS, "embedding"]:
+        np.testing.assert_allclose(
+            np.array(a[c].to_pylist(), dtype=np.float32), np.array(b[c].to_pylist(), dtype=np.float32), atol=1e-4, err_msg=c
+        )
+    assert (tmp_path / "local.quarantine.jsonl").read_text() == (tmp_path / "ray.quarantine.jsonl").read_text()
 
 
 def score_pool_run(cfg, pool_path, out_path):
@@ -158,6 +193,7 @@ def test_rescoring_with_an_adapter_embeds_the_chosen_rows_and_resumes(ray_cluste
             "scoring.max_new_tokens": 6,
             "scoring.batch_size": 4,
             "scoring.max_prompt_tokens": 64,
+            "scoring.mode": "distributed",
             "output.dir": str(tmp_path),
         }
     )
@@ -242,6 +278,7 @@ def test_scoring_needs_no_whole_cpu(ray_cluster, tmp_path):
             "scoring.num_actors": 1,
             "scoring.cpus_per_actor": 0.5,
             "scoring.max_prompt_tokens": 64,
+            "scoring.mode": "distributed",
             "output.dir": str(tmp_path),
         }
     )

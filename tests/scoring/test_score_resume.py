@@ -61,11 +61,13 @@ def _assert_same_scores(got: pa.Table, ref: pa.Table) -> None:
 
 
 @pytest.mark.slow
-def test_a_crashed_score_stage_resumes_without_rescoring_finished_blocks(ray_cluster, tmp_path):
-    cfg = _cfg(tmp_path)
+@pytest.mark.parametrize("mode", ["distributed", "local"])  # Ray Data actors, or in this process (scoring.mode)
+def test_a_crashed_score_stage_resumes_without_rescoring_finished_blocks(ray_cluster, tmp_path, mode):
+    cfg = _cfg(tmp_path, N, f"scoring.mode={mode}")
     run_stage(cfg, "ingest")
     first = run_stage(cfg, "score")["summary"]  # uninterrupted: the reference
     assert (first["rows_resumed"], first["rows_this_attempt"]) == (0, N)
+    assert first["mode"] == mode and (first["actors"] == 0) == (mode == "local")
     ref = pq.read_table(tmp_path / "scores.parquet").sort_by("row_id")
 
     # Attempt 1 of a forced re-run: the node is lost right after its first block is committed
