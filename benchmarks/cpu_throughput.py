@@ -229,30 +229,43 @@ def _ray_init():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def edsft_score(texts, tasks, max_new_tokens: int, tmp: Path) -> dict:
+def edsft_score(texts, tasks, max_new_tokens: int, tmp: Path, mode: str | None = None) -> dict:
+    """``edsft score``'s function on a fresh pool; ``mode``: scoring.mode (None: the tree's default, and
+    a tree from before scoring.mode existed always used Ray Data actors). Ray itself is started before
+    the clock, as a sweep or ``edsft run`` has it running already."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from edsft.config import Config
+    from edsft.config import Config, config_to_dict
     from edsft.distributed.scoring import score_pool
     from edsft.storage import get_store
 
     _ray_init()
     n = len(texts)
+    name = f"pool-{mode or 'default'}"
     pq.write_table(
         pa.table({"row_id": [f"r{i}" for i in range(n)], "prompt": texts, "response": [""] * n, "task": tasks}),
-        tmp / "pool.parquet",
+        tmp / f"{name}.parquet",
     )
-    cfg = Config().replace(
-        **{"scoring.model": MODEL, "scoring.max_new_tokens": max_new_tokens, "scoring.num_actors": 2, "scoring.min_actors": 2}
-    )
+    overrides = {
+        "scoring.model": MODEL,
+        "scoring.max_new_tokens": max_new_tokens,
+        "scoring.num_actors": 2,
+        "scoring.min_actors": 2,
+    }
+    if mode is not None:
+        if "mode" not in config_to_dict(Config())["scoring"]:
+            return {}
+        overrides["scoring.mode"] = mode
+    cfg = Config().replace(**overrides)
     t0 = time.perf_counter()
-    s = score_pool(cfg, get_store(str(tmp / "pool.parquet")), get_store(str(tmp / "scores")), progress=False)
+    s = score_pool(cfg, get_store(str(tmp / f"{name}.parquet")), get_store(str(tmp / f"scores-{name}")), progress=False)
     return {
         "wall_s": time.perf_counter() - t0,
         "rows": s["rows_scored"],
         "dtype": s.get("dtype"),
         "tokens_per_s": s["tokens_per_s"],
+        "mode": s.get("mode", "distributed"),
         "actors": s.get("actors"),
         "threads": s.get("threads"),
     }
@@ -360,6 +373,7 @@ def edsft_rows(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         out["score"] = edsft_score(texts, tasks, args.max_new_tokens, tmp)
+        out["score_ray"] = edsft_score(texts, tasks, args.max_new_tokens, tmp, mode="distributed")
         out["train"] = edsft_train(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4, tmp)
         out["eval"] = edsft_eval(_sft_rows(args.eval_rows, start=args.examples), args.max_new_tokens, args.max_seq_len, tmp)
     import ray
@@ -383,7 +397,8 @@ def render(r: dict) -> str:
         f"load average at start {m['load_avg_at_start']} (1/5/15 min; the machine is shared: read the ratios)",
         "",
         f"Sizes: {r['args']['prompts']} prompts x {r['args']['max_new_tokens']} new tokens; {r['args']['examples']} SFT examples "
-        f"(1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}); {r['args']['eval_rows']} eval rows.",
+        f"(1 epoch, micro batch 8, max_seq_len {r['args']['max_seq_len']}); {r['args']['eval_rows']} eval rows. "
+        "The plain loops generate in batches of 16 prompts; edsft in its defaults' (scoring and evaluation: 64).",
         "",
         "| measurement | edsft | plain fp32 loop | ratio | notes |",
         "|---|---|---|---|---|",
@@ -391,14 +406,22 @@ def render(r: dict) -> str:
     ]
 
     def rows_for(tag: str, e: dict) -> None:
-        s, p = e["score"], r["plain"]["score"]
-        rate, prate = s["rows"] / s["wall_s"], p["rows"] / p["wall_s"]
-        lines.append(
-            f"| scoring{tag} (prompts/s, start-up incl.) | {rate:.2f} ({s['tokens_per_s']:.0f} tok/s, {s['dtype']}) | "
-            f"{prate:.2f} (model loaded) | {rate / prate:.2f}x | Ray Data, {s.get('actors', 2)} actor(s) x "
-            f"{s.get('threads') or '?'} threads; {s['wall_s']:.1f} s vs {p['wall_s']:.1f} s (+ {p['load_s']:.1f} s plain load: "
-            f"{(p['wall_s'] + p['load_s']) / s['wall_s']:.2f}x) |"
-        )
+        p = r["plain"]["score"]
+        prate = p["rows"] / p["wall_s"]
+        for label, s in (("", e["score"]), (" through Ray Data (scoring.mode distributed)", e.get("score_ray") or {})):
+            if not s:  # a tree from before scoring.mode: its one scoring row is the Ray Data one
+                continue
+            rate = s["rows"] / s["wall_s"]
+            where = (
+                f"in-process (scoring.mode {s['mode']}), {s.get('threads') or '?'} threads"
+                if s.get("mode") == "local"
+                else f"Ray Data, {s.get('actors', 2)} actor(s) x {s.get('threads') or '?'} threads"
+            )
+            lines.append(
+                f"| scoring{label}{tag} (prompts/s, start-up incl.) | {rate:.2f} ({s['tokens_per_s']:.0f} tok/s, {s['dtype']}) | "
+                f"{prate:.2f} (model loaded) | {rate / prate:.2f}x | {where}; {s['wall_s']:.1f} s vs {p['wall_s']:.1f} s "
+                f"(+ {p['load_s']:.1f} s plain load: {(p['wall_s'] + p['load_s']) / s['wall_s']:.2f}x) |"
+            )
         t, pt = e["train"], r["plain"]["train"]
         pct = 4 * t["params"] * t["tokens_per_s"] / bf16 * 100
         ppct = 4 * pt["params"] * pt["tokens_per_s"] / bf16 * 100
