@@ -26,12 +26,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's vendore
 
 
 def _data(tmp_path: Path, n: int = 64) -> str:
-    # A learnable task: whatever the prompt, answer "yes". The common opening (15 shared tokens with the
-    # template) makes every micro step run its shared prefix once (test_shared_prefix.py), under Ray Train too.
-    rows = [
-        {"row_id": f"r{i}", "prompt": f"Answer with one word: Is {i} a number?", "response": "yes", "task": "const"}
-        for i in range(n)
-    ]
+    # A learnable task: whatever the prompt, answer "yes".
+    rows = [{"row_id": f"r{i}", "prompt": f"Is {i} a number?", "response": "yes", "task": "const"} for i in range(n)]
     path = tmp_path / "annotated.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)
