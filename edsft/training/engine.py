@@ -13,12 +13,7 @@ DeepSpeed's own fp16/bf16 modes are not used. The loss is computed in fp32.
 Logits only where the loss needs them: the model's own LM head runs on no position at all
 (``logits_to_keep`` an empty index); the final hidden states are captured at the decoder's norm and the head is
 applied to the response positions alone (:func:`response_logits`). With SmolLM2's 49k-token head
-over every prompt token that was a large share of each step's FLOPs and memory traffic. The tokens
-every row of a micro batch starts with (the chat template's system turn: 24 of the 55 tokens of an
-average builtin:tasks example for SmolLM2) run once, for one row, and the rows attend to their keys
-and values (:func:`response_logits`, ``share_prefix``; not with active dropout or ZeRO-3): the same
-loss and gradients (tests/training/test_shared_prefix.py), measured 0.87-0.89x the time of a bf16
-LoRA micro step of 8 SmolLM2 examples (1 thread, under load).
+over every prompt token that was a large share of each step's FLOPs and memory traffic.
 Checkpoints hold no pickle (checkpoint.py: safetensors + JSON), because they are read back from
 ``training.storage_path``, which may be a shared bucket, and unpickling runs code. Rank 0 writes the
 trainable weights (``trainable.safetensors``; LoRA adapters only, frozen base weights are not
@@ -106,24 +101,13 @@ def _head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def response_logits(
-    module: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-    share_prefix: bool = True,
+    module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits [N, V] at the N positions whose next token is a response label, their targets [N] and rows [N].
 
     ``module`` is called (so DeepSpeed / DDP hooks run) with ``logits_to_keep`` an empty index (its own
     LM head computes nothing); the head is then applied to the gathered response positions only. Models without a Llama-like final norm
     fall back to full logits, gathered the same way: the numbers are identical either way.
-
-    ``share_prefix``: the tokens every row starts with (a chat template's system turn: 24 of the 55
-    tokens of an average builtin:tasks example for SmolLM2) run through the model once, for one row,
-    and the rest of the batch attends to their keys and values expanded to every row (gradients flow
-    back through the expansion into the one prefix pass). Causal attention makes that the same
-    computation; it needs the prefix to hold no response position, and the caller to turn it off where
-    rows must differ on the prefix (active dropout) or a forward must not run twice per backward.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # [B, T-1]: position t predicts labels[t + 1]
@@ -133,73 +117,17 @@ def response_logits(
         logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits[:, :-1][keep], targets[keep], rows
     norm, head = parts
-    # no position at all for the model's own head (an empty index: logits [B, 0, V], no head FLOPs)
-    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-    p = _prefix_length(input_ids, attention_mask, keep) if share_prefix else 0
-    extra = {}
-    cache = _prefix_cache(module, input_ids[:1, :p], input_ids.shape[0], none) if p else None
-    if cache is None:
-        p = 0
-    else:
-        extra["cache"] = cache
-        input_ids = input_ids[:, p:]  # the attention mask stays whole: the cache holds the first p columns
     capture = _FinalHidden(norm)
     try:
-        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none, **extra)
+        # no position at all for the model's own head (an empty index: logits [B, 0, V], no head FLOPs)
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none)
     finally:
         capture.remove()
     hidden = capture.value
     if hidden is None or hidden.shape[:2] != input_ids.shape:
         raise RuntimeError("could not capture the final hidden states for the response-only LM head")
-    return head(hidden[:, :-1][keep[:, p:]]), targets[keep], rows
-
-
-_MIN_PREFIX = 8  # shorter shared prefixes are not worth a second forward call
-
-
-def _prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> int:
-    """Leading columns where every row has the same real token, ending before any row's first response
-    position and leaving every row >= 1 column of its own; 0 below _MIN_PREFIX or for one row."""
-    b, width = input_ids.shape
-    if b < 2:
-        return 0
-    same = ((input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)).long()
-    p = int(same.cumprod(0).sum())
-    if keep.any():  # the hidden state at a response position must come from the rows' own pass
-        first = torch.where(keep.any(1), keep.float().argmax(1), torch.full_like(keep[:, 0], width, dtype=torch.long))
-        p = min(p, int(first.min()))
-    p = min(p, width - 1)
-    return p if p >= _MIN_PREFIX else 0
-
-
-def _prefix_cache(module: torch.nn.Module, prefix: torch.Tensor, rows: int, none: torch.Tensor):
-    """The prefix's keys and values from one row, as a cache expanded to ``rows`` rows (differentiable);
-    None where the model's cache or gradient checkpointing rules it out.
-
-    The prefix runs through the model under the DDP / DeepSpeed wrapper: the wrapper's forward is
-    called once per backward (the rows' pass), and the prefix's gradient reaches the shared weights
-    through the same backward."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    model = module
-    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DeepSpeed / DDP
-        model = model.module
-    cache = DynamicCache(config=_base_config(model))
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None  # a sliding-window or linear-attention layer keeps more than the prefix's keys and values
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 (the old name warns)
-    if checkpointing if checkpointing is not None else getattr(model, "is_gradient_checkpointing", False):
-        return None  # the rows' pass would be recomputed in backward and append to the cache twice
-    model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=none)
-    out = DynamicCache(config=_base_config(model))
-    for layer, src in zip(out.layers, cache.layers):
-        layer.update(src.keys.expand(rows, -1, -1, -1), src.values.expand(rows, -1, -1, -1))
-    return out
-
-
-def _base_config(model: torch.nn.Module):
-    return model.get_base_model().config if hasattr(model, "peft_config") else model.config
+    return head(hidden[:, :-1][keep]), targets[keep], rows
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -229,19 +157,10 @@ class Engine:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def share_prefix(self) -> bool:
-        """Whether micro-batches run their shared prefix once (:func:`response_logits`): not with active
-        dropout (each row draws its own mask on the prefix tokens, and one pass would give them one)."""
-        return not any(getattr(m, "p", 0) > 0 and "Dropout" in type(m).__name__ for m in self.model.modules())
-
     def forward_loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        if not hasattr(self, "_share_prefix"):
-            self._share_prefix = self.share_prefix()
         with self.autocast():
-            logits, targets, _ = response_logits(
-                module, batch["input_ids"], batch["attention_mask"], batch["labels"], share_prefix=self._share_prefix
-            )
+            logits, targets, _ = response_logits(module, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return response_loss(logits, targets)
 
     def unwrapped(self) -> torch.nn.Module:
@@ -393,11 +312,6 @@ class DeepSpeedEngine(Engine):
                 config=ds_config,
                 dist_init_required=False,
             )
-
-    def share_prefix(self) -> bool:
-        # ZeRO-3 gathers partitioned weights in hooks around each module's forward and backward: one
-        # forward of the rows per backward is the pattern it is tested with
-        return self.cfg.zero_stage < 3 and super().share_prefix()
 
     def micro_step(self, batch: dict, micro: int) -> tuple[float, int]:
         loss, n = self.forward_loss(self.wrapped, batch)

@@ -14,7 +14,7 @@ edsft.distributed.evaluate wraps :class:`Evaluator`.
 
 Speed: ``dtype='auto'`` runs bf16 where the hardware has it (edsft.models.resolve_dtype); losses
 are summed in fp32. Rows are length-sorted before they are cut into micro batches (little padding),
-the LM head runs over response positions only and the shared prompt prefix once (engine.response_logits), and generate computes the
+the LM head runs over response positions only (engine.response_logits) and generate computes the
 head at the last position only (transformers' ``logits_to_keep=1``); the prompt tokens every row of a
 generation micro batch starts with (the chat template's system turn) are prefilled once
 (edsft.models.SharedPrefix); on CPU the bf16 decoder weights (the base layers under a LoRA adapter
