@@ -261,7 +261,24 @@ def _mode(cfg: Config, rows: int) -> str:
     return "local" if rows <= sc.local_max_rows and sc.num_gpus_per_actor == 0 else "distributed"
 
 
-def torch_threads() -> int:
+def _read_pool(pool: Store, files: list[str], columns: list[str]) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files])
+
+
+def _rows_to_score(t: pa.Table, resumed: pa.Array, chosen_ids: pa.Array | None, chosen_out: Store | None) -> pa.Table:
+    """The rows of ``t`` that go to the model, in both scoring modes: none a finished block holds
+    (``resumed``); rows chosen in earlier rounds (``chosen_ids``) left out, or, with ``chosen_out``,
+    kept and flagged ``embed_only`` (embedded, not scored)."""
+    if len(resumed):
+        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
+    if chosen_ids is not None and chosen_out is None:
+        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
+    elif chosen_ids is not None:
+        t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
+    return t
+
+
+def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
@@ -291,13 +308,7 @@ def _score_in_process(
 
     from .. import console
 
-    t = pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files])
-    if len(resumed):
-        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
-    if chosen_ids is not None and chosen_out is None:
-        t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
-    elif chosen_ids is not None:
-        t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
+    t = _rows_to_score(_read_pool(pool, files, columns), resumed, chosen_ids, chosen_out)
     actor = _ScoringActor(**scorer_kwargs)
     step = scorer_kwargs["batch_size"] * 4  # a few micro-batches per block, as the actors get them
     new = []
@@ -418,13 +429,7 @@ def score_pool(
             remote["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
 
         def rows_to_score(t: pa.Table) -> pa.Table:
-            if rows_resumed:  # only the rows no finished block holds go to the model
-                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=resumed)))
-            if chosen_ids is not None and chosen_out is None:  # rows chosen before: not scored
-                t = t.filter(pc.invert(pc.is_in(t["row_id"], value_set=chosen_ids)))
-            elif chosen_ids is not None:  # rows chosen before: embedded only
-                t = t.append_column("embed_only", pc.is_in(t["row_id"], value_set=chosen_ids))
-            return t
+            return _rows_to_score(t, resumed, chosen_ids, chosen_out)
 
         if in_trial:
             # Inside a sweep trial (a multi-round trial re-scoring the rest of the pool) the rows are read
@@ -432,7 +437,7 @@ def score_pool(
             # repartition tasks each want a whole CPU (the V2 reader's file listing and the V1 reader's
             # sampling take no resource arguments), and on a 2-CPU node with two trials running (their
             # slivers plus the other trial's actors) a whole CPU never frees up: the round hung.
-            t = rows_to_score(pa.concat_tables([pq.read_table(f, columns=columns, filesystem=pool.fs) for f in files]))
+            t = rows_to_score(_read_pool(pool, files, columns))
             ds = ray.data.from_items(t.to_pylist(), override_num_blocks=max(1, min(blocks, t.num_rows)))
         else:
             ds = ray.data.read_parquet(files, filesystem=pool.fs, columns=columns)
@@ -495,7 +500,7 @@ def score_pool(
         "generated_tokens_per_s": round(response_tokens / wall, 1),
         "mode": mode,
         "actors": plan.max_actors if plan else 0,  # 0: scored in this process (scoring.mode local)
-        "threads": plan.num_threads if plan else torch_threads(),  # torch threads per actor (or of this process)
+        "threads": plan.num_threads if plan else _torch_threads(),  # torch threads per actor (or of this process)
         "gpus_per_actor": plan.num_gpus if plan else 0.0,
         "device": plan.device if plan else _local_device(),
         "dtype": "/".join(dtypes) or None,

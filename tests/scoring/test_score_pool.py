@@ -34,21 +34,23 @@ def _pool(n: int, responses: list[str]) -> pa.Table:
     )
 
 
+def _cfg(tmp_path, **over) -> Config:
+    """The tiny Llama in float32 (batching changes no score), 6 new tokens, 4-row micro-batches."""
+    base = {
+        "scoring.model": "builtin:tiny-llama",
+        "scoring.dtype": "float32",
+        "scoring.max_new_tokens": 6,
+        "scoring.batch_size": 4,
+        "scoring.max_prompt_tokens": 64,
+        "output.dir": str(tmp_path),
+    }
+    return Config().replace(**{**base, **over})
+
+
 @pytest.mark.slow
 def test_score_pool_on_ray(ray_cluster, tmp_path):
-    cfg = Config().replace(
-        **{
-            "scoring.model": "builtin:tiny-llama",
-            "scoring.dtype": "float32",
-            "scoring.max_new_tokens": 6,
-            "scoring.batch_size": 4,
-            "scoring.num_actors": 2,
-            "scoring.cpus_per_actor": 0.5,
-            "scoring.max_prompt_tokens": 64,
-            "scoring.mode": "distributed",  # a 30-row pool: auto would score it in this process
-            "output.dir": str(tmp_path),
-        }
-    )
+    # a 30-row pool: scoring.mode auto would score it in this process
+    cfg = _cfg(tmp_path, **{"scoring.num_actors": 2, "scoring.cpus_per_actor": 0.5, "scoring.mode": "distributed"})
     # the same pool twice: once with real labels, once with the label column scrambled
     pq.write_table(_pool(N, [str(4 * i) for i in range(N)]), tmp_path / "pool.parquet")
     scrambled = tmp_path / "scrambled"
@@ -99,17 +101,7 @@ def test_score_pool_on_ray(ray_cluster, tmp_path):
 def test_a_small_pool_is_scored_in_process_with_the_same_scores(ray_cluster, tmp_path):
     # scoring.mode auto: up to local_max_rows prompts on CPU are scored in the driver's process, one
     # model load and no actors; the scores equal the Ray Data actors' (float32: batching changes nothing)
-    cfg = Config().replace(
-        **{
-            "scoring.model": "builtin:tiny-llama",
-            "scoring.dtype": "float32",
-            "scoring.max_new_tokens": 6,
-            "scoring.batch_size": 4,
-            "scoring.max_prompt_tokens": 64,
-            "scoring.local_max_rows": N,
-            "output.dir": str(tmp_path),
-        }
-    )
+    cfg = _cfg(tmp_path, **{"scoring.local_max_rows": N})
     pq.write_table(_pool(N, [str(4 * i) for i in range(N)]), tmp_path / "pool.parquet")
     local = score_pool_run(cfg, tmp_path / "pool.parquet", tmp_path / "local")
     assert (local["mode"], local["actors"], local["device"]) == ("local", 0, "cpu")
@@ -186,17 +178,7 @@ def test_rescoring_with_an_adapter_embeds_the_chosen_rows_and_resumes(ray_cluste
     from edsft.distributed import scoring
     from edsft.distributed.scoring import score_pool
 
-    cfg = Config().replace(
-        **{
-            "scoring.model": "builtin:tiny-llama",
-            "scoring.dtype": "float32",
-            "scoring.max_new_tokens": 6,
-            "scoring.batch_size": 4,
-            "scoring.max_prompt_tokens": 64,
-            "scoring.mode": "distributed",
-            "output.dir": str(tmp_path),
-        }
-    )
+    cfg = _cfg(tmp_path, **{"scoring.mode": "distributed"})
     pq.write_table(_pool(N, [""] * N), tmp_path / "pool.parquet")
     pool, adapter = get_store(tmp_path / "pool.parquet"), _adapter(tmp_path / "adapter")
     chosen = [f"id{i:03d}" for i in (0, 3, 4, 20)]
@@ -269,18 +251,9 @@ def test_scoring_needs_no_whole_cpu(ray_cluster, tmp_path):
     ray.get([h.ping.remote() for h in held])
     trial = placement_group([{"CPU": 0.01}])  # this trial's sliver, as Tune holds it
     ray.get(trial.ready())
-    cfg = Config().replace(
-        **{
-            "scoring.model": "builtin:tiny-llama",
-            "scoring.dtype": "float32",
-            "scoring.max_new_tokens": 2,
-            "scoring.batch_size": 4,
-            "scoring.num_actors": 1,
-            "scoring.cpus_per_actor": 0.5,
-            "scoring.max_prompt_tokens": 64,
-            "scoring.mode": "distributed",
-            "output.dir": str(tmp_path),
-        }
+    cfg = _cfg(
+        tmp_path,
+        **{"scoring.max_new_tokens": 2, "scoring.num_actors": 1, "scoring.cpus_per_actor": 0.5, "scoring.mode": "distributed"},
     )
     pq.write_table(_pool(N, [""] * N), tmp_path / "pool.parquet")
     chosen = [f"id{i:03d}" for i in (0, 1, 2)]  # a later round: the chosen rows are filtered out
