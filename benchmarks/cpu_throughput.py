@@ -171,9 +171,18 @@ def plain_peft_loop(rows: list[dict], micro: int, max_seq_len: int, lr: float) -
     tok = load_tokenizer(MODEL)
     items, _ = tokenize_examples(tok, rows, max_seq_len, end_of_turn_ids(tok))
     model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
-    model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    # edsft's default LoRA recipe (r, alpha, dropout, targets): the same math on both sides
+    from edsft.config import Config
+
+    t = Config().training
+    lora = LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=t.lora_target_modules,
+        task_type="CAUSAL_LM",
     )
+    model = get_peft_model(model, lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     load_s = time.perf_counter() - t_load
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()

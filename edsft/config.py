@@ -326,7 +326,9 @@ class TrainingConfig(_Section):
     lora: bool = True
     lora_r: int = rule(16, ge=1)
     lora_alpha: int = rule(32, ge=1)
-    lora_dropout: float = rule(0.05, ge=0, le=1)
+    # 0 as in peft's LoraConfig and torchtune's LoRA recipes: a dropout mask on the inputs of every LoRA
+    # module (210 in SmolLM2-135M) made a bf16 CPU step 1.4x slower (217 vs 300 tokens/s, measured)
+    lora_dropout: float = rule(0.0, ge=0, le=1)
     lora_target_modules: str | tuple[str, ...] = "all-linear"  # a peft shorthand or a list of module names
     seed: int = rule(0, ge=0)
     checkpoint_every: int = rule(0, ge=0)  # steps; 0: only at the end

@@ -50,6 +50,7 @@ def _cfg(**over) -> Config:
         # lr 1e-2 is too noisy in bf16 for the loss thresholds below (bf16 resumes exactly, and bf16
         # training quality is checked on SmolLM2 in test_evaluate.py / test_bf16_training.py)
         "training.precision": "fp32",
+        "training.lora_dropout": 0.1,  # dropout draws random numbers: resumes must restore the RNG state too
     }
     base.update(over)
     return Config().replace(**base)
