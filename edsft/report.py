@@ -461,6 +461,37 @@ def _example_arrays(examples: pd.DataFrame, trial_ids: list, metric: str):
     return tasks, num, den
 
 
+def _endpoint_bounds(code: np.ndarray, q: float) -> tuple[str, str]:
+    """Which ends of a percentile interval are bounds rather than values: "<", ">" or "" for (lo, hi).
+
+    A resample censored above random's curve (``code == 1``: random needs more than its largest
+    budget) sits at B / B_max minus one ulp, below every uncensored ratio; one censored below
+    (``code == -1``) at B / B_min plus one ulp, above them all. So the censored resamples are the
+    lowest and the highest of the sorted ratios, and an endpoint whose quantile (linear, as
+    ``np.quantile`` interpolates) draws on one of them is that bound, not a measured value: printing
+    it as "1.00" would read as an interval touching 1 when it lies strictly below it."""
+    n = len(code)
+    below, above = int((code == 1).sum()), int((code == -1).sum())
+
+    def mark(p: float) -> str:
+        pos = p * (n - 1)
+        if math.floor(pos) < below:
+            return "<"
+        if math.ceil(pos) >= n - above:
+            return ">"
+        return ""
+
+    return mark(q), mark(1 - q)
+
+
+def format_interval(r) -> str:
+    """``[lo, hi]`` of a per-budget row (a Series, dict or itertuples row), each end with its bound mark."""
+    get = r.get if hasattr(r, "get") else lambda k, d=None: getattr(r, k, d)
+    marks = [get(k, "") for k in ("lo_bound", "hi_bound")]
+    marks = ["" if not isinstance(m, str) else m for m in marks]  # NaN from a CSV written without them
+    return f"[{marks[0]}{get('lo'):.2f}, {marks[1]}{get('hi'):.2f}]"
+
+
 def bootstrap_label_efficiency(
     results: pd.DataFrame,
     metric: str,
@@ -548,7 +579,10 @@ def bootstrap_label_efficiency(
             label=label, selector=selector, params=params, budget=budget, mean=mean, n_seeds=n_seeds, n_seeds_random=ref_seeds
         )
         if flat:
-            per_budget.append({**row, "ratio": np.nan, "ratio_bound": "", "lo": np.nan, "hi": np.nan, "censored": np.nan})
+            per_budget.append(
+                {**row, "ratio": np.nan, "ratio_bound": "", "lo": np.nan, "hi": np.nan, "lo_bound": "", "hi_bound": ""}
+                | {"censored": np.nan}
+            )
             logs.setdefault(label, []).append(np.full(n_boot, np.nan))
             continue
         rb, code = equivalent_budgets(ref_budgets, ref_curves, boot, hib)
@@ -561,6 +595,7 @@ def bootstrap_label_efficiency(
         )
         rb0, code0 = equivalent_budgets(ref_budgets, ref_point, np.array([mean]), hib)
         logs.setdefault(label, []).append(np.log(ratio_boot))
+        lo_bound, hi_bound = _endpoint_bounds(code, q)
         per_budget.append(
             {
                 **row,
@@ -568,6 +603,8 @@ def bootstrap_label_efficiency(
                 "ratio_bound": {0: "", 1: "<", -1: ">"}[int(code0[0])],
                 "lo": float(np.quantile(ratio_boot, q)),
                 "hi": float(np.quantile(ratio_boot, 1 - q)),
+                "lo_bound": lo_bound,
+                "hi_bound": hi_bound,
                 "censored": float((code != 0).mean()),
             }
         )
@@ -581,6 +618,8 @@ def bootstrap_label_efficiency(
         "ratio_bound",
         "lo",
         "hi",
+        "lo_bound",
+        "hi_bound",
         "n_seeds",
         "n_seeds_random",
         "censored",
@@ -677,14 +716,15 @@ def significance_headline(boot: dict, metric: str, eff: pd.DataFrame | None = No
         """One selector's budgets: "B=16: 0.80x [0.50, 1.30], B=64: ..." with values, else "B=16, 64"."""
         g = g.sort_values("budget")
         if values:
-            return sep.join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x [{r.lo:.2f}, {r.hi:.2f}]" for r in g.itertuples())
+            return sep.join(f"B={int(r.budget)}: {r.ratio_bound}{r.ratio:.2f}x {format_interval(r)}" for r in g.itertuples())
         return "B=" + ", ".join(str(int(b)) for b in g["budget"])
 
     def by_label(sub: pd.DataFrame, values: bool) -> str:
         return "; ".join(f"{label} at {cells(g, values)}" for label, g in sub.groupby("label", sort=True))
 
     def bound_note(shown: pd.DataFrame) -> str:
-        if not (shown["ratio_bound"] != "").any():
+        marks = [c for c in ("ratio_bound", "lo_bound", "hi_bound") if c in shown.columns]
+        if not any((shown[c].fillna("") != "").any() for c in marks):
             return ""
         return " ('<' / '>': a bound, the selector's value lies beyond random's measured curve)"
 
@@ -763,7 +803,7 @@ def interval_table(boot: dict) -> str:
                 cells.append("n/a")
                 continue
             mark = " **<1**" if r["hi"] < 1 else " **>1**" if r["lo"] > 1 else ""
-            cells.append(f"{r['ratio_bound']}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]{mark}")
+            cells.append(f"{r['ratio_bound']}{r['ratio']:.2f} {format_interval(r)}{mark}")
         s = ps.set_index("label").loc[label]
         gm = f"{s['ratio']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]" if np.isfinite(s["ratio"]) else "n/a (random's curve is flat)"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {gm} |")
@@ -1081,9 +1121,7 @@ def design_table(csum: pd.DataFrame, boot: dict | None, reference: str = "random
         elif pb is not None and (r.label, r.budget) in pb.index:
             b = pb.loc[(r.label, r.budget)]
             mark = " **<1**" if b["hi"] < 1 else " **>1**" if b["lo"] > 1 else ""
-            labels = (
-                f"{b['ratio_bound']}{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]{mark}" if np.isfinite(b["ratio"]) else "n/a"
-            )
+            labels = f"{b['ratio_bound']}{b['ratio']:.2f} {format_interval(b)}{mark}" if np.isfinite(b["ratio"]) else "n/a"
         else:
             labels = "-"
         vs = (

@@ -409,9 +409,10 @@ def test_demo_shaped_sweep_headline_gives_each_cell_and_says_not_significant():
     h = R.significance_headline(boot, "exact_match")
     assert h["selector"] is None and h["worse_budgets"] == {}
     cells = ", ".join(
-        f"B={b}: {pb.loc[b, 'ratio_bound']}{pb.loc[b, 'ratio']:.2f}x [{pb.loc[b, 'lo']:.2f}, {pb.loc[b, 'hi']:.2f}]"
-        for b in (16, 64)
+        f"B={b}: {pb.loc[b, 'ratio_bound']}{pb.loc[b, 'ratio']:.2f}x {R.format_interval(pb.loc[b])}" for b in (16, 64)
     )
+    # at random's smallest budget the upper end is the bound "random needs fewer than 16", not a 1.00
+    assert pb.loc[16, "ratio_bound"] == ">" and pb.loc[16, "hi_bound"] == ">" and pb.loc[16, "lo_bound"] == ""
     assert "at these budgets" in h["text"] and f"not significant (interval includes 1): typiclust at {cells}" in h["text"]
     assert "MORE" not in h["text"] and "fewer labels at" not in h["text"]
     assert h["text"].endswith("confirm with >= 3 seeds (sweep.seeds=[0, 1, 2]).")  # two seeds: indicative only
@@ -426,8 +427,31 @@ def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_signi
     assert pb.loc[16, "ratio_bound"] == ">" and pb.loc[16, "censored"] == 1.0 and pb.loc[16, "lo"] > 1
     h = R.significance_headline(boot, "exact_match")
     assert h["worse_budgets"] == {"typiclust": [16, 64]} and "not significant" not in h["text"]
-    assert "significantly MORE labels than random (interval above 1): typiclust at B=16: >1.00x" in h["text"]
+    assert "significantly MORE labels than random (interval above 1): typiclust at B=16: >1.00x [>1.00, >1.00]" in h["text"]
     assert "a bound, the selector's value lies beyond random's measured curve" in h["text"]
+    assert pb.loc[16, "lo_bound"] == pb.loc[16, "hi_bound"] == ">"  # both ends are the bound, strictly exceeded
+    assert "| typiclust | >1.00 [>1.00, >1.00] **>1** |" in R.interval_table(boot)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_interval_end_is_marked_a_bound_exactly_when_censored_resamples_decide_it(seed):
+    # brute force: an end is a bound iff pushing the censored resamples further out moves it
+    rng = np.random.default_rng(seed)
+    n, q = int(rng.integers(20, 400)), 0.025
+    below = rng.choice([0.0, 0.01, 0.02, 0.03, 0.2, 0.97, 0.98, 1.0])  # share censored below / above
+    above = (1 - below) * rng.choice([0.0, 0.01, 0.03, 0.5, 1.0])
+    code = rng.choice([1, 0, -1], size=n, p=[below, 1 - below - above, above])
+    values = rng.uniform(0.5, 2.0, size=n)
+    ratio = np.where(code == 1, np.nextafter(0.5, 0), np.where(code == -1, np.nextafter(2.0, np.inf), values))
+    pushed = np.where(code == 1, 0.1, np.where(code == -1, 10.0, values))
+    marks = R._endpoint_bounds(code, q)
+    for p_, mark in zip((q, 1 - q), marks):
+        moved = np.quantile(pushed, p_) != np.quantile(ratio, p_)
+        assert bool(mark) == moved, (p_, mark, int((code == 1).sum()), int((code == -1).sum()), n)
+        pos = p_ * (n - 1)
+        mixed = math.floor(pos) < (code == 1).sum() and math.ceil(pos) >= n - (code == -1).sum()
+        if mark and not mixed:  # (between a "<" and a ">" resample it is no value either way; marked "<")
+            assert mark == ("<" if np.quantile(pushed, p_) < np.quantile(ratio, p_) else ">")
 
 
 def test_demo_shaped_sweep_with_a_clear_winner_names_its_budgets():
@@ -574,7 +598,7 @@ def test_compute_against_one_shot_and_labels_against_random_by_hand():
     assert "| 50 | uncertainty | 2 | 0.50 [0.50, 0.50] **<1** | 500.0 | 2.50x |" in table
     # at B=100 (random's largest budget) uncertainty-2 is beyond random's best in every resample: random
     # needs more than 100 labels, so B / B_random < 1 strictly - a bound, and one that excludes 1
-    assert "| 100 | uncertainty | 2 | <1.00 [1.00, 1.00] **<1** | 1000.0 | 2.50x |" in table
+    assert "| 100 | uncertainty | 2 | <1.00 [<1.00, <1.00] **<1** | 1000.0 | 2.50x |" in table
     # without a one-round trial of that selector there is nothing to compare with
     alone = R.compute_summary(res[~((res.selector == "uncertainty") & (res.rounds == 1))])
     assert "- (no one-round trial)" in R.design_table(alone, None) and np.isnan(alone["vs_one_shot"].iloc[-1])

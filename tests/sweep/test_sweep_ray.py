@@ -224,8 +224,9 @@ def test_two_seed_sweep_report_draws_intervals_and_the_headline_they_allow(score
         return
     assert r["lo"] <= r["ratio"] <= r["hi"] or r["ratio_bound"] in ("<", ">")
     bound = "" if pd.isna(r["ratio_bound"]) else r["ratio_bound"]
-    cell = f"B=8: {bound}{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
-    assert cell in head["text"] and f"| typiclust | {bound}{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" in md
+    interval = R.format_interval(r)  # each end with "<" / ">" where it is a bound
+    cell = f"B=8: {bound}{r['ratio']:.2f}x {interval}"
+    assert cell in head["text"] and f"| typiclust | {bound}{r['ratio']:.2f} {interval}" in md
     if r["hi"] < 1:
         assert head["selector"] == "typiclust" and "fewer labels at 1 of 1 budgets" in head["text"]
     elif r["lo"] > 1:
