@@ -440,7 +440,9 @@ class Scorer:
             else np.zeros((0, dim), np.float32)
         )
         if self.encoder is not None:
-            edim = self.encoder.get_sentence_embedding_dimension()
+            # sentence-transformers 6 renamed the method (the old name warns); both exist in 5.x
+            dim_of = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
+            edim = dim_of()
             out["embedding_encoder"] = (
                 np.stack([r["embedding_encoder"] if isinstance(r, dict) else np.zeros(edim, np.float32) for r in rows])
                 if n
