@@ -14,7 +14,10 @@ console. Progress on a terminal is one line rewritten in place; otherwise a plai
 ``interval`` seconds, so CI logs and ``ray job logs`` stay short.
 
 Stages report progress through :func:`progress` (a no-op when no console is open: library use
-and tests print nothing extra). This module is in the config layer: no Ray, no torch.
+and tests print nothing extra). A process without a console can install a *sink* instead
+(:func:`set_sink`): a sweep trial, which runs in a Tune worker, sends its stages' progress to its
+trial folder, and the driver's console shows it next to the trial count. This module is in the
+config layer: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +40,8 @@ __all__ = [
     "bar",
     "note",
     "progress",
+    "set_sink",
+    "stage",
     "log_path_for",
     "summary_table",
     "compute_line",
@@ -45,6 +50,11 @@ __all__ = [
 
 _ACTIVE: Console | None = None
 PREFIX = "[edsft]"
+# Where progress goes in a process with no console: sink(stage, done, total, unit); stage is the
+# pipeline stage that :func:`stage` last named, done None when it has only just started.
+Sink = Callable[[str | None, float | None, float | None, str], None]
+_SINK: Sink | None = None
+_SINK_STAGE: str | None = None
 
 
 def active() -> Console | None:
@@ -61,10 +71,29 @@ def note(msg: str) -> None:
         print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
 
 
-def progress(done: float, total: float | None = None, unit: str = "rows") -> None:
-    """Progress of the stage in progress: ``done`` of ``total`` ``unit`` so far (cheap: call it often)."""
+def progress(done: float, total: float | None = None, unit: str = "rows", detail: str = "") -> None:
+    """Progress of the stage in progress: ``done`` of ``total`` ``unit`` so far (cheap: call it often).
+    ``detail``: a short text shown after the rate (a sweep: what its running trials are doing)."""
     if _ACTIVE is not None:
-        _ACTIVE.update(done, total, unit)
+        _ACTIVE.update(done, total, unit, detail)
+    elif _SINK is not None:
+        _SINK(_SINK_STAGE, done, total, unit)
+
+
+def set_sink(sink: Sink | None) -> Sink | None:
+    """Send :func:`progress` to ``sink`` while no console is open in this process; returns the sink it
+    replaces (restore it when done). None removes it."""
+    global _SINK, _SINK_STAGE
+    previous, _SINK, _SINK_STAGE = _SINK, sink, None
+    return previous
+
+
+def stage(name: str) -> None:
+    """A pipeline stage starts in a process with no console: the sink (if any) hears of it."""
+    global _SINK_STAGE
+    if _ACTIVE is None and _SINK is not None:
+        _SINK_STAGE = name
+        _SINK(name, None, None, "")
 
 
 class Bar:
@@ -307,10 +336,11 @@ class Console:
             self._stage = None
             self.line(f"{PREFIX} {text}")
 
-    def update(self, done: float, total: float | None, unit: str) -> None:
+    def update(self, done: float, total: float | None, unit: str, detail: str = "") -> None:
         with self._lock:
             if self._stage is None:
                 return
+            self._stage["detail"] = detail
             # the rate is the average since the stage started; a stage that moves on to counting
             # something else (a sweep: the base model's eval rows, then trials) starts it again
             if self._stage["done"] is None:
@@ -325,7 +355,8 @@ class Console:
         if st["done"] is None:
             return f"{PREFIX} {st['name']}: still running, {format_seconds(elapsed)}"
         rate = _rate(st["done"], st["total"], st["unit"], time.monotonic() - st["t_unit"])
-        return f"{PREFIX} {st['name']}: {rate} ({format_seconds(elapsed)})"
+        detail = f"; {st['detail']}" if st.get("detail") else ""
+        return f"{PREFIX} {st['name']}: {rate} ({format_seconds(elapsed)}){detail}"
 
     def _show(self, text: str) -> None:
         width = 200

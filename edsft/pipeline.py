@@ -689,6 +689,7 @@ def _run(run: Run, name: str, *, force: bool = False, progress: bool | None = No
         con.stage_started(name, started)  # its progress line updates until the stage ends
     else:
         _log(f"{name}: {started}")
+        console.stage(name)  # a sweep trial's progress sink (edsft.distributed.sweep) hears of it
     if force and st.name == "train":
         run.path("train").remove()  # a forced retrain must not resume the previous run's checkpoints
     try:

@@ -80,19 +80,91 @@ def _log(msg: str) -> None:
     console.note(f"sweep: {msg}")
 
 
-def _trial_progress(total: int):
-    """A Tune callback (it runs in the driver) that puts ``trials done / total`` on the console."""
+# A running trial's progress: written by the trial (ProgressFile), read by the driver (_trial_progress)
+PROGRESS_FILE = "progress.json"
+
+
+class ProgressFile:
+    """A console sink (:func:`edsft.console.set_sink`) for a trial's process: the stage it runs and
+    how far it is (``{"stage", "done", "total", "unit", "stage_started", "time"}``) in the trial
+    folder's ``progress.json``, rewritten whole (atomically) at most every ``every`` seconds and at
+    each stage start, so a long trial (an hour of LoRA steps on a CPU) is not silent until it ends."""
+
+    def __init__(self, target: Store, every: float = 10.0):
+        self.target, self.every = target, every
+        self.stage, self.started, self.written = None, time.time(), 0.0
+
+    def __call__(self, stage: str | None, done: float | None, total: float | None, unit: str) -> None:
+        now = time.time()
+        if stage != self.stage:
+            self.stage, self.started, self.written = stage, now, 0.0
+        if now - self.written < self.every and done is not None:
+            return
+        self.written = now
+        rec = {"stage": stage, "done": done, "total": total, "unit": unit, "stage_started": self.started, "time": now}
+        try:
+            self.target.write_json(rec)
+        except Exception:  # noqa: BLE001 - progress is for a person; the trial must not fail over it
+            pass
+
+
+def trial_progress_text(name: str, rec: dict | None, now: float | None = None) -> str:
+    """``random-b4096-s0 train 340/1024 steps, ETA 25m`` from a trial's progress.json (or just the
+    name while it has none yet)."""
+    if not rec or not rec.get("stage"):
+        return name
+    text = f"{name} {rec['stage']}"
+    done, total = rec.get("done"), rec.get("total")
+    if done is None:
+        return text
+    text += f" {done:g}/{total:g} {rec.get('unit', '')}" if total else f" {done:g} {rec.get('unit', '')}"
+    elapsed = (rec.get("time") or 0) - (rec.get("stage_started") or 0)
+    if total and 0 < done < total and elapsed > 0:
+        # from the trial's last write: what is left at its rate so far, less the time since it wrote
+        left = elapsed / done * (total - done) - max(0.0, (now or time.time()) - rec["time"])
+        text += f", ETA {console.format_seconds(max(left, 0.0))}"
+    return text.rstrip()
+
+
+def _trial_progress(total: int, run: Store, every: float | None = None):
+    """A Tune callback (it runs in the driver) that puts ``trials done / total`` on the console, with
+    what each running trial is doing (its progress.json); without a console (library use, the
+    benchmarks) a line with the same every ``every`` seconds (default: the console's interval, at
+    least a minute)."""
     from ray.tune import Callback
+
+    interval = float(os.environ.get("EDSFT_PROGRESS_INTERVAL", 30)) if every is None else every
 
     class TrialProgress(Callback):
         def __init__(self):
-            self.done = 0
+            self.done, self.polled, self.noted = 0, 0.0, time.time()
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ARG002 - Tune's signature
             self.done += 1
             console.progress(self.done, total, "trials")
 
         on_trial_error = on_trial_complete
+
+        def on_step(self, iteration, trials, **info):  # noqa: ARG002 - Tune's signature
+            now = time.time()
+            if now - self.polled < min(interval, 10.0):
+                return
+            self.polled = now
+            running = [t.config["trial"]["name"] for t in trials if t.status == "RUNNING" and "trial" in (t.config or {})]
+            parts = []
+            for name in sorted(running):
+                f = run.child("sweep", "trials", name, PROGRESS_FILE)
+                try:
+                    rec = f.read_json() if f.exists() else None
+                except (OSError, ValueError):  # being replaced, or a store hiccup: next time
+                    rec = None
+                parts.append(trial_progress_text(name, rec, now))
+            detail = "; ".join(parts)
+            if console.active() is not None:
+                console.progress(self.done, total, "trials", detail=detail)
+            elif parts and now - self.noted >= max(interval, 60.0):
+                self.noted = now
+                _log(f"{self.done}/{total} trials done; running: {detail}")
 
     return TrialProgress()
 
@@ -335,7 +407,12 @@ def _run_trial(
         tune.report(rec["report"])
         return
     t0 = time.time()
-    entries = trial_runner(_on_own_resources(tcfg), run.uri)
+    # the stages' progress (train steps, eval rows) goes to the trial folder, for the driver's console
+    previous = console.set_sink(ProgressFile(trial.child(PROGRESS_FILE)))
+    try:
+        entries = trial_runner(_on_own_resources(tcfg), run.uri)
+    finally:
+        console.set_sink(previous)
     # Every stage already committed for this trial's config (e.g. under another grid): reused.
     computed = not all(e.get("skipped") for e in entries.values())
     _append(log, {"event": "computed" if computed else "reused", "time": time.time()})
@@ -522,7 +599,7 @@ def run_sweep(
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
             verbose=1 if progress else 0,
             # MLflow / TensorBoard / W&B per trial (output.report_to), trials done on the console
-            callbacks=[*make_tune_callbacks(cfg), _trial_progress(len(specs))],
+            callbacks=[*make_tune_callbacks(cfg), _trial_progress(len(specs), run)],
         ),
     )
     t0 = time.time()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from edsft import console
 from edsft.models import end_of_turn_ids, load_model, load_tokenizer
 from edsft.training.data import collate, pack_examples, tokenize_examples
 from edsft.training.dropout import use_dropout16
@@ -235,6 +236,8 @@ def train_loop(
         grad_norm = engine.optimizer_step()
         step += 1
         bar.update(1)
+        if rank == 0:  # the CLI's progress line, or a sweep trial's progress file (no-op otherwise)
+            console.progress(step, plan.total_steps, "steps")
         if "first_step" not in phases.seconds:
             phases.mark("first_step")  # includes the one-off costs of the first forward/backward
         final = step == plan.total_steps

@@ -107,6 +107,9 @@ def test_tiny_sweep_one_row_per_trial_with_random(scored_run):
         assert len(sel) == r.budget and set(sel.selector) == {r.selector}
         assert pq.read_table(trial / "annotated.parquet").num_rows == r.budget
         assert (trial / "metrics.json").exists() and r.train_steps == 2
+        # the trial told the driver how far it was: its last stage's progress, in its own folder
+        prog = json.loads((trial / "progress.json").read_text())
+        assert prog["stage"] == "evaluate" and prog["stage_started"] <= prog["time"]
     # every trial's compute includes the run's scoring, which it inherits, and its own stages
     from edsft.compute import run_compute
 
