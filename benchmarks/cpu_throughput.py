@@ -313,20 +313,21 @@ def thread_layout(texts, tasks, max_new_tokens: int) -> dict:
     return {"one_x_all_threads_s": one, "per_core_single_thread_s": many}
 
 
-def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: Path) -> dict:
+def edsft_train(rows: list[dict], micro: int, max_seq_len: int, lr: float, tmp: Path, threads: int = 2) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from edsft.config import Config
     from edsft.distributed.train import train_sft
 
-    _ray_init()
+    if threads > 1:
+        _ray_init()  # (one worker trains in-process either way: the single-thread runs skip the cluster)
     pq.write_table(pa.Table.from_pylist(rows), tmp / "annotated.parquet")
     cfg = Config().replace(
         **{
             "training.model": MODEL,
             "training.num_workers": 1,
-            "training.resources_per_worker": {"CPU": 2},
+            "training.resources_per_worker": {"CPU": threads},
             "training.micro_batch_size": micro,
             "training.epochs": 1,
             "training.max_seq_len": max_seq_len,
@@ -389,6 +390,32 @@ def edsft_rows(args) -> dict:
 
     ray.shutdown()
     return out
+
+
+def train_layout(args) -> dict:
+    """LoRA SFT as a sweep runs it on a CPU node: one single-thread run per core, side by side (two
+    trials of one worker each on 2 cores), each on the same examples. The aggregate rate is the sum of
+    the runs' own rates (each measured over its training time, nearly all of it beside the other)."""
+    cores = os.cpu_count() or 1
+    procs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(cores):
+            out = Path(d) / f"run{i}.json"
+            cmd = [sys.executable, __file__, "--edsft-only", str(out), "--train-only", "--train-threads=1"]
+            cmd += [f"--examples={args.examples}", f"--max-seq-len={args.max_seq_len}"]
+            procs.append((subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")), out))
+        for proc, _ in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"a side-by-side training run failed (exit {proc.returncode})")
+        runs = [json.loads(out.read_text())["train"] for _, out in procs]
+    return {
+        "runs": len(runs),
+        "tokens_per_s": sum(t["tokens_per_s"] for t in runs),
+        "per_run_tokens_per_s": [t["tokens_per_s"] for t in runs],
+        "train_time_s": max(t["train_time_s"] for t in runs),
+        "params": runs[0]["params"],
+        "precision": runs[0]["precision"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +482,17 @@ def render(r: dict) -> str:
     rows_for("", r["edsft"])
     if r.get("before"):
         rows_for(" [before]", r["before"])
+    lay = r.get("train_layout")
+    if lay:
+        t, pt = r["edsft"]["train"], r["plain"]["train"]
+        pct = 4 * lay["params"] * lay["tokens_per_s"] / bf16 * 100
+        each = " + ".join(f"{x:.0f}" for x in lay["per_run_tokens_per_s"])
+        lines.append(
+            f"| LoRA SFT, {lay['runs']} single-thread runs side by side (a sweep's layout; tokens/s, all runs) | "
+            f"{lay['tokens_per_s']:.0f} ({pct:.1f}% of bf16 peak, {lay['precision']}) | {pt['tokens_per_s']:.0f} | "
+            f"{lay['tokens_per_s'] / pt['tokens_per_s']:.2f}x | {each} tokens/s; "
+            f"{lay['tokens_per_s'] / t['tokens_per_s']:.2f}x the one {t.get('threads', '?')}-thread run above |"
+        )
     tl = r.get("threads")
     if tl:
         best = min(tl["one_x_all_threads_s"], tl["per_core_single_thread_s"])
@@ -561,7 +599,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: 48 prompts, 64 examples, 32 eval rows")
     ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--before", help="another edsft source tree: its edsft rows are measured too, in a subprocess")
-    ap.add_argument("--no-threads", action="store_true", help="skip the thread-layout measurement")
+    ap.add_argument("--no-threads", action="store_true", help="skip the thread-layout measurements")
     ap.add_argument("--gpu", action="store_true", help="the H200 comparison (not implemented: reported as not measured)")
     ap.add_argument(
         "--overhead",
@@ -578,6 +616,7 @@ def main() -> None:
     )
     ap.add_argument("--edsft-only", help=argparse.SUPPRESS)  # internal: write edsft rows to this JSON file
     ap.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # internal: with --edsft-only
+    ap.add_argument("--train-threads", type=int, default=2, help=argparse.SUPPRESS)  # internal: with --train-only
     args = ap.parse_args()
     for name, full, quick in (("prompts", 300, 48), ("examples", 256, 64), ("eval_rows", 200, 32)):
         if getattr(args, name) is None:
@@ -585,7 +624,7 @@ def main() -> None:
     if args.edsft_only:
         if args.train_only:
             with tempfile.TemporaryDirectory() as d:
-                rows = {"train": edsft_train(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4, Path(d))}
+                rows = {"train": edsft_train(_sft_rows(args.examples), 8, args.max_seq_len, 2e-4, Path(d), args.train_threads)}
         else:
             rows = edsft_rows(args)
         Path(args.edsft_only).write_text(json.dumps(rows))
@@ -624,6 +663,7 @@ def main() -> None:
     if not args.no_threads:
         tt, tk = _prompts(args.prompts)
         r["threads"] = thread_layout(tt, tk, args.max_new_tokens)
+        r["train_layout"] = train_layout(args)
     r["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = render(r) + f"\nload average at end: {r['machine']['load_avg_at_end']}\n"
     print(text)
