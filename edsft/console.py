@@ -41,6 +41,7 @@ __all__ = [
     "note",
     "progress",
     "set_sink",
+    "current_sink",
     "stage",
     "log_path_for",
     "summary_table",
@@ -86,6 +87,11 @@ def set_sink(sink: Sink | None) -> Sink | None:
     global _SINK, _SINK_STAGE
     previous, _SINK, _SINK_STAGE = _SINK, sink, None
     return previous
+
+
+def current_sink() -> tuple[Sink | None, str | None]:
+    """(the sink, the stage it last heard of): what a worker process needs to report to it too."""
+    return _SINK, _SINK_STAGE
 
 
 def stage(name: str) -> None:

@@ -126,6 +126,9 @@ def _train_worker(config: dict) -> dict:
     device = ray.train.torch.get_device() if cfg.training.use_gpu else torch.device("cpu")
     scratch = Path(tempfile.mkdtemp(prefix=f"edsft-train-r{rank}-"))
     tracker, callbacks = _tracked(cfg, config.get("run_name") or "train", config.get("callbacks") or (), rank)
+    if rank == 0 and config.get("progress_sink") is not None:  # the caller's progress sink (a sweep trial's file)
+        console.set_sink(config["progress_sink"])
+        console.stage(config.get("progress_stage") or "train")
     phases.mark("worker_prepare")  # data download, tracker, device
 
     def checkpoint_dir(step: int) -> str:
@@ -463,6 +466,13 @@ def _fit_distributed(
     # a small actor call, cheap at 0.5 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = dict(tc.resources_per_worker) or {"CPU": 1}
+    # A progress sink in this process (a sweep trial's progress.json) hears the steps from rank 0 too,
+    # if it travels (a sink that does not pickle stays here: the trial then reports its stage only).
+    sink, sink_stage = console.current_sink()
+    try:
+        ray.cloudpickle.dumps(sink)
+    except Exception:  # noqa: BLE001 - whatever stops it pickling
+        sink = None
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -473,6 +483,8 @@ def _fit_distributed(
             "callbacks": list(callbacks),
             "progress": progress,
             "init_adapter_uri": init_adapter.uri if init_adapter is not None else None,
+            "progress_sink": sink,
+            "progress_stage": sink_stage,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -152,7 +152,19 @@ def test_local_is_the_same_training_as_one_ray_train_worker(ray_cluster, tmp_pat
     data = _data(tmp_path)
     cfg = _cfg(**{"training.num_workers": 1, "training.backend": backend})
     local = train_sft(cfg.replace(**{"training.mode": "local"}), data, str(tmp_path / "local"), progress=False)
-    ray_run = train_sft(cfg.replace(**{"training.mode": "distributed"}), data, str(tmp_path / "ray"), progress=False)
+    # a sweep trial's progress file hears the steps from the Ray Train worker too (rank 0 gets the sink)
+    from edsft import console
+    from edsft.distributed.sweep import ProgressFile
+    from edsft.storage import get_store
+
+    previous = console.set_sink(ProgressFile(get_store(str(tmp_path / "progress.json")), every=0))
+    try:
+        console.stage("train")
+        ray_run = train_sft(cfg.replace(**{"training.mode": "distributed"}), data, str(tmp_path / "ray"), progress=False)
+    finally:
+        console.set_sink(previous)
+    prog = json.loads((tmp_path / "progress.json").read_text())
+    assert (prog["stage"], prog["done"], prog["total"], prog["unit"]) == ("train", ray_run["steps"], ray_run["steps"], "steps")
     assert (local["mode"], ray_run["mode"]) == ("local", "distributed")
     assert local["run_name"] == ray_run["run_name"]  # the mode is how, not what: the same run
     assert [s for s, _ in local["loss_curve"]] == [s for s, _ in ray_run["loss_curve"]]
