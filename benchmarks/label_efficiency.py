@@ -533,8 +533,13 @@ def publish_partial(mode: str, plan: Plan, out_root: Path, publish_dir: Path, em
         print(f"[benchmark] {plan.pool}: no trial has finished yet", flush=True)
         return {"trials": 0}
     tables = ablation(run, results, plan)
-    print(f"[benchmark] {plan.pool} (partial, {len(results)} trials): {tables['headline']['text']}", flush=True)
-    publish(run, results, tables, mode, plan, cfg, time.time() - t0, publish_dir, partial=True)
+    # every planned trial finished (e.g. over several machines): the full report, not a partial one
+    partial = len(results) < sum(len(names) for names in planned.values())
+    print(
+        f"[benchmark] {plan.pool} ({'partial, ' if partial else ''}{len(results)} trials): {tables['headline']['text']}",
+        flush=True,
+    )
+    publish(run, results, tables, mode, plan, cfg, time.time() - t0, publish_dir, partial=partial, from_trials=True)
     return {"trials": len(results), "label_free_headline": tables["headline"]}
 
 
@@ -563,9 +568,20 @@ def ablation(run, results, plan: Plan) -> dict:
 
 
 def publish(
-    run, results, tables, mode: str, plan: Plan, cfg: Config, wall: float, dest: Path, partial: bool = False
+    run,
+    results,
+    tables,
+    mode: str,
+    plan: Plan,
+    cfg: Config,
+    wall: float,
+    dest: Path,
+    partial: bool = False,
+    from_trials: bool = False,
 ) -> list[Path]:
-    """benchmarks/results/label_efficiency_<mode>_<pool>{.md, _results.parquet, _intervals.csv}."""
+    """benchmarks/results/label_efficiency_<mode>_<pool>{.md, _results.parquet, _intervals.csv}.
+    ``from_trials``: published from the finished trials' folders (--publish-partial), so the time
+    stated is the trials' own wall time summed, not this call's."""
     import os
     import platform
 
@@ -592,7 +608,13 @@ def publish(
         ),
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-        + (f"trial wall time so far {results['wall_s'].sum() / 3600:.1f} h." if partial else f"wall {wall / 60:.1f} min."),
+        + (
+            f"trial wall time so far {results['wall_s'].sum() / 3600:.1f} h."
+            if partial
+            else f"trial wall time {results['wall_s'].sum() / 3600:.1f} h (every trial's own, summed)."
+            if from_trials
+            else f"wall {wall / 60:.1f} min."
+        ),
         "",
         f"**Headline (label-free selectors, {plan.metric}).** {tables['headline']['text']}",
         "",
