@@ -36,21 +36,24 @@ def test_shipped_configs_are_found():
 
 
 def test_quickstart_is_the_demo_the_readme_describes():
-    """Random vs TypiClust on the MiniLM embedding, >= 2 seeds (intervals), random also beyond the
-    selector's largest budget (each selector budget has a random-equivalent inside random's curve), loss."""
+    """Random vs facility location (the default selector) on the MiniLM embedding, 3 seeds (intervals,
+    and no "two seeds: indicative" caveat), random also beyond the selector's largest budget (each
+    selector budget has a random-equivalent inside random's curve), loss."""
+    from edsft.config import SelectionConfig
     from edsft.distributed.sweep import expand_grid
 
     cfg = load_config()
-    assert cfg.sweep.enabled and cfg.sweep.metric == "loss" and len(cfg.sweep.seeds) >= 2
-    assert set(cfg.sweep.selectors) == {"random", "typiclust"}
-    assert cfg.selection.name == "typiclust" and cfg.selection.embedding == "embedding_encoder"
+    assert cfg.sweep.enabled and cfg.sweep.metric == "loss" and len(cfg.sweep.seeds) >= 3
+    assert set(cfg.sweep.selectors) == {"random", "facility_location"}
+    assert cfg.selection.name == "facility_location" == SelectionConfig().name  # the demo shows the default
+    assert cfg.selection.embedding == "embedding_encoder"
     assert cfg.scoring.encoder == "builtin:minilm"
     assert min(cfg.sweep.random_budgets) > max(cfg.sweep.budgets)
     specs, _ = expand_grid(cfg)
     random_budgets = {s["budget"] for s in specs if s["selector"] == "random"}
-    typiclust_budgets = {s["budget"] for s in specs if s["selector"] == "typiclust"}
+    selector_budgets = {s["budget"] for s in specs if s["selector"] == "facility_location"}
     assert random_budgets == set(cfg.sweep.budgets) | set(cfg.sweep.random_budgets)
-    assert typiclust_budgets == set(cfg.sweep.budgets)
+    assert selector_budgets == set(cfg.sweep.budgets)
     assert len(specs) == len(cfg.sweep.seeds) * (2 * len(cfg.sweep.budgets) + len(cfg.sweep.random_budgets))
 
 
