@@ -489,7 +489,14 @@ def format_interval(r) -> str:
     get = r.get if hasattr(r, "get") else lambda k, d=None: getattr(r, k, d)
     marks = [get(k, "") for k in ("lo_bound", "hi_bound")]
     marks = ["" if not isinstance(m, str) else m for m in marks]  # NaN from a CSV written without them
-    return f"[{marks[0]}{get('lo'):.2f}, {marks[1]}{get('hi'):.2f}]"
+    return f"[{marks[0]}{_ratio_end(get('lo'), marks[0])}, {marks[1]}{_ratio_end(get('hi'), marks[1])}]"
+
+
+def _ratio_end(v: float, mark: str) -> str:
+    """Two decimals, or three where two would print a measured value that is not 1 as "1.00" (an
+    interval that excludes 1 by less than 0.005 must not read as if it touched it; a bound has its mark)."""
+    text = f"{v:.2f}"
+    return f"{v:.3f}" if text == "1.00" and v != 1.0 and not mark else text
 
 
 def bootstrap_label_efficiency(

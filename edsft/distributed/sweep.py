@@ -137,15 +137,18 @@ def _trial_progress(total: int, run: Store, every: float | None = None):
 
     class TrialProgress(Callback):
         def __init__(self):
-            self.done, self.polled, self.noted = 0, 0.0, time.time()
+            self.done, self.polled, self.noted, self.detail = 0, 0.0, time.time(), ""
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ARG002 - Tune's signature
             self.done += 1
-            console.progress(self.done, total, "trials")
+            name = ((trial.config or {}).get("trial") or {}).get("name")
+            # the other running trials stay on the line until the next poll
+            self.detail = "; ".join(p for p in self.detail.split("; ") if p and p.split(" ")[0] != name)
+            console.progress(self.done, total, "trials", detail=self.detail)
 
         on_trial_error = on_trial_complete
 
-        def on_step(self, iteration, trials, **info):  # noqa: ARG002 - Tune's signature
+        def on_step_end(self, iteration, trials, **info):  # noqa: ARG002 - Tune's signature (after each loop step)
             now = time.time()
             if now - self.polled < min(interval, 10.0):
                 return
@@ -159,7 +162,7 @@ def _trial_progress(total: int, run: Store, every: float | None = None):
                 except (OSError, ValueError):  # being replaced, or a store hiccup: next time
                     rec = None
                 parts.append(trial_progress_text(name, rec, now))
-            detail = "; ".join(parts)
+            self.detail = detail = "; ".join(parts)
             if console.active() is not None:
                 console.progress(self.done, total, "trials", detail=detail)
             elif parts and now - self.noted >= max(interval, 60.0):

@@ -433,6 +433,14 @@ def test_worse_than_random_at_randoms_smallest_budget_in_every_resample_is_signi
     assert "| typiclust | >1.00 [>1.00, >1.00] **>1** |" in R.interval_table(boot)
 
 
+def test_a_measured_end_a_hair_from_1_gets_a_third_decimal():
+    row = {"lo": 0.9213, "hi": 0.9981, "lo_bound": "", "hi_bound": ""}
+    assert R.format_interval(row) == "[0.92, 0.998]"  # excludes 1: it must not print as 1.00
+    assert R.format_interval({**row, "hi": 1.0}) == "[0.92, 1.00]"
+    assert R.format_interval({**row, "hi": 1.0004}) == "[0.92, 1.000]"
+    assert R.format_interval({**row, "hi": float(np.nextafter(1.0, 2.0)), "hi_bound": ">"}) == "[0.92, >1.00]"
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_interval_end_is_marked_a_bound_exactly_when_censored_resamples_decide_it(seed):
     # brute force: an end is a bound iff pushing the censored resamples further out moves it

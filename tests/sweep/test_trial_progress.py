@@ -108,7 +108,7 @@ def test_driver_callback_puts_the_running_trials_on_the_console_line(tmp_path):
     with console.Console(tmp_path / "edsft.log", stream=screen, interval=0.2) as con:
         con.stage_started("sweep", "running")
         cb = sweep._trial_progress(4, run, every=0.0)
-        cb.on_step(0, [_trial("random-b8-s0"), _trial("k_center-b8-s0"), _trial("random-b16-s0", "TERMINATED")])
+        cb.on_step_end(0, [_trial("random-b8-s0"), _trial("k_center-b8-s0"), _trial("random-b16-s0", "TERMINATED")])
         time.sleep(0.6)
         con.stage_finished("sweep: done")
     lines = [l for l in screen.getvalue().splitlines() if "running:" not in l and "trials" in l]
@@ -122,8 +122,42 @@ def test_driver_callback_without_a_console_notes_a_line_now_and_then(tmp_path, c
     run = get_store(str(tmp_path))
     cb = sweep._trial_progress(2, run, every=0.0)
     cb.noted = 0.0  # the first poll may note at once
-    cb.on_step(0, [_trial("random-b8-s0")])
+    cb.on_step_end(0, [_trial("random-b8-s0")])
     err = capsys.readouterr().err
     assert "[edsft] sweep: 0/2 trials done; running: random-b8-s0" in err
-    cb.on_step(1, [_trial("random-b8-s0")])  # within the minute: no second line
+    cb.on_step_end(1, [_trial("random-b8-s0")])  # within the minute: no second line
     assert capsys.readouterr().err == ""
+
+
+def _writes_progress(config):
+    """A Tune trial that reports like a sweep trial: a progress file in its folder, then a result."""
+    from ray import tune
+
+    rec = {"stage": "train", "done": 3, "total": 9, "unit": "steps", "stage_started": time.time() - 3, "time": time.time()}
+    get_store(config["run"]).child("sweep", "trials", config["trial"]["name"], "progress.json").write_json(rec)
+    time.sleep(4)  # long enough for a few of Tune's loop steps
+    tune.report({"ok": 1})
+
+
+def test_a_real_tune_run_shows_its_running_trial_on_the_console(ray_cluster, tmp_path):
+    """Tune itself calls the callback (on_step_end): the console line names the running trial."""
+    import sys
+
+    from ray import cloudpickle, tune
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Tune's trial actors cannot import this module
+    run = get_store(str(tmp_path / "run"))
+    screen = io.StringIO()
+    with console.Console(tmp_path / "edsft.log", stream=screen, interval=0.5) as con:
+        con.stage_started("sweep", "running")
+        tuner = tune.Tuner(
+            tune.with_resources(_writes_progress, {"CPU": 0.5}),
+            param_space={"run": run.uri, "trial": tune.grid_search([{"name": "random-b8-s0"}])},
+            run_config=tune.RunConfig(
+                storage_path=str(tmp_path / "tune"), verbose=0, callbacks=[sweep._trial_progress(1, run, every=0.0)]
+            ),
+        )
+        grid = tuner.fit()
+        con.stage_finished("sweep: done")
+    assert grid[0].error is None and grid[0].metrics["ok"] == 1
+    assert "random-b8-s0 train 3/9 steps" in screen.getvalue(), screen.getvalue()
