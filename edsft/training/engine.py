@@ -44,7 +44,7 @@ from edsft.training.checkpoint import load_state, save_state
 from edsft.training.data import IGNORE_INDEX
 from edsft.training.schedule import BatchPlan, lr_factor
 
-__all__ = ["Engine", "build_engine", "response_loss", "response_logits", "use_bf16"]
+__all__ = ["Engine", "build_engine", "logits_at", "response_loss", "response_logits", "use_bf16"]
 
 TRAINABLE = "trainable.safetensors"  # trainable weights (rank 0)
 ENGINE_STATE = "engine"  # engine.json: scheduler + counters (rank 0)
@@ -111,23 +111,31 @@ def response_logits(
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # [B, T-1]: position t predicts labels[t + 1]
-    rows = keep.nonzero()[:, 0]
+    keep = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)  # the last position predicts nothing
+    logits = logits_at(module, keep, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return logits, targets[keep[:, :-1]], keep.nonzero()[:, 0]
+
+
+def logits_at(module: torch.nn.Module, keep: torch.Tensor, **inputs) -> torch.Tensor:
+    """Logits [N, V] of ``module(**inputs)`` at the N positions where ``keep`` [B, T] is true, in row-major order.
+
+    The model's own LM head is given an empty ``logits_to_keep`` (no head FLOPs) and the head runs on
+    the kept positions' final hidden states only; a model without a Llama-like final norm computes
+    full logits, gathered the same way (the same numbers). ``inputs`` may carry a KV cache."""
     parts = _head_parts(module)
     if parts is None:
-        logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[:, :-1][keep], targets[keep], rows
+        return module(**inputs).logits[keep]
     norm, head = parts
     capture = _FinalHidden(norm)
     try:
-        # no position at all for the model's own head (an empty index: logits [B, 0, V], no head FLOPs)
-        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none)
+        none = torch.zeros(0, dtype=torch.long, device=keep.device)  # an empty index: logits [B, 0, V]
+        module(**inputs, logits_to_keep=none)
     finally:
         capture.remove()
     hidden = capture.value
-    if hidden is None or hidden.shape[:2] != input_ids.shape:
+    if hidden is None or hidden.shape[:2] != keep.shape:
         raise RuntimeError("could not capture the final hidden states for the response-only LM head")
-    return head(hidden[:, :-1][keep]), targets[keep], rows
+    return head(hidden[keep])
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

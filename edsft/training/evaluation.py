@@ -13,7 +13,10 @@ One model serves both variants: the adapter is loaded with peft and switched off
 edsft.distributed.evaluate wraps :class:`Evaluator`.
 
 Speed: ``dtype='auto'`` runs bf16 where the hardware has it (edsft.models.resolve_dtype); losses
-are summed in fp32. Rows are length-sorted before they are cut into micro batches (little padding),
+are summed in fp32. :meth:`Evaluator.evaluate` prefills each prompt once for both the loss and the
+generation (:meth:`Evaluator.losses_and_generate`: the teacher-forced response runs on the prompt's
+KV cache, which greedy decoding then continues; the prompt is most of an eval row, and the two passes
+used to compute it twice). Rows are length-sorted before they are cut into micro batches (little padding),
 the LM head runs over response positions only (engine.response_logits) and generate computes the
 head at the last position only (transformers' ``logits_to_keep=1``); the prompt tokens every row of a
 generation micro batch starts with (the chat template's system turn) are prefilled once
@@ -41,8 +44,8 @@ from edsft.models import (
     pad_prompts,
     prepack_linears,
 )
-from edsft.training.data import collate, prompt_text, tokenize_example
-from edsft.training.engine import response_logits
+from edsft.training.data import IGNORE_INDEX, collate, prompt_text, tokenize_example
+from edsft.training.engine import logits_at, response_logits
 from edsft.training.metrics import exact_match, rouge_l, summarize
 
 __all__ = ["Evaluator", "build_metrics", "VARIANTS"]
@@ -132,11 +135,7 @@ class Evaluator:
 
         ``contexts``: per prompt, a conversation row's earlier turns (None: a single-turn prompt)."""
         contexts = list(contexts) if contexts is not None else [None] * len(prompts)
-        budget = max(1, self.max_seq_len)  # prompts keep their last max_seq_len tokens
-        encoded = [
-            self.tokenizer(prompt_text(self.tokenizer, p, c), add_special_tokens=False)["input_ids"][-budget:]
-            for p, c in zip(prompts, contexts)
-        ]
+        encoded = [self._prompt_ids(p, c) for p, c in zip(prompts, contexts)]  # each its last max_seq_len tokens
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a micro batch
         preds: list[str] = [""] * len(prompts)
         with self._variant(variant):
@@ -164,16 +163,123 @@ class Evaluator:
                     preds[i] = self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
         return preds
 
+    @torch.no_grad()
+    def losses_and_generate(self, rows: Sequence[Mapping], variant: str) -> tuple[list[dict], list[str]]:
+        """:meth:`losses` and :meth:`generate` of the same rows with ONE prefill of each prompt.
+
+        Both start by running the prompt through the model, and the prompt is most of an eval row
+        (builtin:tasks: 50 of 56 tokens), so computing it twice doubled the work. Here each micro batch
+        of prompts is prefilled once (its shared template prefix once for all rows, edsft.models.SharedPrefix)
+        into a KV cache; the teacher-forced response tokens run on top of that cache for the loss, are cut
+        off again (``crop``), and greedy generation continues from the same cache. The prompt's last token
+        goes through twice (it starts both the loss and generate's first step): one token, not the prompt.
+
+        Causal attention makes this the same computation as the two separate passes: same greedy
+        answers, losses within float rounding (tests/training/test_fast_paths.py). Rows whose prompt the
+        loss pass and generation tokenise differently (a prompt longer than max_seq_len: the loss keeps
+        the start, generation the end; a BPE merge across the prompt/response boundary; no response
+        token left) take the two separate passes."""
+        losses: list[dict] = [{"loss_sum": 0.0, "n_tokens": 0} for _ in rows]
+        preds: list[str] = [""] * len(rows)
+        fused, rest = [], []
+        for i, r in enumerate(rows):
+            prompt, context = str(r["prompt"]), r.get("context")
+            gen_ids = self._prompt_ids(prompt, context)
+            ex, _ = tokenize_example(self.tokenizer, prompt, str(r["response"]), self.end_ids, self.max_seq_len, context)
+            labels = ex["labels"] if ex is not None else []
+            start = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), None)
+            if ex is not None and start == len(gen_ids) and ex["input_ids"][:start] == gen_ids:
+                stop = max(j for j, t in enumerate(labels) if t != IGNORE_INDEX) + 1
+                fused.append((i, gen_ids, ex["input_ids"][start:stop]))
+            else:
+                rest.append(i)
+        if rest:
+            sub = [rows[i] for i in rest]
+            sub_preds = self.generate([str(r["prompt"]) for r in sub], variant, [r.get("context") for r in sub])
+            for i, loss, pred in zip(rest, self.losses(sub, variant), sub_preds):
+                losses[i], preds[i] = loss, pred
+        fused.sort(key=lambda x: len(x[1]))  # similar prompt lengths share a micro batch
+        with self._variant(variant):
+            for start in range(0, len(fused), self.batch_size):
+                chunk = fused[start : start + self.batch_size]
+                sums, counts, texts = self._fused_batch([g for _, g, _ in chunk], [r for _, _, r in chunk], variant)
+                for (i, _, _), s, n, text in zip(chunk, sums, counts, texts):
+                    losses[i], preds[i] = {"loss_sum": s, "n_tokens": n}, text
+        return losses, preds
+
+    def _prompt_ids(self, prompt: str, context: str | None) -> list[int]:
+        """The prompt's ids as :meth:`generate` feeds them: template + generation prompt, its last max_seq_len tokens."""
+        text = prompt_text(self.tokenizer, prompt, context)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-max(1, self.max_seq_len) :]
+
+    def _fused_batch(self, prompts: list[list[int]], responses: list[list[int]], variant: str):
+        """One micro batch of :meth:`losses_and_generate`: (loss sums, token counts, predictions)."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        if self._shared_prefix is not None:
+            input_ids, mask, p, cache, _ = self._shared_prefix.pack(prompts, self.pad_id, dev, tag=variant)
+        else:
+            (input_ids, mask), p, cache = pad_prompts(prompts, self.pad_id), 0, None
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        rows, width = input_ids.shape
+        # positions from the mask, as generate computes them: padding (left, or between prefix and suffix) skipped
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        none = torch.zeros(0, dtype=torch.long, device=dev)  # logits_to_keep: no LM head at all
+        if width - 1 > p:  # the prompt but its last token into the cache (the shared prefix is there already)
+            self.model(
+                input_ids=input_ids[:, p : width - 1],
+                attention_mask=mask[:, : width - 1],
+                position_ids=positions[:, p : width - 1],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=none,
+            )
+        # teacher forcing on top of the cache: the prompt's last token, then the response but its last,
+        # right padded; the output at step j predicts response token j
+        steps = max(len(r) for r in responses)
+        tf_ids = torch.full((rows, steps), self.pad_id, dtype=torch.long)
+        targets = torch.full((rows, steps), IGNORE_INDEX, dtype=torch.long)
+        for b, resp in enumerate(responses):
+            tf_ids[b, : len(resp)] = torch.tensor([int(input_ids[b, -1]), *resp[:-1]])
+            targets[b, : len(resp)] = torch.tensor(resp)
+        tf_ids, targets = tf_ids.to(dev), targets.to(dev)
+        keep = targets != IGNORE_INDEX
+        tf_mask = torch.cat([mask[:, : width - 1], keep.long()], dim=1)
+        tf_pos = positions[:, width - 1 : width] + torch.arange(steps, device=dev)
+        logits = logits_at(
+            self.model, keep, input_ids=tf_ids, attention_mask=tf_mask, position_ids=tf_pos, cache=cache, use_cache=True
+        )
+        row = keep.nonzero()[:, 0]
+        token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        sums = torch.zeros(rows, dtype=torch.float64, device=dev).index_add_(0, row, token_loss.double())
+        counts = torch.bincount(row, minlength=rows)
+        cache.crop(-steps)  # back to the prompt (a negative count: the tokens removed from the end); generate
+        # recomputes the prompt's last token, then decodes
+        gen = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.pad_id,
+        )
+        texts = []
+        for out in gen[:, width:].tolist():
+            cut = next((j for j, t in enumerate(out) if t in self.end_ids), len(out))
+            texts.append(self.tokenizer.decode(out[:cut], skip_special_tokens=True).strip())
+        return [float(s) for s in sums.tolist()], [int(n) for n in counts.tolist()], texts
+
     def evaluate(self, rows: Sequence[Mapping], *, generate: bool = True, variants: Iterable[str] | None = None) -> list[dict]:
         """One result dict per (row, variant): row_id, task, variant, loss_sum, n_tokens[, prediction, exact_match, rouge_l]."""
         results = []
         for variant in variants or self.variants:
-            losses = self.losses(rows, variant)
-            preds = (
-                self.generate([str(r["prompt"]) for r in rows], variant, [r.get("context") for r in rows])
-                if generate
-                else [None] * len(rows)
-            )
+            if generate:
+                losses, preds = self.losses_and_generate(rows, variant)
+            else:
+                losses, preds = self.losses(rows, variant), [None] * len(rows)
             for r, loss, pred in zip(rows, losses, preds):
                 res = {"row_id": r.get("row_id"), "task": r.get("task"), "variant": variant, **loss}
                 if pred is not None:

@@ -178,3 +178,63 @@ def test_evaluation_prefills_a_shared_prompt_prefix_once_per_variant_with_the_sa
     plain = {v: ev.generate(prompts, v) for v in ev.variants}
     assert shared == plain
     assert plain["base"] != plain["finetuned"]
+
+
+def test_evaluation_prefills_each_prompt_once_for_loss_and_generation_with_the_numbers_of_two_passes(tmp_path):
+    # losses_and_generate (what evaluate runs) prefills a prompt once and runs the teacher-forced
+    # response and the greedy answer on that cache: the same losses, token counts and answers as the
+    # separate loss pass + generation, for both variants; a row whose prompt the two passes tokenise
+    # differently (longer than max_seq_len) and a conversation row come out right too
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from edsft.training.evaluation import Evaluator
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_model(TINY, dtype="float32", device="cpu"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    context = json.dumps([{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4"}])
+    rows = [
+        {"row_id": str(i), "prompt": f"What is {i} plus {i}?" + " Think." * (i % 4), "response": f"{2 * i}" + " ok" * (i % 3)}
+        for i in range(7)
+    ]
+    rows += [
+        {"row_id": "long", "prompt": "Count: " + " one two three" * 40, "response": "four"},  # > max_seq_len
+        {"row_id": "conv", "prompt": "And times 3?", "response": "twelve", "context": context},
+    ]
+    ev = Evaluator(TINY, str(tmp_path / "adapter"), device="cpu", dtype="float32", max_seq_len=64, max_new_tokens=5, batch_size=3)
+    embed = ev.model.get_base_model().model.embed_tokens
+    seen = []
+    handle = embed.register_forward_hook(lambda m, a, out: seen.append(a[0].numel()))
+    try:
+        for variant in ev.variants:
+            seen.clear()
+            losses, preds = ev.losses_and_generate(rows, variant)
+            fused_tokens = sum(seen)
+            seen.clear()
+            ref_losses, ref_preds = (
+                ev.losses(rows, variant),
+                ev.generate([r["prompt"] for r in rows], variant, [r.get("context") for r in rows]),
+            )
+            separate_tokens = sum(seen)
+            assert preds == ref_preds
+            assert [x["n_tokens"] for x in losses] == [x["n_tokens"] for x in ref_losses]
+            # the long prompt leaves its response no room in the loss pass (0 tokens); generation keeps its end
+            assert [x["n_tokens"] > 0 for x in losses] == [r["row_id"] != "long" for r in rows]
+            for x, y in zip(losses, ref_losses):
+                assert x["loss_sum"] == pytest.approx(y["loss_sum"], rel=1e-5, abs=1e-5)
+            # the prompts go through once, not twice: well under the two passes' token count
+            assert fused_tokens < 0.75 * separate_tokens
+        assert preds != ev.losses_and_generate(rows, "base")[1]  # the adapter changes the answers
+    finally:
+        handle.remove()
+    by_variant = {(r["row_id"], r["variant"]): r for r in ev.evaluate(rows)}
+    assert by_variant[("long", "finetuned")]["prediction"] == preds[7]
